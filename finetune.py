@@ -1,0 +1,274 @@
+"""Fine-tune a Llama 2 model that does not fit in memory, streaming its modules from disk.
+
+python finetune.py [--name=value ...]   (the settings below; with none, the built-in default model
+learns the bundled slowllama.txt). The run lives in out_path: run/ holds the working weights,
+optimizer state and committed steps (continue with --resume=1); at the end the model is exported
+there in Meta's format, ready for python test_gen.py out_path.
+"""
+model_path = ""  # Meta-format model folder; empty: the built-in default model
+data_path = ""  # training data: a text file, or a .pt file holding a 1-D LongTensor of token ids; empty: slowllama.txt
+out_path = "out"  # the run's folder: working state in out_path/run, the exported model in out_path
+offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
+device = "cpu"  # cpu, cuda or mps
+compute_dtype = "float32"  # float32, or bfloat16 for bf16 matmuls with fp32 master weights
+memory_budget = -1.0  # GB of RAM for resident modules and kept activations; -1: half of this machine's RAM
+keep_activations = 1  # 1: keep each block's activations for the backward pass (within the budget); 0: recompute
+seed = 1337  # seeds the data order, dropout and LoRA initialisation
+iters = 500  # optimizer steps
+seq_len = 64  # tokens per row
+batch_size = 16  # rows per micro-batch
+grad_accum = 1  # micro-batches per optimizer step
+lr = 3e-3  # learning rate (real 7B-70B models: about 1e-5 for full fine-tuning, 1e-4 for LoRA)
+warmup_iters = 0  # linear warm-up steps; 0: none
+lr_decay = 0  # 1: cosine decay from lr to min_lr over iters
+min_lr = 0.0  # the learning rate at the end of the cosine decay
+optimizer = "adamw"  # sgd or adamw
+weight_decay = 0.01  # AdamW's decoupled weight decay, on every parameter
+beta1 = 0.9  # AdamW
+beta2 = 0.999  # AdamW
+eps = 1e-8  # AdamW
+grad_clip = 0.0  # clip the global gradient norm to this; 0: off
+dropout = 0.0  # dropout on the output of attention and feed-forward in every block
+mode = "full"  # full: update every weight; lora: train low-rank adapters, the base is only read
+lora_rank = 8  # LoRA
+lora_alpha = 16.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.05  # LoRA: dropout on the adapter's input
+lora_targets = "wq,wv"  # LoRA: weights that get adapters, of wq wk wv wo w1 w2 w3 output
+val_fraction = 0.0  # the tail of the data held out for a validation loss; 0: none
+eval_period = 100  # every this many steps: validation loss and a completion of prompt; 0: never
+prompt = "slowllama is a small open-source project"  # completed greedily at each evaluation and at the end
+gen_tokens = 24  # tokens to generate for the completion
+save_period = 10  # commit the run every this many steps (and at the end, and on Ctrl-C)
+resume = 0  # 1: continue the run in out_path from its last committed step
+overwrite = 0  # 1: start over even if out_path holds an earlier run
+debug = 0  # 1: show Python tracebacks
+
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and type(v) in (int, float, str)}
+
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loader import DEFAULT_TEXT, adapter_state, load_llama2, read_adapter, save_llama2
+from utils import (UserError, get_rng_state, load_tensors, main_guard, parse_settings, save_tensors,
+                   set_rng_state, write_json)
+
+
+def load_tokens(cfg, tokenizer):
+    """The training stream: a text file encoded with BOS and EOS, or a .pt file of token ids as is."""
+    path = Path(cfg.data_path or DEFAULT_TEXT)
+    if not path.is_file():
+        raise UserError(f"data_path={path}: file not found")
+    if path.suffix == ".pt":
+        tokens = load_tensors(path, mmap=False)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
+            raise UserError(f"data_path={path}: a .pt file must hold a 1-D LongTensor of token ids")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= tokenizer.n_words):
+            raise UserError(f"data_path={path}: token ids must lie in [0, {tokenizer.n_words})")
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"data_path={path}: not UTF-8 text ({e.reason} at byte {e.start})")
+        if not text.strip():
+            raise UserError(f"data_path={path}: the file is empty")
+        tokens = torch.tensor(tokenizer.encode(text, bos=True, eos=True))
+    n_val = int(len(tokens) * cfg.val_fraction)
+    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    if len(train) < cfg.seq_len + 1:
+        raise UserError(f"data_path={path}: {len(train)} training tokens"
+                        f"{' after the validation hold-out' if n_val else ''}, fewer than one window of "
+                        f"seq_len+1={cfg.seq_len + 1}; lower seq_len or give more data")
+    return train, val
+
+
+def get_batch(tokens, cfg, generator):
+    """batch_size random windows of seq_len+1 tokens: x the first seq_len, y the last."""
+    starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=generator)
+    windows = torch.stack([tokens[s:s + cfg.seq_len + 1] for s in starts.tolist()])
+    return windows[:, :-1], windows[:, 1:]
+
+
+def learning_rate(cfg, step):
+    if cfg.warmup_iters and step <= cfg.warmup_iters:
+        return cfg.lr * step / cfg.warmup_iters
+    if not cfg.lr_decay:
+        return cfg.lr
+    progress = (step - cfg.warmup_iters) / max(1, cfg.iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def evaluate(model, cfg, val, step):
+    model.eval()
+    parts = []
+    if len(val) > 1:
+        n = min(cfg.seq_len, len(val) - 1)
+        windows = [val[s:s + n + 1] for s in range(0, len(val) - n, n)][:8 * cfg.batch_size]
+        batch = torch.stack(windows)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        parts.append(f"val loss {loss.item():.4f}")
+    prompt_ids = model.tokenizer.encode(cfg.prompt)
+    completion = model.generate(prompt_ids, cfg.gen_tokens, eos_id=model.tokenizer.eos_id)
+    print(f"step {step}: {' | '.join(parts + [repr(model.tokenizer.decode(prompt_ids + completion))])}",
+          flush=True)
+    model.train()
+
+
+# --- the run folder: committed steps ---
+
+def commit(model, cfg, run_dir, step, data_rng):
+    """Make the current state the run's last committed step: flush everything, then rename a manifest."""
+    files = model.flush()
+    checkpoint = f"checkpoint.{step:06d}.pt"
+    state = {"step": step, "rng": get_rng_state(model.device), "data_rng": data_rng.get_state()}
+    if cfg.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
+        state.update(lora_state(model, cfg), optimizer=model.lora_optimizer.state_dict())
+    save_tensors(state, run_dir / checkpoint)
+    manifest = {"step": step, "files": files, "checkpoint": checkpoint, "model": model.manifest["fingerprint"],
+                "source": model.manifest["source"], "mode": cfg.mode}
+    write_json(manifest, run_dir / "state.json")  # the commit: one rename
+    model.committed = set(files.values()) | {checkpoint}
+    clean_run_dir(run_dir, model.committed)
+
+
+def lora_state(model, cfg):
+    return adapter_state(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
+
+
+def clean_run_dir(run_dir, keep):
+    for f in run_dir.iterdir():
+        if f.name not in keep and f.name != "state.json":
+            f.unlink()
+
+
+def read_run(run_dir):
+    import json
+    try:
+        return json.loads((run_dir / "state.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{run_dir / 'state.json'}: cannot be read ({e}); start over with --overwrite=1")
+
+
+def prepare_out_path(cfg, model):
+    """The run folder, checked: never inside the source model, and an earlier run kept unless asked."""
+    out = Path(cfg.out_path).resolve()
+    source = Path(model.manifest["source"])
+    if out == source or source in out.parents:
+        raise UserError(f"out_path={cfg.out_path} is (inside) model_path {source}, which is never written to")
+    run_dir = out / "run"
+    previous = read_run(run_dir) if run_dir.exists() else None
+    if cfg.resume:
+        if previous and previous["model"] != model.manifest["fingerprint"]:
+            raise UserError(f"{run_dir}: this run was made from {previous['source']}, not from the model given now")
+        if previous and previous["mode"] != cfg.mode:
+            raise UserError(f"{run_dir}: this run is in mode={previous['mode']}, not mode={cfg.mode}")
+    elif (previous or any(out.glob("consolidated.*.pth"))) and not cfg.overwrite:
+        raise UserError(f"out_path={cfg.out_path} holds an earlier run; continue it with --resume=1, "
+                        "start over with --overwrite=1, or choose another out_path")
+    if not cfg.resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return out, run_dir, previous if cfg.resume else None
+
+
+class StopRequest:
+    """Ctrl-C finishes the current step, commits it and stops; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once, losing it)", file=sys.stderr, flush=True)
+
+
+def main():
+    cfg = type("Settings", (), parse_settings(sys.argv[1:], DEFAULTS))
+    for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora"))):
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name}={getattr(cfg, name)}: use one of {', '.join(allowed)}")
+    for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction={cfg.val_fraction}: must be in [0, 1)")
+    torch.manual_seed(cfg.seed)
+    budget = None if cfg.memory_budget < 0 else cfg.memory_budget * 2**30
+    model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=cfg.device,
+                        compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout)
+    train_tokens, val_tokens = load_tokens(cfg, model.tokenizer)
+    out, run_dir, previous = prepare_out_path(cfg, model)
+
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+    step, checkpoint = 0, None
+    if previous:
+        checkpoint = run_dir / previous["checkpoint"]
+        state = read_adapter(checkpoint, model, cfg.lora_rank) if cfg.mode == "lora" else load_tensors(checkpoint, mmap=False)
+    if cfg.mode == "lora":
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), cfg.seed,
+                       tensors=state["tensors"] if previous else None)
+    model.setup_training(run_dir, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
+                         micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
+                         tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
+                         committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
+                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if previous:
+        clean_run_dir(run_dir, model.committed)  # what an interrupted step left behind
+        step = previous["step"]
+        set_rng_state(state["rng"], model.device)
+        data_rng.set_state(state["data_rng"])
+        if cfg.mode == "lora":
+            model.lora_optimizer.load_state_dict(state["optimizer"])
+        print(f"resuming {run_dir} from step {step}")
+
+    stop = StopRequest()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    model.train()
+    if step == 0 and cfg.eval_period:
+        evaluate(model, cfg, val_tokens, step)
+    start, first_step = time.time(), step
+    while step < cfg.iters:
+        batches = [get_batch(train_tokens, cfg, data_rng) for _ in range(cfg.grad_accum)]
+        step_start = time.time()
+        model.step = step + 1
+        try:
+            loss = model.train_step(batches, learning_rate(cfg, step + 1))
+        except FloatingPointError as e:
+            raise UserError(f"step {step + 1}: {e}; nothing of this step was committed (the run stays at its last "
+                            "committed step); try a lower lr or grad_clip")
+        step += 1
+        elapsed = time.time() - step_start
+        left = (time.time() - start) / (step - first_step) * (cfg.iters - step)
+        print(f"step {step}/{cfg.iters} | loss {loss:.4f} | {tokens_per_step / elapsed:.0f} tok/s | "
+              f"{elapsed:.2f} s/step | {left:.0f} s left", flush=True)
+        if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.iters:
+            evaluate(model, cfg, val_tokens, step)
+        if step % cfg.save_period == 0 or step == cfg.iters or stop.requested:
+            commit(model, cfg, run_dir, step, data_rng)
+        if stop.requested:
+            print(f"stopped at step {step}; continue with: python finetune.py {' '.join(sys.argv[1:])} --resume=1",
+                  file=sys.stderr)
+            model.close()
+            sys.exit(130)
+    if cfg.eval_period:
+        evaluate(model, cfg, val_tokens, step)
+    model.eval()
+    if cfg.mode == "lora":
+        save_tensors({**lora_state(model, cfg), "step": step}, out / "adapter.pt")
+    save_llama2(model, out)
+    model.close()
+    print(f"done: python test_gen.py {cfg.out_path}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

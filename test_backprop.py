@@ -1,0 +1,294 @@
+"""Integration check of the offloaded training step against plain PyTorch autograd.
+
+python test_backprop.py [MODEL_DIR] [ref|data|none] [DEVICE]
+  ref   one model in memory, trained by plain autograd and torch.optim, against the offloaded step
+  data  the offloaded step against outputs saved in test_data/ by the reference path (default model)
+  none  only time the offloaded step
+Each check runs two steps with dropout > 0, for SGD and for AdamW, and compares the logits before
+and after, the losses and every updated tensor. python test_backprop.py --make-data rewrites
+test_data/ from the reference path.
+"""
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import check_device, main_guard
+
+HERE = Path(__file__).resolve().parent
+DATA_FILE = HERE / "test_data" / "backprop_default.pt"
+SEED, DROPOUT, BATCH, SEQ_LEN, STEPS = 42, 0.1, 2, 16, 2
+LR = {"sgd": 1.0, "adamw": 1e-3}
+SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+# --- the reference: a plain in-memory Llama, written the way Meta's model.py is ---
+
+def read_meta_folder(folder):
+    """All weights of a Meta-format folder, shards concatenated, as float32."""
+    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(Path(folder).glob("consolidated.*.pth"))]
+    weights = {}
+    for key in shards[0]:
+        parts = key.split(".")
+        dim = SPLIT.get(parts[-2] if len(parts) > 1 else parts[0])
+        weights[key] = (shards[0][key] if dim is None else torch.cat([s[key] for s in shards], dim)).float()
+    return weights, json.loads((Path(folder) / "params.json").read_text())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class LoraLinear(nn.Linear):
+    """nn.Linear without bias, plus an optional low-rank adapter: W x + scale * B A dropout(x)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out, bias=False)
+        self.lora_a = self.lora_b = None
+        self.scale = self.lora_dropout = 0.0
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.lora_a is not None:
+            y = y + self.scale * F.linear(F.linear(F.dropout(x, self.lora_dropout, self.training and self.lora_dropout > 0),
+                                                   self.lora_a), self.lora_b)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, p, hidden):
+        super().__init__()
+        dim, heads = p["dim"], p["n_heads"]
+        self.heads, self.kv_heads, self.head_dim = heads, p.get("n_kv_heads") or heads, dim // heads
+        self.wq = LoraLinear(dim, heads * self.head_dim)
+        self.wk = LoraLinear(dim, self.kv_heads * self.head_dim)
+        self.wv = LoraLinear(dim, self.kv_heads * self.head_dim)
+        self.wo = LoraLinear(heads * self.head_dim, dim)
+        self.w1, self.w2, self.w3 = LoraLinear(dim, hidden), LoraLinear(hidden, dim), LoraLinear(dim, hidden)
+        self.attention_norm, self.ffn_norm = RMSNorm(dim, p["norm_eps"]), RMSNorm(dim, p["norm_eps"])
+        self.dropout = 0.0
+
+    def forward(self, x, freqs_cis):
+        B, T, _ = x.shape
+        xn = self.attention_norm(x)
+        q = self.wq(xn).view(B, T, self.heads, self.head_dim)
+        k = self.wk(xn).view(B, T, self.kv_heads, self.head_dim)
+        v = self.wv(xn).view(B, T, self.kv_heads, self.head_dim)
+        q, k = rotate(q, freqs_cis), rotate(k, freqs_cis)
+        repeat = self.heads // self.kv_heads  # grouped-query attention: each kv head serves `repeat` heads
+        k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        h = x + self.drop(self.wo(out))
+        hn = self.ffn_norm(h)
+        return h + self.drop(self.w2(F.silu(self.w1(hn)) * self.w3(hn)))
+
+    def drop(self, x):
+        return F.dropout(x, self.dropout, True) if self.training and self.dropout > 0 else x
+
+
+def rotate(x, freqs_cis):
+    """Meta's rotary embedding: adjacent feature pairs as complex numbers, times e^(i pos theta_k)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+
+
+class Reference(nn.Module):
+    def __init__(self, weights, params, dropout=0.0):
+        super().__init__()
+        dim, vocab = params["dim"], weights["tok_embeddings.weight"].shape[0]
+        hidden = int(2 * 4 * dim / 3)
+        if params.get("ffn_dim_multiplier"):
+            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        hidden = params["multiple_of"] * math.ceil(hidden / params["multiple_of"])
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Block(params, hidden) for _ in range(params["n_layers"]))
+        self.norm, self.output = RMSNorm(dim, params["norm_eps"]), LoraLinear(dim, vocab)
+        theta, head_dim = params.get("rope_theta") or 10000.0, dim // params["n_heads"]
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+        for layer in self.layers:
+            layer.dropout = dropout
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(weights[meta_key(name)])
+
+    def forward(self, tokens):
+        T = tokens.shape[1]
+        freqs_cis = torch.polar(torch.ones(T, len(self.inv_freq)), torch.outer(torch.arange(T).float(), self.inv_freq))
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cis.to(h.device))
+        return self.output(self.norm(h)).float()
+
+
+def meta_key(name):
+    """Meta's key of a reference parameter: layers.0.wq.weight -> layers.0.attention.wq.weight."""
+    parts = name.split(".")
+    if parts[0] == "layers" and parts[2] in ("wq", "wk", "wv", "wo"):
+        parts.insert(2, "attention")
+    elif parts[0] == "layers" and parts[2] in ("w1", "w2", "w3"):
+        parts.insert(2, "feed_forward")
+    return ".".join(parts)
+
+
+def reference_run(model_dir, optimizer, batches, device, steps=STEPS):
+    weights, params = read_meta_folder(model_dir)
+    model = Reference(weights, params, DROPOUT).to(device)
+    x = batches[0][0].to(device)
+    model.eval()
+    logits_before = model(x).cpu()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR[optimizer]) if optimizer == "sgd" else \
+        torch.optim.AdamW(model.parameters(), lr=LR[optimizer])
+    torch.manual_seed(SEED)
+    losses = []
+    for xb, yb in batches[:steps]:
+        loss = F.cross_entropy(model(xb.to(device)).flatten(0, 1), yb.to(device).flatten(), ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    updated = {meta_key(n): p.detach().cpu() for n, p in model.named_parameters()}
+    return {"logits_before": logits_before, "losses": torch.tensor(losses), "weights": updated,
+            "logits_after": model(x).cpu(), "initial": weights}
+
+
+def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, **model_settings):
+    from loader import load_llama2
+    model = load_llama2(model_dir, offload_path=Path(workdir) / "offload", device=device, dropout=DROPOUT,
+                        log=lambda *a: None, **model_settings)
+    x = batches[0][0]
+    model.eval()
+    logits_before = model(x).cpu()
+    model.setup_training(Path(workdir) / f"run-{optimizer}", mode="full", optimizer=optimizer,
+                         tokens_per_step=x.numel())
+    model.train()
+    torch.manual_seed(SEED)
+    losses, start = [], time.time()
+    for step, batch in enumerate(batches[:steps]):
+        model.step = step + 1
+        losses.append(model.train_step([batch], LR[optimizer]))
+    seconds = (time.time() - start) / steps
+    model.flush()
+    model.eval()
+    updated = {f"{name}.{k}": t.float().cpu() for name in model.boxes for k, t in model.read_weights(name).items()}
+    result = {"logits_before": logits_before, "losses": torch.tensor(losses), "weights": updated,
+              "logits_after": model(x).cpu(), "seconds": seconds}
+    model.close()
+    return result
+
+
+def make_batches(vocab, seed=SEED):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(STEPS):
+        window = torch.randint(0, vocab, (BATCH, SEQ_LEN + 1), generator=g)
+        batches.append((window[:, :-1], window[:, 1:]))
+    return batches
+
+
+# --- comparing ---
+
+def close(a, b, rtol):
+    """The difference is small against the expected values (relative L2 error: AdamW's first steps
+    turn float noise in near-zero gradients into a few differing elements, a wrong gradient into many)."""
+    a, b = a.float(), b.float()
+    return torch.linalg.vector_norm(a - b).item() <= rtol * max(torch.linalg.vector_norm(b).item(), 1e-20)
+
+
+def compare(name, got, want, initial, rtol=1e-3):
+    """[ OK ]/[FAIL] lines; weight updates are compared as deltas from the initial weights."""
+    checks = [("logits before", close(got["logits_before"], want["logits_before"], 1e-5)),
+              ("losses", (got["losses"] - want["losses"]).abs().max().item() < 1e-4),
+              ("logits after", close(got["logits_after"], want["logits_after"], rtol))]
+    bad = [k for k in want["weights"]
+           if not close(got["weights"][k] - initial[k], want["weights"][k] - initial[k], rtol)]
+    checks.append((f"all {len(want['weights'])} updated tensors" + (f" (wrong: {', '.join(bad[:5])})" if bad else ""),
+                   not bad))
+    ok = True
+    for what, passed in checks:
+        print(f"[{' OK ' if passed else 'FAIL'}] {name}: {what}")
+        ok &= passed
+    return ok
+
+
+def pack_expected(result):
+    """What test_data keeps of a reference run: the deltas of every tensor, scaled into float16."""
+    deltas = {}
+    for k, w in result["weights"].items():
+        delta = w - result["initial"][k]
+        scale = delta.abs().max().clamp(min=1e-30)
+        deltas[k] = {"scale": scale, "delta": (delta / scale).half()}
+    return {"logits_before": result["logits_before"], "losses": result["losses"],
+            "logits_after": result["logits_after"], "deltas": deltas}
+
+
+def unpack_expected(saved, initial):
+    weights = {k: initial[k] + d["delta"].float() * d["scale"] for k, d in saved["deltas"].items()}
+    return {**saved, "weights": weights}
+
+
+def weights_hash(weights):
+    h = hashlib.sha256()
+    for key, w in weights.items():
+        h.update(key.encode() + w.float().contiguous().view(torch.int32).numpy().tobytes())
+    return h.hexdigest()
+
+
+def main():
+    from loader import default_model
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    make_data = "--make-data" in sys.argv
+    model_dir = Path(args[0]) if args else default_model()
+    mode = args[1] if len(args) > 1 else ("data" if not args else "ref")
+    device = check_device(args[2] if len(args) > 2 else "cpu")
+    if mode not in ("ref", "data", "none"):
+        print(f"usage: python test_backprop.py [MODEL_DIR] [ref|data|none] [DEVICE]; got mode {mode!r}")
+        sys.exit(2)
+    initial, params = read_meta_folder(model_dir)
+    batches = make_batches(initial["tok_embeddings.weight"].shape[0])
+    if make_data:
+        saved = {"model": weights_hash(initial), "batches": batches,
+                 **{opt: pack_expected(reference_run(model_dir, opt, batches, device)) for opt in LR}}
+        DATA_FILE.parent.mkdir(exist_ok=True)
+        torch.save(saved, DATA_FILE)
+        print(f"wrote {DATA_FILE}")
+        return
+    if mode == "data":
+        if Path(model_dir).resolve() != default_model().resolve():
+            print("data mode compares with outputs saved for the built-in default model only")
+            sys.exit(2)
+        saved = torch.load(DATA_FILE, weights_only=True)
+        if saved["model"] != weights_hash(initial):
+            print(f"{DATA_FILE} was made for other default-model weights; remake it: python test_backprop.py --make-data")
+            sys.exit(1)
+        batches = saved["batches"]
+    ok = True
+    with tempfile.TemporaryDirectory() as workdir:
+        for opt in LR:
+            got = offloaded_run(model_dir, opt, batches, device, workdir)
+            print(f"{opt}: offloaded step {got['seconds']:.3f} s, losses {[round(v, 4) for v in got['losses'].tolist()]}")
+            if mode == "ref":
+                ok &= compare(opt, got, reference_run(model_dir, opt, batches, device), initial)
+            elif mode == "data":
+                ok &= compare(opt, got, unpack_expected(saved[opt], initial), initial)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main_guard(main)

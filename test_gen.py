@@ -1,0 +1,48 @@
+"""Greedy completion as a sanity check of a model folder.
+
+python test_gen.py [MODEL_DIR] [DEVICE] [--prompt TEXT] [--tokens N] [--lora ADAPTER]
+                   [--temperature T] [--top_p P] [--compute_dtype D] [--offload_path DIR]
+Example for real weights: python test_gen.py ../llama-2-7b mps
+"""
+import argparse
+import time
+
+import torch
+
+from loader import attach_adapter, load_llama2
+from utils import UserError, main_guard, synchronize
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Complete a prompt with a Meta-format Llama model.")
+    parser.add_argument("model_dir", nargs="?", default=None, help="model folder (default: the built-in model)")
+    parser.add_argument("device", nargs="?", default="cpu", help="cpu, cuda or mps")
+    parser.add_argument("--prompt", default="slowllama is a small open-source project")
+    parser.add_argument("--tokens", type=int, default=40, help="how many tokens to generate")
+    parser.add_argument("--lora", default=None, help="a LoRA adapter file to apply without merging")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (with temperature)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--compute_dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--offload_path", default=None, help="where converted models are kept")
+    parser.add_argument("--debug", default="0")
+    a = parser.parse_args()
+    if a.tokens < 1:
+        raise UserError(f"--tokens={a.tokens}: must be at least 1")
+    model = load_llama2(a.model_dir, offload_path=a.offload_path, device=a.device, compute_dtype=a.compute_dtype)
+    if a.lora:
+        attach_adapter(model, a.lora)
+    model.eval()
+    prompt = model.tokenizer.encode(a.prompt)
+    start = time.time()
+    tokens = model.generate(prompt, a.tokens, temperature=a.temperature, top_p=a.top_p,
+                            eos_id=model.tokenizer.eos_id, generator=torch.Generator().manual_seed(a.seed))
+    synchronize(model.device)
+    seconds = time.time() - start
+    print(model.tokenizer.decode(prompt + tokens))
+    print(f"{seconds / max(1, len(tokens)) * 1000:.1f} ms per token ({len(tokens)} tokens)")
+    model.close()
+
+
+if __name__ == "__main__":
+    main_guard(main)

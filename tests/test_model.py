@@ -1,0 +1,95 @@
+"""The architecture against independent formulations, generation, streaming settings."""
+import math
+from types import SimpleNamespace
+
+import torch
+
+import blackbox_model as bm
+from test_backprop import Reference, read_meta_folder
+
+
+def test_rotary_embedding_matches_the_complex_formulation():
+    args = bm.ModelArgs(dim=48, n_layers=1, n_heads=3, vocab_size=10, rope_theta=500.0)
+    x = torch.randn(2, 7, 3, 16)
+    start = 5
+    cos, sin = bm.rope_tables(args, start, 7, "cpu")
+    got = bm.apply_rope(x, cos, sin)
+    # features (2k, 2k+1) as the complex number x_2k + i x_2k+1, times e^(i * position * theta^(-2k/d))
+    k = torch.arange(8, dtype=torch.float64)
+    positions = torch.arange(start, start + 7, dtype=torch.float64)
+    angle = positions[:, None] * 500.0 ** (-2 * k / 16)
+    z = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.exp(1j * angle)[None, :, None, :]
+    want = torch.stack((z.real, z.imag), -1).flatten(-2)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def fake_box(weights, training=False):
+    model = SimpleNamespace(training=training, dropout=0.0, compute_dtype=torch.float32)
+    return SimpleNamespace(compute=weights, lora={}, trainable=False, model=model)
+
+
+def test_grouped_query_attention_equals_explicitly_repeated_heads():
+    gqa = bm.ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=10)
+    mha = bm.ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=8, vocab_size=10)
+    hd = gqa.head_dim
+    w = {"attention.wq.weight": torch.randn(64, 64), "attention.wk.weight": torch.randn(2 * hd, 64),
+         "attention.wv.weight": torch.randn(2 * hd, 64), "attention.wo.weight": torch.randn(64, 64)}
+    # each kv head serves n_heads / n_kv_heads = 4 consecutive query heads
+    repeated = {k: t.view(2, hd, 64).repeat_interleave(4, dim=0).reshape(8 * hd, 64) if k[10:12] in ("wk", "wv")
+                else t for k, t in w.items()}
+    x = torch.randn(3, 11, 64)
+    rope = bm.rope_tables(gqa, 0, 11, "cpu")
+    got = bm.attention(fake_box(w), x, gqa, rope, None, 0)
+    want = bm.attention(fake_box(repeated), x, mha, rope, None, 0)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_offloaded_logits_equal_a_plain_in_memory_model(make, load):
+    src = make(n_shards=2, seed=5)
+    weights, params = read_meta_folder(src)
+    tokens = torch.randint(0, weights["tok_embeddings.weight"].shape[0], (2, 13))
+    want = Reference(weights, params).eval()(tokens)
+    for budget in (None, 0):  # everything resident, or every module streamed from disk
+        got = load(src, memory_budget=budget).eval()(tokens)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_is_mean_cross_entropy_over_targets(make, load):
+    model = load(make()).eval()
+    x = torch.randint(0, 200, (2, 9))
+    y = torch.randint(0, 200, (2, 9))
+    y[0, :4] = -1
+    logits, loss = model(x, y)
+    logp = logits.log_softmax(-1)
+    picked = [-logp[b, t, y[b, t]] for b in range(2) for t in range(9) if y[b, t] != -1]
+    assert math.isclose(loss.item(), (sum(picked) / len(picked)).item(), rel_tol=1e-5)
+
+
+def test_cached_generation_equals_uncached(make, load):
+    model = load(make(seed=7)).eval()
+    prompt = model.tokenizer.encode("the model streams")
+    cached = model.generate(prompt, 25)
+    assert cached == model.generate(prompt, 25, use_cache=False)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert model.generate(prompt, 25, temperature=0.8, top_p=0.9, generator=g1) == \
+        model.generate(prompt, 25, temperature=0.8, top_p=0.9, generator=g2, use_cache=False)
+
+
+def test_eval_turns_dropout_off_everywhere(make, load):
+    src = make()
+    tokens = torch.randint(0, 200, (2, 10))
+    plain = load(src)(tokens)
+    dropped = load(src, dropout=0.5)
+    assert torch.equal(dropped.eval()(tokens), plain)
+    assert not torch.allclose(dropped.train()(tokens), plain)
+
+
+def test_streaming_settings_give_identical_logits(make, load):
+    src = make(seed=9)
+    tokens = torch.randint(0, 200, (2, 10))
+    want = load(src)(tokens)
+    for budget in (0, 10**5, 10**6):
+        for prefetch in (True, False):
+            model = load(src, memory_budget=budget)
+            model.prefetching = prefetch
+            assert torch.equal(model(tokens), want)

@@ -1,0 +1,182 @@
+"""The offloaded training step against plain autograd and torch.optim, and its properties."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loader
+from conftest import run
+from test_backprop import Reference, read_meta_folder
+
+SEED = 11
+
+
+def make_batches(n_steps, micro_batches=1, batch=2, seq_len=12, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(n_steps):
+        window = torch.randint(0, vocab, (micro_batches * batch, seq_len + 1), generator=g)
+        steps.append([(w[:, :-1], w[:, 1:]) for w in window.split(batch)])
+    return steps
+
+
+def ours(load, src, workdir, steps, optimizer="sgd", lr=0.5, dropout=0.0, grad_clip=0.0, budget=None,
+         prefetch=True, keep_activations=True):
+    """Train the offloaded model; returns (losses, {key: fp32 weight}, model)."""
+    model = load(src, dropout=dropout, memory_budget=budget)
+    model.prefetching = prefetch
+    model.setup_training(workdir, mode="full", optimizer=optimizer, grad_clip=grad_clip,
+                         micro_batches=len(steps[0]), keep_activations=keep_activations,
+                         tokens_per_step=sum(x.numel() for x, _ in steps[0]))
+    model.train()
+    torch.manual_seed(SEED)
+    losses = []
+    for i, batches in enumerate(steps):
+        model.step = i + 1
+        losses.append(model.train_step(batches, lr))
+    model.flush()
+    return losses, weights_of(model), model
+
+
+def weights_of(model):
+    return {f"{n}.{k}": t.float().clone() for n in model.boxes for k, t in model.read_weights(n).items()}
+
+
+def reference(src, steps, optimizer="sgd", lr=0.5, dropout=0.0, grad_clip=0.0):
+    """Plain autograd on the whole batch of each step (micro-batches concatenated)."""
+    weights, params = read_meta_folder(src)
+    model = Reference(weights, params, dropout).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer == "sgd" else \
+        torch.optim.AdamW(model.parameters(), lr=lr)
+    torch.manual_seed(SEED)
+    losses = []
+    for batches in steps:
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        losses.append(loss.item())
+    from test_backprop import meta_key
+    return losses, {meta_key(n): p.detach().clone() for n, p in model.named_parameters()}, weights
+
+
+def assert_updates_match(got, want, initial, rtol=1e-3):
+    for key, w in want.items():
+        delta_want, delta_got = w - initial[key], got[key] - initial[key]
+        err = torch.linalg.vector_norm(delta_got - delta_want) / torch.linalg.vector_norm(delta_want).clamp(min=1e-20)
+        assert err <= rtol, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-3)])
+@pytest.mark.parametrize("budget", [None, 0])
+def test_offloaded_steps_equal_autograd_with_dropout(make, load, tmp_path, optimizer, lr, budget):
+    src = make(n_shards=2, seed=21)
+    steps = make_batches(3)
+    got_losses, got, _ = ours(load, src, tmp_path / "run", steps, optimizer, lr, dropout=0.2, budget=budget)
+    want_losses, want, initial = reference(src, steps, optimizer, lr, dropout=0.2)
+    assert got_losses == pytest.approx(want_losses, abs=1e-4)
+    assert_updates_match(got, want, initial)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-3)])
+def test_grad_accumulation_equals_one_step_on_the_whole_batch(make, load, tmp_path, optimizer, lr):
+    src = make(seed=22)
+    split = make_batches(2, micro_batches=3)
+    whole = [[(torch.cat([b[0] for b in s]), torch.cat([b[1] for b in s]))] for s in split]
+    losses_split, split_weights, _ = ours(load, src, tmp_path / "a", split, optimizer, lr)
+    losses_whole, whole_weights, _ = ours(load, src, tmp_path / "b", whole, optimizer, lr)
+    initial = read_meta_folder(src)[0]
+    assert losses_split == pytest.approx(losses_whole, abs=1e-5)
+    assert_updates_match(split_weights, whole_weights, initial, rtol=1e-4)
+    assert_updates_match(split_weights, reference(src, split, optimizer, lr)[1], initial)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-3)])
+@pytest.mark.parametrize("budget", [None, 0])
+def test_gradient_clipping_equals_clip_grad_norm(make, load, tmp_path, optimizer, lr, budget):
+    src = make(seed=23)
+    steps = make_batches(2, micro_batches=2)
+    got_losses, got, _ = ours(load, src, tmp_path / "run", steps, optimizer, lr, grad_clip=0.05, budget=budget)
+    want_losses, want, initial = reference(src, steps, optimizer, lr, grad_clip=0.05)
+    unclipped = reference(src, steps, optimizer, lr)[1]
+    assert not torch.allclose(want["output.weight"], unclipped["output.weight"])  # the clipping is active
+    assert got_losses == pytest.approx(want_losses, abs=1e-4)
+    assert_updates_match(got, want, initial)
+
+
+def test_adamw_state_survives_a_new_model_object(make, load, tmp_path):
+    src = make(seed=24)
+    steps = make_batches(2)
+    _, _, first = ours(load, src, tmp_path / "run", steps[:1], "adamw", 1e-3)
+    files = first.flush()
+    assert any("exp_avg" in str(v) for v in torch.load(tmp_path / "run" / files["layers.0"],
+                                                        weights_only=True)["optim"].values())
+    model = load(src)
+    model.setup_training(tmp_path / "run", mode="full", optimizer="adamw", files=files, committed=files.values())
+    model.train()
+    torch.manual_seed(SEED)
+    torch.rand(1)  # the random stream moves on as in an uninterrupted run (no dropout: nothing is drawn)
+    model.step = 2
+    model.train_step(steps[1], 1e-3)
+    model.flush()
+    _, want, initial = reference(src, steps, "adamw", 1e-3)
+    assert_updates_match(weights_of(model), want, initial)
+
+
+def test_results_are_bit_identical_under_any_budget_and_prefetch(make, load, tmp_path):
+    src = make(seed=25)
+    steps = make_batches(2, micro_batches=2)
+    runs = [ours(load, src, tmp_path / f"r{i}", steps, "adamw", 1e-3, dropout=0.1, budget=budget, prefetch=prefetch,
+                 keep_activations=keep)
+            for i, (budget, prefetch, keep) in enumerate([(None, True, True), (0, False, True), (0, True, False),
+                                                          (300_000, True, True), (10**6, False, False)])]
+    for losses, weights, _ in runs[1:]:
+        assert losses == runs[0][0]
+        assert all(torch.equal(weights[k], runs[0][1][k]) for k in weights)
+
+
+def test_export_after_training_reloads_to_the_same_logits(make, load, tmp_path):
+    src = make(seed=26, dtype=torch.float32)
+    _, _, model = ours(load, src, tmp_path / "run", make_batches(2), "adamw", 1e-3)
+    tokens = torch.randint(0, 200, (2, 10))
+    want = model.eval()(tokens)
+    loader.save_llama2(model, tmp_path / "exported", log=lambda *a: None)
+    assert all(t.dtype == torch.float32 for t in torch.load(tmp_path / "exported" / "consolidated.00.pth",
+                                                             weights_only=True).values())
+    assert torch.equal(load(tmp_path / "exported")(tokens), want)
+
+
+def test_bf16_source_keeps_small_updates(make, load, tmp_path):
+    src = make(seed=27)
+    steps = make_batches(1)
+    _, got, _ = ours(load, src, tmp_path / "run", steps, "sgd", lr=1e-4)
+    _, want, initial = reference(src, steps, "sgd", lr=1e-4)
+    assert_updates_match(got, want, initial)
+    w, w0 = got["layers.0.feed_forward.w1.weight"], initial["layers.0.feed_forward.w1.weight"]
+    assert (w != w0).float().mean() > 0.9  # the fp32 working copy moved almost everywhere ...
+    assert (w.bfloat16() != w0.bfloat16()).float().mean() < 0.01  # where a bf16 copy would hardly move
+
+
+def test_default_finetune_run_lowers_the_loss(tmp_path):
+    rc, out, err = run("finetune.py", "--iters=120", "--eval_period=0", f"--out_path={tmp_path / 'out'}",
+                       f"--offload_path={tmp_path / 'offload'}")
+    assert rc == 0, err
+    losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", out)]
+    assert len(losses) == 120 and losses[0] > 6.0
+    # a model that learns no more than token frequencies cannot beat the unigram entropy of the text
+    tokens = torch.tensor(loader.Tokenizer(loader.default_model() / "tokenizer.model").encode(
+        loader.DEFAULT_TEXT.read_text(), bos=True, eos=True))
+    p = torch.bincount(tokens).float() / len(tokens)
+    unigram_entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    assert sum(losses[-10:]) / 10 < unigram_entropy - 1.0, (losses[-10:], unigram_entropy)
+    assert (tmp_path / "out" / "consolidated.00.pth").exists()
+
+
+def test_backprop_script_passes_against_saved_outputs():
+    rc, out, err = run("test_backprop.py")
+    assert rc == 0, out + err
+    assert out.count("[ OK ]") == 8 and "[FAIL]" not in out

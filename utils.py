@@ -1,0 +1,244 @@
+"""Small helpers: errors, devices, RNG state, memory and I/O figures, file writes, progress."""
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, without a traceback."""
+
+
+def main_guard(main):
+    """Run a script's main(); a UserError or Ctrl-C becomes one line and a non-zero exit."""
+    debug = "--debug=1" in sys.argv
+    try:
+        return main()
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- devices and dtypes ---
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name, setting="dtype"):
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"{setting}={name!r} is not a dtype; use one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def check_device(name):
+    """The torch.device for 'cpu', 'cuda', 'cuda:N' or 'mps', or a UserError saying why not."""
+    kind = str(name).split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={name!r} is not supported; use cpu, cuda or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name!r}: CUDA is not available on this machine; use cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={name!r}: MPS is not available on this machine; use cpu")
+    return torch.device(name)
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# --- RNG state: saved before each offloaded module runs, restored when it runs again ---
+
+def get_rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+# --- memory and I/O figures ---
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def total_ram_bytes():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * 2**30
+
+
+def io_bytes():
+    """(read, written) logical bytes of this process so far, from /proc/self/io (0, 0 elsewhere)."""
+    try:
+        fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+        return int(fields["rchar"]), int(fields["wchar"])
+    except OSError:
+        return 0, 0
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --- files: every write goes to a temporary name, is flushed, and renamed into place ---
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp, path):
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def save_tensors(tensors, path):
+    """torch.save a dict of plain tensors (and plain values) atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(tensors, tmp)
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(text, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    write_text(json.dumps(obj, indent=1) + "\n", path)
+
+
+def load_tensors(path, mmap=True):
+    """Load a file of plain tensors; refuses anything else (weights_only=True never runs code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot be read as plain tensors ({first[:200]})") from e
+
+
+def evict_from_page_cache(path):
+    """Drop a file's pages from the OS page cache, so the next read comes from the disk."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_ahead(path):
+    """Ask the OS to start reading a whole file into its page cache (before it is memory-mapped)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+# --- progress: a bar on a terminal, a few plain lines otherwise ---
+
+def progress(items, desc, total=None, unit="it"):
+    total = len(items) if total is None else total
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        yield from tqdm(items, desc=desc, total=total, unit=unit, leave=False)
+        return
+    start = last = time.time()
+    for i, item in enumerate(items):
+        yield item
+        now = time.time()
+        if now - last > 10 or i + 1 == total and now - start > 2:
+            left = (now - start) / (i + 1) * (total - i - 1)
+            print(f"{desc}: {i + 1}/{total} {unit}, {now - start:.0f} s, {left:.0f} s left",
+                  file=sys.stderr, flush=True)
+            last = now
+
+
+@contextlib.contextmanager
+def timer(label, log=print):
+    start = time.time()
+    yield
+    log(f"{label} in {time.time() - start:.1f} s")
+
+
+# --- settings: constants at the top of a script, each overridable as --name=value ---
+
+def parse_settings(argv, defaults):
+    """{name: value}: the defaults with --name=value overrides, each typed like its default."""
+    settings = dict(defaults)
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise UserError(f"{arg!r}: settings are given as --name=value")
+        if name not in defaults:
+            raise UserError(f"unknown setting --{name}; the settings are: {', '.join(sorted(defaults))}")
+        kind = type(defaults[name])
+        try:
+            settings[name] = value if kind is str else kind(float(value)) if kind is int and "e" in value.lower() \
+                else kind(value)
+        except ValueError:
+            raise UserError(f"--{name}={value}: expected {'an integer' if kind is int else 'a number'}")
+        if kind is int and settings[name] != float(value):
+            raise UserError(f"--{name}={value}: expected an integer")
+    return settings
