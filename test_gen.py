@@ -17,7 +17,7 @@ def main():
     parser = argparse.ArgumentParser(description="Complete a prompt with a Meta-format Llama model.")
     parser.add_argument("model_dir", nargs="?", default=None, help="model folder (default: the built-in model)")
     parser.add_argument("device", nargs="?", default="cpu", help="cpu, cuda or mps")
-    parser.add_argument("--prompt", default="slowllama is a small open-source project")
+    parser.add_argument("--prompt", default="The basic problem is one of size.")
     parser.add_argument("--tokens", type=int, default=40, help="how many tokens to generate")
     parser.add_argument("--lora", default=None, help="a LoRA adapter file to apply without merging")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
