@@ -7,6 +7,7 @@ runs each block again with autograd (or reuses its kept activations), updates it
 writes them back. Matmuls look their weight up at use, so no autograd graph ever holds a weight.
 """
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils import evict_from_page_cache, get_rng_state, load_tensors, read_ahead, save_tensors, set_rng_state
+from utils import evict_from_page_cache, get_rng_state, read_tensors, set_rng_state, write_tensors
 
 
 @dataclass
@@ -202,6 +203,7 @@ class Blackbox:
         self.grad_count = {}
         self.lora = {}  # key -> (A, B, scale, dropout) adapter applied on top of the weight
         self.reading = self.writing = None  # futures of the background reader and writer
+        self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
         self.grad_file = None
         self.dirty = False
 
@@ -224,31 +226,34 @@ class Blackbox:
     def load(self):
         if self.weights is None:
             self.prefetch()
-            self.weights, self.optim, grads = self.reading.result()
+            self.weights, self.optim, grads, self.buffer = self.reading.result()
             self.grads.update(grads)
             self.compute = self.model.compute_copies(self)
         self.reading = None
         return self
 
     def _read(self, file):
-        """(weights, optimizer state, pending gradients): runs in the background thread."""
+        """(weights, optimizer state, pending gradients, the buffer they live in): in the background thread."""
         m = self.model
-        data, grads = self._load_file(file), {}
-        optim = data.pop("optim", {})
+        if m.evict_before_read:
+            evict_from_page_cache(file)
+        data, buffer = read_tensors(file, m.take_buffer)
         dtype = torch.float32 if self.trainable else m.compute_dtype
-        weights = {k: data[k].to(m.device, dtype, copy=True) for k in self.shapes}
-        optim = {k: {s: t.to(m.device, copy=True) for s, t in state.items()} for k, state in optim.items()}
+        weights = {k: data[k].to(m.device, dtype) for k in self.shapes}
+        optim = {}
+        for name, t in data.items():
+            if ":" in name:  # "attention.wq.weight:exp_avg"
+                key, state = name.split(":")
+                optim.setdefault(key, {})[state] = t.to(m.device)
+        if all(w.data_ptr() != data[k].data_ptr() for k, w in weights.items()) and not optim:
+            m.give_buffer(buffer)  # everything was converted or moved: the buffer is free again
+            buffer = None
+        grads = {}
         if self.grad_file is not None:
-            grads = {k: t.to(m.device, copy=True) for k, t in self._load_file(self.grad_file).items()}
+            grads = {k: t.to(m.device) for k, t in read_tensors(self.grad_file)[0].items()}
             self.grad_file.unlink()
             self.grad_file = None
-        return weights, optim, grads
-
-    def _load_file(self, file):
-        if self.model.evict_before_read:
-            evict_from_page_cache(file)
-        read_ahead(file)
-        return load_tensors(file)
+        return weights, optim, grads, buffer
 
     def release(self, keep=False):
         """Done with this module for now: write it back if it changed, and let it go unless kept."""
@@ -256,25 +261,24 @@ class Blackbox:
             self.write()
         if not (self.resident or keep):
             if self.grads:  # gradient clipping: the gradients wait on disk for the global norm
-                self.grad_file = self.model.run_dir / f"{self.name}.grad.pt"
-                self.writing = self.model.io.submit(save_tensors, self.grads, self.grad_file)
+                self.grad_file = self.model.run_dir / f"{self.name}.grad.safetensors"
+                self.writing = self.model.io.submit(write_tensors, self.grads, self.grad_file)
                 self.grads = {}
-            self.weights = self.compute = None
+            if self.buffer is not None:  # recycled once any pending write of it is done
+                self.model.io.submit(self.model.give_buffer, self.buffer)
+            self.weights = self.compute = self.buffer = None
             self.optim = {}
 
     def write(self):
         """Write the weights (and optimizer state) to a new file in the run folder, in the background."""
         m = self.model
-        file = m.run_dir / f"{self.name}.{m.step:06d}.pt"
+        file = m.run_dir / f"{self.name}.{m.step:06d}.safetensors"
         old, self.file, self.dirty = self.file, file, False
-        data = {**self.weights, "optim": self.optim}
+        data = {**self.weights, **{f"{k}:{s}": t for k, state in self.optim.items() for s, t in state.items()}}
         self.writing = m.io.submit(self._write, data, file, old)
 
     def _write(self, data, file, old):
-        if self.model.device.type != "cpu":
-            data = {"optim": {k: {s: t.cpu() for s, t in st.items()} for k, st in data.pop("optim").items()},
-                    **{k: t.cpu() for k, t in data.items()}}
-        save_tensors(data, file)
+        write_tensors(data, file)
         if old != file and old.parent == file.parent and old.name not in self.model.committed:
             old.unlink(missing_ok=True)
 
@@ -304,10 +308,11 @@ class Transformer:
         self.args, self.offload_dir, self.storage_dtype = args, Path(offload_dir), storage_dtype
         self.device, self.compute_dtype, self.dropout = device, compute_dtype, dropout
         self.memory_budget = memory_budget
-        self.boxes = {name: Blackbox(self, name, self.offload_dir / f"{name}.pt") for name in module_names(args)}
+        self.boxes = {name: Blackbox(self, name, self.offload_dir / f"{name}.safetensors") for name in module_names(args)}
         self.embeddings, self.norm, self.output = self.boxes["tok_embeddings"], self.boxes["norm"], self.boxes["output"]
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         self.io = ThreadPoolExecutor(max_workers=1)  # one background reader and writer, in order
+        self.spare_buffers, self.buffer_lock = {}, threading.Lock()
         self.training = False
         self.prefetching = True  # read the next module in the background while this one computes
         self.evict_before_read = False  # drop each file from the page cache first (benchmarks of cold reads)
@@ -332,6 +337,20 @@ class Transformer:
         cdt = self.compute_dtype
         return {k: w.to(cdt) if w.dim() == 2 and box.name != "tok_embeddings" else w
                 for k, w in box.weights.items()}
+
+    def take_buffer(self, nbytes):
+        """A buffer of nbytes for a module file: a recycled one when there is one (fresh memory costs a
+        page fault per 4 KB, as much as the read itself)."""
+        with self.buffer_lock:
+            spare = self.spare_buffers.get(nbytes)
+            return spare.pop() if spare else torch.empty(nbytes, dtype=torch.uint8)
+
+    def give_buffer(self, buffer):
+        if buffer is not None:
+            with self.buffer_lock:
+                spare = self.spare_buffers.setdefault(buffer.numel(), [])
+                if len(spare) < 3:
+                    spare.append(buffer)
 
     def plan_memory(self, tokens_per_step=0):
         """Choose which modules stay resident, and how many blocks keep their activations.
@@ -464,7 +483,7 @@ class Transformer:
     def update(self, box, key):
         """Apply the optimizer to one tensor whose gradient is complete (full fine-tuning)."""
         grad = box.grads.pop(key)
-        if not torch.isfinite(grad).all():
+        if not torch.isfinite(grad.sum()):  # a NaN or inf anywhere makes the sum one (and sum is fast)
             raise FloatingPointError(f"non-finite gradient in {box.name}.{key}")
         if self.clip_coef is not None:
             grad.mul_(self.clip_coef)
@@ -578,7 +597,7 @@ class Transformer:
         box = self.boxes[name]
         box.wait_write()
         weights = box.weights if box.weights is not None and box.trainable else \
-            {k: t for k, t in load_tensors(box.file).items() if k in box.shapes}
+            {k: t for k, t in read_tensors(box.file)[0].items() if k in box.shapes}
         if merge_lora and box.lora:
             weights = dict(weights)
             for key, (a, b, scale, _) in box.lora.items():

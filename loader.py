@@ -22,13 +22,13 @@ import torch
 
 from blackbox_model import ModelArgs, Transformer, module_names, module_shapes
 from utils import (UserError, check_device, dtype_name, fsync_dir, load_tensors, main_guard, parse_dtype,
-                   progress, save_tensors, total_ram_bytes, write_json)
+                   progress, save_tensors, total_ram_bytes, write_json, write_tensors)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "models" / "tiny"  # made on first use, git-ignored
 DEFAULT_TEXT = HERE / "slowllama.txt"
 DEFAULT_OFFLOAD = HERE / "offload"
-FORMAT = 1  # of the offload folder; a change makes every offload be converted again
+FORMAT = 2  # of the offload folder; a change makes every offload be converted again
 
 # Meta's model-parallel layout: the dimension along which each weight is split across shards
 # (weights not named here, such as the norms, are replicated in every shard)
@@ -244,7 +244,7 @@ def write_offload(model_dir, out, fp):
                     tensors[local] = torch.empty(shape, dtype=part.dtype)
                 shard_slice(tensors[local], key, shard_index, len(shards)).copy_(part)
             del data
-        save_tensors(tensors, out / f"{name}.pt")
+        write_tensors(tensors, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
     for name in ("params.json", "tokenizer.model"):
         shutil.copyfile(model_dir / name, out / name)
@@ -394,13 +394,15 @@ def default_model():
     return DEFAULT_MODEL
 
 
-def train_tokenizer(text_file, vocab_size):
+def train_tokenizer(text_file, vocab_size, filler_pieces=0):
+    """A sentencepiece BPE model trained on a text (deterministic); filler_pieces unused symbols pad the
+    vocabulary of synthetic models to a real size such as 32000."""
     import sentencepiece
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         input=str(text_file), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2, split_digits=True)
+        minloglevel=2, split_digits=True, user_defined_symbols=[f"<unused{i}>" for i in range(filler_pieces)])
     return model.getvalue()
 
 

@@ -31,9 +31,10 @@ SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2"
 
 # --- the reference: a plain in-memory Llama, written the way Meta's model.py is ---
 
-def read_meta_folder(folder):
+def read_meta_folder(folder, mmap=False):
     """All weights of a Meta-format folder, shards concatenated, as float32."""
-    shards = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted(Path(folder).glob("consolidated.*.pth"))]
+    shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+              for p in sorted(Path(folder).glob("consolidated.*.pth"))]
     weights = {}
     for key in shards[0]:
         parts = key.split(".")

@@ -1,6 +1,7 @@
 """Small helpers: errors, devices, RNG state, memory and I/O figures, file writes, progress."""
 import contextlib
 import json
+import math
 import os
 import resource
 import sys
@@ -163,6 +164,68 @@ def write_text(text, path):
 
 def write_json(obj, path):
     write_text(json.dumps(obj, indent=1) + "\n", path)
+
+
+# --- module files: the safetensors layout, read into reusable buffers ---
+
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
+HEADER_ALIGN = 4096  # the data starts on a page boundary
+
+
+def write_tensors(tensors, path):
+    """A safetensors file (8-byte header size, JSON header, the tensors' bytes back to back), written to
+    a temporary name and renamed into place. Wider dtypes first, so every tensor is aligned to its type."""
+    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+    header, offset = {}, 0
+    for name, t in items:
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for _, t in items:
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_tensors(path, buffer_for=None):
+    """{name: tensor} of a file written by write_tensors: all tensors are views of one uint8 buffer, read
+    in one go (buffer_for(nbytes) may hand out a recycled buffer). A damaged file is a UserError."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 2 <= size < 1 << 26 else None
+            if not isinstance(header, dict):
+                raise UserError(f"{path}: not a module file (bad header)")
+            header.pop("__metadata__", None)
+            nbytes = max((h["data_offsets"][1] for h in header.values()), default=0)
+            buffer = buffer_for(nbytes) if buffer_for else torch.empty(nbytes, dtype=torch.uint8)
+            view, done = buffer.numpy(), 0
+            while done < nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise UserError(f"{path}: truncated ({done} of {nbytes} bytes); the file is damaged")
+                done += n
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a module file ({e})")
+    tensors = {}
+    for name, h in header.items():
+        start, end = h["data_offsets"]
+        dtype = ST_TORCH[h["dtype"]]
+        if end - start != math.prod(h["shape"]) * dtype.itemsize:
+            raise UserError(f"{path}: tensor {name} does not match its shape")
+        tensors[name] = buffer[start:end].view(dtype).view(h["shape"])
+    return tensors, buffer
 
 
 def load_tensors(path, mmap=True):
