@@ -7,6 +7,7 @@ runs each block again with autograd (or reuses its kept activations), updates it
 writes them back. Matmuls look their weight up at use, so no autograd graph ever holds a weight.
 """
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils import evict_from_page_cache, get_rng_state, read_tensors, set_rng_state, write_tensors
+from utils import (evict_from_page_cache, get_rng_state, read_tensors, return_freed_memory_to_os, set_rng_state,
+                   write_tensors)
 
 
 @dataclass
@@ -66,7 +68,7 @@ def module_names(args):
 def graph_bytes_per_token(args, dtype):
     """What autograd keeps of one block per token (its inputs to matmuls, attention, SwiGLU)."""
     attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
-    return (4 * args.dim + attention + 4 * args.hidden_dim) * torch.finfo(dtype).bits // 8
+    return (5 * args.dim + attention + 4 * args.hidden_dim) * torch.finfo(dtype).bits // 8
 
 
 # --- the pieces of the architecture ---
@@ -86,9 +88,11 @@ class Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        dx = (dy @ ctx.box.compute[ctx.name]).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        w = ctx.box.compute[ctx.name]
+        dx = (dy @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
         if x is not None:
-            ctx.box.add_grad(ctx.name, dy.flatten(0, -2).t() @ x.flatten(0, -2))
+            out = ctx.box.model.grad_scratch(w)
+            ctx.box.add_grad(ctx.name, torch.mm(dy.flatten(0, -2).t(), x.flatten(0, -2), out=out))
         return dx, None, None
 
 
@@ -246,8 +250,7 @@ class Blackbox:
                 key, state = name.split(":")
                 optim.setdefault(key, {})[state] = t.to(m.device)
         if all(w.data_ptr() != data[k].data_ptr() for k, w in weights.items()) and not optim:
-            m.give_buffer(buffer)  # everything was converted or moved: the buffer is free again
-            buffer = None
+            buffer = None  # everything was converted or moved: the buffer is not needed any more
         grads = {}
         if self.grad_file is not None:
             grads = {k: t.to(m.device) for k, t in read_tensors(self.grad_file)[0].items()}
@@ -270,17 +273,16 @@ class Blackbox:
             self.optim = {}
 
     def write(self):
-        """Write the weights (and optimizer state) to a new file in the run folder, in the background."""
+        """Write the weights (and optimizer state) to the run folder in the background. Each module has
+        two slot files: the last committed state is in one, newer states overwrite the other. A kill
+        mid-write tears only a slot that no committed manifest names."""
         m = self.model
-        file = m.run_dir / f"{self.name}.{m.step:06d}.safetensors"
-        old, self.file, self.dirty = self.file, file, False
+        slots = [m.run_dir / f"{self.name}.{slot}.safetensors" for slot in (0, 1)]
+        self.file = slots[1] if slots[0].name in m.committed else slots[0]
+        self.dirty = False
         data = {**self.weights, **{f"{k}:{s}": t for k, state in self.optim.items() for s, t in state.items()}}
-        self.writing = m.io.submit(self._write, data, file, old)
-
-    def _write(self, data, file, old):
-        write_tensors(data, file)
-        if old != file and old.parent == file.parent and old.name not in self.model.committed:
-            old.unlink(missing_ok=True)
+        self.writing = m.io.submit(write_tensors, data, self.file, True)
+        m.written.add(self.file)
 
     def wait_write(self):
         if self.writing is not None:
@@ -311,13 +313,14 @@ class Transformer:
         self.boxes = {name: Blackbox(self, name, self.offload_dir / f"{name}.safetensors") for name in module_names(args)}
         self.embeddings, self.norm, self.output = self.boxes["tok_embeddings"], self.boxes["norm"], self.boxes["output"]
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
+        return_freed_memory_to_os()
         self.io = ThreadPoolExecutor(max_workers=1)  # one background reader and writer, in order
-        self.spare_buffers, self.buffer_lock = {}, threading.Lock()
+        self.spare_buffers, self.buffer_lock, self.scratch = {}, threading.Lock(), {}
         self.training = False
         self.prefetching = True  # read the next module in the background while this one computes
         self.evict_before_read = False  # drop each file from the page cache first (benchmarks of cold reads)
         # training state, set by setup_training
-        self.run_dir, self.committed, self.step = None, set(), 0
+        self.run_dir, self.committed, self.written, self.step = None, set(), set(), 0
         self.mode, self.optimizer, self.lr, self.grad_clip, self.micro_batches = None, None, 0.0, 0.0, 1
         self.optim_settings, self.clip_coef, self.keep_activations, self.graph_budget = {}, None, True, 0
         self.grad_norms, self.lora, self.lora_optimizer = [], {}, None
@@ -349,8 +352,19 @@ class Transformer:
         if buffer is not None:
             with self.buffer_lock:
                 spare = self.spare_buffers.setdefault(buffer.numel(), [])
-                if len(spare) < 3:
+                if not spare:  # one spare per size: enough for the reader to never wait for memory
                     spare.append(buffer)
+
+    def grad_scratch(self, weight):
+        """A reused buffer for a block weight's gradient when the update follows at once (no
+        accumulation, no clipping): fresh memory for every gradient would cost a page fault per 4 KB."""
+        if self.micro_batches > 1 or self.grad_clip or weight.dim() != 2 or \
+                weight.numel() > max(math.prod(s) for s in self.layers[0].shapes.values()):
+            return None
+        key = (weight.numel(), weight.dtype)
+        if key not in self.scratch:
+            self.scratch[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+        return self.scratch[key].view(weight.shape)
 
     def plan_memory(self, tokens_per_step=0):
         """Choose which modules stay resident, and how many blocks keep their activations.
@@ -589,6 +603,11 @@ class Transformer:
                 box.write()
         for box in self.boxes.values():
             box.wait_write()
+        for file in self.written:  # on the disk before a manifest names them
+            fd = os.open(file, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        self.written = set()
         return {name: box.file.name for name, box in self.boxes.items() if box.file.parent == self.run_dir}
 
     def read_weights(self, name, merge_lora=True):

@@ -141,8 +141,10 @@ def lora_state(model, cfg):
 
 
 def clean_run_dir(run_dir, keep):
+    """Remove what no committed state needs: older checkpoints, temporary files, gradients of an
+    interrupted step (the modules' second slot files stay: they are overwritten in place)."""
     for f in run_dir.iterdir():
-        if f.name not in keep and f.name != "state.json":
+        if f.name not in keep and f.name != "state.json" and not f.name.endswith((".0.safetensors", ".1.safetensors")):
             f.unlink()
 
 

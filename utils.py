@@ -110,6 +110,19 @@ def total_ram_bytes():
         return 16 * 2**30
 
 
+def return_freed_memory_to_os():
+    """glibc keeps freed blocks of up to 32 MB in its heap for reuse; with a block's activations and
+    gradients coming and going, a step's peak then grows by a gigabyte of freed but kept memory.
+    Blocks of 4 MB and more are given back to the OS at once instead (measured: 1b shape, budget 2 GB,
+    peak RSS 3.4 GB -> 2.4 GB at the same step time)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD, fixed (no longer adaptive)
+        except (OSError, AttributeError):
+            pass
+
+
 def io_bytes():
     """(read, written) logical bytes of this process so far, from /proc/self/io (0, 0 elsewhere)."""
     try:
@@ -173,9 +186,10 @@ ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 HEADER_ALIGN = 4096  # the data starts on a page boundary
 
 
-def write_tensors(tensors, path):
+def write_tensors(tensors, path, in_place=False):
     """A safetensors file (8-byte header size, JSON header, the tensors' bytes back to back), written to
-    a temporary name and renamed into place. Wider dtypes first, so every tensor is aligned to its type."""
+    a temporary name and renamed into place, or with in_place over the file's old bytes (whose memory
+    the OS then reuses: several times faster than a new file). Wider dtypes first: all aligned."""
     items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
     header, offset = {}, 0
     for name, t in items:
@@ -184,15 +198,17 @@ def write_tensors(tensors, path):
         offset += size
     encoded = json.dumps(header).encode()
     encoded += b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = path if in_place else f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
             f.write(len(encoded).to_bytes(8, "little") + encoded)
             for _, t in items:
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        os.replace(tmp, path)
+            f.truncate()
+        if not in_place:
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if not in_place and os.path.exists(tmp):
             os.remove(tmp)
 
 
