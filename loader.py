@@ -64,6 +64,10 @@ def module_of(key):
     return ".".join(parts[:n]), ".".join(parts[n:])
 
 
+def log_line(text):
+    print(text, file=sys.stderr, flush=True)
+
+
 # --- params.json and tokenizer.model ---
 
 def read_params(model_dir):
@@ -168,7 +172,7 @@ def read_shard(path):
                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})")
 
 
-def convert(model_dir, offload_root=None, log=print):
+def convert(model_dir, offload_root=None, log=log_line):
     """Make (or reuse) the offload folder of a model folder; returns (folder, manifest)."""
     model_dir = Path(model_dir).resolve()
     fp = fingerprint(model_dir)
@@ -258,7 +262,7 @@ def write_offload(model_dir, out, fp):
 # --- the model ---
 
 def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float32", memory_budget=None,
-                dropout=0.0, log=print):
+                dropout=0.0, log=log_line):
     """The offloaded model of a Meta-format folder (the built-in default model when path is None).
     memory_budget: bytes of modules and activations kept in RAM (None: half of this machine's RAM)."""
     device = check_device(device)
@@ -272,7 +276,7 @@ def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float
     return model
 
 
-def save_llama2(model, out_path, shards=None, dtype=None, log=print):
+def save_llama2(model, out_path, shards=None, dtype=None, log=log_line):
     """Write the model in Meta's format: the source's shard count and dtypes unless told otherwise."""
     manifest, out_path = model.manifest, Path(out_path).resolve()
     for protected in (Path(manifest["source"]), model.offload_dir.resolve()):

@@ -4,8 +4,9 @@ python test_backprop.py [MODEL_DIR] [ref|data|none] [DEVICE]
   ref   one model in memory, trained by plain autograd and torch.optim, against the offloaded step
   data  the offloaded step against outputs saved in test_data/ by the reference path (default model)
   none  only time the offloaded step
-Each check runs two steps with dropout > 0, for SGD and for AdamW, and compares the logits before
-and after, the losses and every updated tensor. python test_backprop.py --make-data rewrites
+Each check runs two steps with dropout > 0, for SGD and AdamW (every weight trained) and for LoRA
+(AdamW on adapters of wq, wv, w2 and output), and compares the logits before and after, the losses
+and every updated tensor. python test_backprop.py --make-data rewrites
 test_data/ from the reference path.
 """
 import hashlib
@@ -25,7 +26,8 @@ from utils import check_device, main_guard
 HERE = Path(__file__).resolve().parent
 DATA_FILE = HERE / "test_data" / "backprop_default.pt"
 SEED, DROPOUT, BATCH, SEQ_LEN, STEPS = 42, 0.1, 2, 16, 2
-LR = {"sgd": 1.0, "adamw": 1e-3}
+LR = {"sgd": 1.0, "adamw": 1e-3, "lora": 1e-2}
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["wq", "wv", "w2", "output"]}
 SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
@@ -139,6 +141,8 @@ class Reference(nn.Module):
 def meta_key(name):
     """Meta's key of a reference parameter: layers.0.wq.weight -> layers.0.attention.wq.weight."""
     parts = name.split(".")
+    if parts[-1] in ("lora_a", "lora_b"):
+        parts = parts[:-1]
     if parts[0] == "layers" and parts[2] in ("wq", "wk", "wv", "wo"):
         parts.insert(2, "attention")
     elif parts[0] == "layers" and parts[2] in ("w1", "w2", "w3"):
@@ -146,15 +150,31 @@ def meta_key(name):
     return ".".join(parts)
 
 
-def reference_run(model_dir, optimizer, batches, device, steps=STEPS):
+def add_adapters(model, adapters):
+    """Put the given {meta key: (A, B)} on the reference's linear layers; returns the adapter tensors."""
+    params = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear) and f"{meta_key(name)}.weight" in adapters:
+            a, b = adapters[f"{meta_key(name)}.weight"]
+            module.lora_a, module.lora_b = nn.Parameter(a.clone()), nn.Parameter(b.clone())
+            module.scale, module.lora_dropout = LORA["alpha"] / LORA["rank"], LORA["dropout"]
+            params += [module.lora_a, module.lora_b]
+    return params
+
+
+def reference_run(model_dir, optimizer, batches, device, steps=STEPS, adapters=None):
+    """Plain autograd on all weights (sgd, adamw), or on the given LoRA adapters only (lora)."""
     weights, params = read_meta_folder(model_dir)
     model = Reference(weights, params, DROPOUT).to(device)
+    if adapters is not None:
+        model.requires_grad_(False)
+        trained = add_adapters(model, adapters)
     x = batches[0][0].to(device)
     model.eval()
     logits_before = model(x).cpu()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR[optimizer]) if optimizer == "sgd" else \
-        torch.optim.AdamW(model.parameters(), lr=LR[optimizer])
+        torch.optim.AdamW(trained if adapters is not None else model.parameters(), lr=LR[optimizer])
     torch.manual_seed(SEED)
     losses = []
     for xb, yb in batches[:steps]:
@@ -165,6 +185,10 @@ def reference_run(model_dir, optimizer, batches, device, steps=STEPS):
         losses.append(loss.item())
     model.eval()
     updated = {meta_key(n): p.detach().cpu() for n, p in model.named_parameters()}
+    if adapters is not None:
+        updated = {f"{meta_key(n)}.weight:{ab}": getattr(m, f"lora_{ab.lower()}").detach().cpu()
+                   for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.lora_a is not None
+                   for ab in ("A", "B")}
     return {"logits_before": logits_before, "losses": torch.tensor(losses), "weights": updated,
             "logits_after": model(x).cpu(), "initial": weights}
 
@@ -174,10 +198,13 @@ def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, *
     model = load_llama2(model_dir, offload_path=Path(workdir) / "offload", device=device, dropout=DROPOUT,
                         log=lambda *a: None, **model_settings)
     x = batches[0][0]
+    lora = optimizer == "lora"
+    if lora:
+        model.add_lora(LORA["rank"], LORA["alpha"], LORA["dropout"], LORA["targets"], tensors=make_adapters(model_dir))
     model.eval()
     logits_before = model(x).cpu()
-    model.setup_training(Path(workdir) / f"run-{optimizer}", mode="full", optimizer=optimizer,
-                         tokens_per_step=x.numel())
+    model.setup_training(Path(workdir) / f"run-{optimizer}", mode="lora" if lora else "full",
+                         optimizer="adamw" if lora else optimizer, tokens_per_step=x.numel())
     model.train()
     torch.manual_seed(SEED)
     losses, start = [], time.time()
@@ -188,10 +215,32 @@ def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, *
     model.flush()
     model.eval()
     updated = {f"{name}.{k}": t.float().cpu() for name in model.boxes for k, t in model.read_weights(name).items()}
+    if lora:
+        updated = {f"{k}:{ab}": t.detach().cpu() for k, pair in model.lora.items() for ab, t in zip("AB", pair)}
     result = {"logits_before": logits_before, "losses": torch.tensor(losses), "weights": updated,
               "logits_after": model(x).cpu(), "seconds": seconds}
     model.close()
     return result
+
+
+def make_adapters(model_dir):
+    """{meta key: (A, B)} for LORA's targets, both random (with B = 0 the first step would not move A)."""
+    weights, _ = read_meta_folder(model_dir)
+    g = torch.Generator().manual_seed(SEED)
+    adapters = {}
+    for key, w in weights.items():
+        name = key.split(".")[-2] if key != "output.weight" else "output"
+        if name in LORA["targets"]:
+            adapters[key] = (torch.randn(LORA["rank"], w.shape[1], generator=g) * 0.1,
+                             torch.randn(w.shape[0], LORA["rank"], generator=g) * 0.02)
+    return adapters
+
+
+def initial_values(model_dir, optimizer, weights):
+    """What the trained tensors start from: the model's weights, or the adapters for LoRA."""
+    if optimizer != "lora":
+        return weights
+    return {f"{k}:{ab}": t for k, pair in make_adapters(model_dir).items() for ab, t in zip("AB", pair)}
 
 
 def make_batches(vocab, seed=SEED):
@@ -264,8 +313,11 @@ def main():
     initial, params = read_meta_folder(model_dir)
     batches = make_batches(initial["tok_embeddings.weight"].shape[0])
     if make_data:
-        saved = {"model": weights_hash(initial), "batches": batches,
-                 **{opt: pack_expected(reference_run(model_dir, opt, batches, device)) for opt in LR}}
+        saved = {"model": weights_hash(initial), "batches": batches}
+        for opt in LR:
+            result = reference_run(model_dir, opt, batches, device,
+                                   adapters=make_adapters(model_dir) if opt == "lora" else None)
+            saved[opt] = pack_expected({**result, "initial": initial_values(model_dir, opt, initial)})
         DATA_FILE.parent.mkdir(exist_ok=True)
         torch.save(saved, DATA_FILE)
         print(f"wrote {DATA_FILE}")
@@ -284,10 +336,12 @@ def main():
         for opt in LR:
             got = offloaded_run(model_dir, opt, batches, device, workdir)
             print(f"{opt}: offloaded step {got['seconds']:.3f} s, losses {[round(v, 4) for v in got['losses'].tolist()]}")
+            start = initial_values(model_dir, opt, initial)
             if mode == "ref":
-                ok &= compare(opt, got, reference_run(model_dir, opt, batches, device), initial)
+                adapters = make_adapters(model_dir) if opt == "lora" else None
+                ok &= compare(opt, got, reference_run(model_dir, opt, batches, device, adapters=adapters), start)
             elif mode == "data":
-                ok &= compare(opt, got, unpack_expected(saved[opt], initial), initial)
+                ok &= compare(opt, got, unpack_expected(saved[opt], start), start)
     sys.exit(0 if ok else 1)
 
 

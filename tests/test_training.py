@@ -180,4 +180,4 @@ def test_default_finetune_run_lowers_the_loss(tmp_path):
 def test_backprop_script_passes_against_saved_outputs():
     rc, out, err = run("test_backprop.py")
     assert rc == 0, out + err
-    assert out.count("[ OK ]") == 8 and "[FAIL]" not in out
+    assert out.count("[ OK ]") == 12 and "[FAIL]" not in out

@@ -1,0 +1,81 @@
+"""LoRA: the offloaded adapter step against autograd, a read-only base, merging and generation."""
+import re
+
+import pytest
+import torch
+
+import loader
+import test_backprop as tb
+from conftest import folder_hash, read_shards, run
+from utils import save_tensors
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_lora_steps_equal_autograd_with_dropout(make, tmp_path, budget):
+    src = make(n_shards=2, seed=31)
+    batches = tb.make_batches(256)
+    got = tb.offloaded_run(src, "lora", batches, torch.device("cpu"), tmp_path, memory_budget=budget)
+    want = tb.reference_run(src, "lora", batches, torch.device("cpu"), adapters=tb.make_adapters(src))
+    start = tb.initial_values(src, "lora", None)
+    assert set(got["weights"]) == set(want["weights"]) == set(start)
+    assert tb.compare("lora", got, want, start)
+
+
+def adapter_file(model, path, rank=4, targets=("wq", "wk", "w1", "output"), seed=0):
+    model.add_lora(rank, 2.0 * rank, 0.0, list(targets), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for a, b in model.lora.values():  # B random: a fresh adapter (B = 0) would change nothing
+        with torch.no_grad():
+            b.normal_(0, 0.05, generator=g)
+    save_tensors(loader.adapter_state(model, rank, 2.0 * rank, 0.0, targets), path)
+    return path
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_merged_model_equals_model_plus_adapter(make, load, tmp_path, dtype, tolerance):
+    src = make(seed=32, dtype=dtype)
+    model = load(src)
+    adapter = adapter_file(model, tmp_path / "adapter.pt")
+    tokens = torch.randint(0, 200, (2, 12))
+    unmerged = model.eval()(tokens)
+    rc, _, err = run("merge_lora.py", src, adapter, tmp_path / "merged", "--offload_path", tmp_path / "off")
+    assert rc == 0, err
+    merged = load(tmp_path / "merged")(tokens)
+    assert (merged - unmerged).abs().max() <= tolerance * unmerged.abs().max()
+    source, out = read_shards(src), read_shards(tmp_path / "merged")
+    for a, b in zip(source, out):
+        assert list(a) == list(b)
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            targeted = key.split(".")[-2] in ("wq", "wk", "w1") or key == "output.weight"
+            assert torch.equal(a[key], b[key]) != targeted, key  # only the adapted weights change
+
+
+def test_generation_with_adapter_equals_merged(make, load, tmp_path):
+    src = make(seed=33, dtype=torch.float32)
+    adapter = adapter_file(load(src), tmp_path / "adapter.pt")
+    off = ["--offload_path", tmp_path / "off"]
+    assert run("merge_lora.py", src, adapter, tmp_path / "merged", *off)[0] == 0
+    rc, with_adapter, err = run("test_gen.py", src, "cpu", "--lora", adapter, "--tokens", "20", *off)
+    assert rc == 0, err
+    rc, merged, err = run("test_gen.py", tmp_path / "merged", "cpu", "--tokens", "20", *off)
+    assert rc == 0, err
+    plain = run("test_gen.py", src, "cpu", "--tokens", "20", *off)[1]
+    assert with_adapter.splitlines()[0] == merged.splitlines()[0] != plain.splitlines()[0]
+
+
+def test_lora_run_reads_the_base_and_writes_only_small_files(make, tmp_path):
+    src = make(seed=34)
+    off, out = tmp_path / "offload", tmp_path / "out"
+    assert run("test_gen.py", src, "cpu", "--tokens", "1", "--offload_path", off)[0] == 0  # the offload exists
+    before = folder_hash(off)
+    rc, log, err = run("finetune.py", f"--model_path={src}", f"--offload_path={off}", f"--out_path={out}",
+                       "--mode=lora", "--iters=30", "--lr=1e-2", "--seq_len=32", "--eval_period=0", "--save_period=10")
+    assert rc == 0, err
+    assert folder_hash(off) == before  # the shared offload of the base was only read
+    assert not list((out / "run").glob("*.safetensors"))  # no module was written in the run folder
+    adapter = torch.load(out / "adapter.pt", weights_only=True)
+    assert adapter["config"]["targets"] == ["wq", "wv"] and adapter["step"] == 30
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", log)]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert len(read_shards(out)) == 2  # and the merged model in the source's layout
