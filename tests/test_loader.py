@@ -110,8 +110,8 @@ def expect_error(args, needle, protect=()):
     hashes = [folder_hash(p) for p in protect]
     rc, out, err = run(*args)
     assert rc != 0
-    assert "Traceback" not in err and needle in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and needle in errors[0], err
     assert hashes == [folder_hash(p) for p in protect]  # the source folder is never written to
 
 
