@@ -57,6 +57,14 @@ def shard_slice(tensor, key, shard, n_shards):
     return tensor.narrow(dim, shard * size, size)
 
 
+def expected_shard_shape(model_dir, key, shape, n_shards):
+    try:
+        return shard_shape(key, shape, n_shards)
+    except UserError:
+        raise UserError(f"{model_dir}: {n_shards} shards, but {key} of shape {tuple(shape)} cannot be split into "
+                        f"{n_shards} equal parts; is a shard missing, or one too many?")
+
+
 def module_of(key):
     """('layers.3', 'attention.wq.weight') for 'layers.3.attention.wq.weight'; ('output', 'weight') ..."""
     parts = key.split(".")
@@ -240,7 +248,7 @@ def write_offload(model_dir, out, fp):
                 key = f"{name}.{local}"
                 if key not in data:
                     raise UserError(f"{path}: missing tensor {key}")
-                part, want = data[key], shard_shape(key, shape, len(shards))
+                part, want = data[key], expected_shard_shape(model_dir, key, shape, len(shards))
                 if tuple(part.shape) != want:
                     raise UserError(f"{path}: {key} has shape {tuple(part.shape)}, but params.json and "
                                     f"{len(shards)} shard(s) mean {want}")
