@@ -372,7 +372,8 @@ class Transformer:
         budget = self.memory_budget if self.memory_budget is not None else 1 << 62
         boxes = list(self.boxes.values())
         grads = 4 * max(box.numel() for box in boxes) if self.mode == "full" else 0
-        free = budget - 3 * max(box.memory_bytes() for box in boxes) - grads
+        working = 3 * max(box.memory_bytes() for box in boxes) + grads
+        free = budget - working
         graphs = self.args.n_layers * tokens_per_step * graph_bytes_per_token(self.args, self.compute_dtype)
         self.graph_budget = max(0, min(free, graphs)) if self.keep_activations else 0
         free -= self.graph_budget
@@ -382,6 +383,9 @@ class Transformer:
                 box.resident = suffix and box.memory_bytes() <= free
                 free -= box.memory_bytes() if box.resident else 0
                 suffix = box.resident
+        inputs = self.args.n_layers * tokens_per_step * self.args.dim * 4
+        residents = sum(box.memory_bytes() for box in boxes if box.resident)
+        self.peak_estimate = (300 << 20) + working + self.graph_budget + residents + inputs  # 300 MB: torch
 
     def stream(self, boxes, keep=()):
         """Yield each module loaded while the next one is read in the background; let each go after
@@ -444,7 +448,6 @@ class Transformer:
                        keep_activations=True, tokens_per_step=0, files=None, committed=(), **optim_settings):
         """Prepare a run: full fine-tuning keeps an fp32 working copy of every module in run_dir."""
         self.run_dir, self.mode, self.optimizer = Path(run_dir), mode, optimizer
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.grad_clip, self.micro_batches, self.keep_activations = grad_clip, micro_batches, keep_activations
         self.optim_settings, self.committed = optim_settings, set(committed)
         for name, box in self.boxes.items():

@@ -54,8 +54,9 @@ from pathlib import Path
 
 import torch
 
-from loader import DEFAULT_TEXT, adapter_state, load_llama2, read_adapter, save_llama2
-from utils import (UserError, get_rng_state, load_tensors, main_guard, parse_settings, save_tensors,
+from blackbox_model import graph_bytes_per_token
+from loader import DEFAULT_TEXT, adapter_state, load_llama2, log_line, read_adapter, save_llama2
+from utils import (UserError, check_disk, gb, get_rng_state, load_tensors, main_guard, parse_settings, save_tensors,
                    set_rng_state, write_json)
 
 
@@ -92,6 +93,24 @@ def get_batch(tokens, cfg, generator):
     starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=generator)
     windows = torch.stack([tokens[s:s + cfg.seq_len + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
+
+
+def disk_needs(model, cfg):
+    """What the run will write: the run folder (two slot files of every module's fp32 working copy and
+    optimizer state; adapter checkpoints for LoRA), gradients waiting for clipping, the export."""
+    out = Path(cfg.out_path)
+    n = sum(box.numel() for box in model.boxes.values())
+    if cfg.mode == "full":
+        run = 2 * n * 4 * (3 if cfg.optimizer == "adamw" else 1) + (n * 4 if cfg.grad_clip else 0)
+        run -= sum(f.stat().st_size for f in (out / "run").glob("*.safetensors")) if cfg.resume else 0
+    else:
+        targets = cfg.lora_targets.split(",")
+        adapted = sum(sum(s) for box in [*model.layers, model.output] for k, s in box.shapes.items() if len(s) == 2
+                      and ("output" if box is model.output else k.split(".")[-2]) in targets)
+        run = 2 * 3 * 4 * cfg.lora_rank * adapted  # two checkpoints of A, B and their AdamW moments
+    export = sum(math.prod(box.shapes[k]) * model.storage_dtype.itemsize for box in model.boxes.values()
+                 for k in box.shapes)
+    return [("run folder", out / "run", max(0, run)), ("export", out, export)]
 
 
 def learning_rate(cfg, step):
@@ -209,6 +228,7 @@ def main():
     model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=cfg.device,
                         compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout)
     train_tokens, val_tokens = load_tokens(cfg, model.tokenizer)
+    check_disk(disk_needs(model, cfg), log_line)
     out, run_dir, previous = prepare_out_path(cfg, model)
 
     data_rng = torch.Generator().manual_seed(cfg.seed)
@@ -224,6 +244,10 @@ def main():
                          tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
                          committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    resident = sum(box.resident for box in model.boxes.values())
+    graph = cfg.batch_size * cfg.seq_len * graph_bytes_per_token(model.args, model.compute_dtype)
+    log_line(f"RAM: about {gb(model.peak_estimate)} at peak ({resident} of {len(model.boxes)} modules resident, "
+             f"activations of {min(model.args.n_layers, model.graph_budget // graph)} blocks kept)")
     if previous:
         clean_run_dir(run_dir, model.committed)  # what an interrupted step left behind
         step = previous["step"]

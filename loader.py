@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import mmap
 import os
 import shutil
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 from blackbox_model import ModelArgs, Transformer, module_names, module_shapes
-from utils import (UserError, check_device, dtype_name, fsync_dir, load_tensors, main_guard, parse_dtype,
-                   progress, save_tensors, total_ram_bytes, write_json, write_tensors)
+from utils import (UserError, check_device, check_disk, dtype_name, fsync_dir, gb, load_tensors, main_guard,
+                   parse_dtype, progress, save_tensors, total_ram_bytes, write_json, write_tensors)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "models" / "tiny"  # made on first use, git-ignored
@@ -185,14 +186,21 @@ def convert(model_dir, offload_root=None, log=log_line):
     model_dir = Path(model_dir).resolve()
     fp = fingerprint(model_dir)
     target = offload_dir_for(model_dir, offload_root)
+    manifest = read_manifest(target)
+    if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
+        return target, manifest
+    sizes = [f.stat().st_size for f in shard_files(model_dir)]
+    check_disk([("offload", target.parent, sum(sizes))], log)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion of a folder at a time
         manifest = read_manifest(target)
         if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
-            return target, manifest
+            return target, manifest  # made by another process meanwhile
         for stale in target.parent.glob(f"{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        module = sum(sizes) / (read_params(model_dir)["n_layers"] + 2)
+        log(f"converting {model_dir}: RAM about {gb(2 * module + (300 << 20))} at peak (a module and its slices)")
         tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir()
@@ -299,9 +307,10 @@ def save_llama2(model, out_path, shards=None, dtype=None, log=log_line):
             yield {f"{name}.{k}": t for k, t in model.read_weights(name).items()}
         yield extras
 
+    entries = [(k, shape_of(model.args, k, extras), dtypes[k]) for k, _ in manifest["keys"]]
+    check_disk([("export", out_path, sum(math.prod(s) * d.itemsize for _, s, d in entries))], log)
     start = time.time()
-    write_checkpoint(out_path, [(k, shape_of(model.args, k, extras), dtypes[k]) for k, _ in manifest["keys"]],
-                     modules(), len(model.boxes) + 1, n_shards, model.offload_dir / "params.json",
+    write_checkpoint(out_path, entries, modules(), len(model.boxes) + 1, n_shards, model.offload_dir / "params.json",
                      model.offload_dir / "tokenizer.model")
     log(f"wrote {out_path} ({n_shards} shard(s)) in {time.time() - start:.1f} s")
 

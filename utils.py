@@ -4,8 +4,10 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -273,6 +275,29 @@ def read_ahead(path):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
+
+
+def gb(nbytes):
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+def check_disk(needs, log=print):
+    """needs: [(what, folder, bytes)]. Says what each disk must hold, and refuses (before anything is
+    written) when one has not the space."""
+    disks = {}
+    for what, folder, nbytes in needs:
+        existing = Path(folder).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        disk = disks.setdefault(os.stat(existing).st_dev, [existing, 0, []])
+        disk[1] += nbytes
+        disk[2].append(f"{what} {gb(nbytes)}")
+    for folder, total, whats in disks.values():
+        free = shutil.disk_usage(folder).free
+        log(f"disk: {', '.join(whats)} on the disk of {folder} ({gb(free)} free)")
+        if total > free:
+            raise UserError(f"{folder}: its disk has {gb(free)} free, but this needs {gb(total)} "
+                            f"({', '.join(whats)}); free some space or choose another folder")
 
 
 # --- progress: a bar on a terminal, a few plain lines otherwise ---

@@ -1,6 +1,7 @@
 """Bad input: one clear line naming the file or setting, a non-zero exit, no traceback, nothing written."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -128,3 +129,25 @@ def test_adapter_for_another_model_is_refused(make, tmp_path):
     expect_refusal(["merge_lora.py", other, out / "adapter.pt", tmp_path / "merged", "--offload_path",
                     tmp_path / "off"], "made for another model", out)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_full_disk_is_refused_before_anything_is_written(make, tmp_path, monkeypatch):
+    import finetune
+    import utils
+    src = make()
+    real = shutil.disk_usage
+    loader.load_llama2(src, offload_path=tmp_path / "off", log=lambda *a: None).close()
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda path: real(path)._replace(free=10_000))
+    with pytest.raises(utils.UserError, match="free"):  # converting
+        loader.load_llama2(src, offload_path=tmp_path / "off2", log=lambda *a: None)
+    assert not (tmp_path / "off2").exists()
+    monkeypatch.setattr(sys, "argv", ["finetune.py", f"--model_path={src}", f"--out_path={tmp_path}/out",
+                                      f"--offload_path={tmp_path}/off", "--seq_len=16"])
+    with pytest.raises(utils.UserError, match="run folder"):  # training
+        finetune.main()
+    assert not (tmp_path / "out").exists()
+    model = loader.load_llama2(src, offload_path=tmp_path / "off", log=lambda *a: None)
+    with pytest.raises(utils.UserError, match="export"):  # exporting
+        loader.save_llama2(model, tmp_path / "exported", log=lambda *a: None)
+    assert not (tmp_path / "exported").exists()
+    model.close()
