@@ -448,6 +448,7 @@ class Transformer:
                        keep_activations=True, tokens_per_step=0, files=None, committed=(), **optim_settings):
         """Prepare a run: full fine-tuning keeps an fp32 working copy of every module in run_dir."""
         self.run_dir, self.mode, self.optimizer = Path(run_dir), mode, optimizer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.grad_clip, self.micro_batches, self.keep_activations = grad_clip, micro_batches, keep_activations
         self.optim_settings, self.committed = optim_settings, set(committed)
         for name, box in self.boxes.items():
