@@ -31,6 +31,7 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    ffn_dim: int | None = None  # the FFN size where it is given rather than derived (Mistral, Hugging Face)
 
     @property
     def kv_heads(self):
@@ -42,6 +43,8 @@ class ModelArgs:
 
     @property
     def hidden_dim(self):
+        if self.ffn_dim:
+            return self.ffn_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

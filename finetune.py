@@ -6,8 +6,11 @@ optimizer state and committed steps (continue with --resume=1); at the end the m
 there in Meta's format, ready for python test_gen.py out_path.
 """
 model_path = ""  # Meta-format model folder; empty: the built-in default model
-data_path = ""  # training data: a text file, or a .pt file holding a 1-D LongTensor of token ids; empty: slowllama.txt
+data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a .jsonl file of instructions (README); empty: slowllama.txt
+prompt_template = "[INST] {prompt} [/INST]"  # .jsonl data: the text before each response (Llama 2 chat)
+system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data: put before the prompt when an example has a system text
 out_path = "out"  # the run's folder: working state in out_path/run, the exported model in out_path
+out_format = ""  # layout of the exported model: meta or hf; empty: the source's
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
 device = "cpu"  # cpu, cuda or mps
 compute_dtype = "float32"  # float32, or bfloat16 for bf16 matmuls with fp32 master weights
@@ -45,6 +48,7 @@ debug = 0  # 1: show Python tracebacks
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and type(v) in (int, float, str)}
 
+import json
 import math
 import shutil
 import signal
@@ -54,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+import hf
 from blackbox_model import graph_bytes_per_token
 from loader import DEFAULT_TEXT, adapter_state, load_llama2, log_line, read_adapter, save_llama2
 from utils import (UserError, check_disk, gb, get_rng_state, load_tensors, main_guard, parse_settings, save_tensors,
@@ -61,7 +66,9 @@ from utils import (UserError, check_disk, gb, get_rng_state, load_tensors, main_
 
 
 def load_tokens(cfg, tokenizer):
-    """The training stream: a text file encoded with BOS and EOS, or a .pt file of token ids as is."""
+    """(train, val) streams, each (tokens, targets): targets are the tokens, or -1 where no loss is
+    counted (the prompts of instruction data). Text is encoded with BOS and EOS; a .pt stream of token
+    ids is used as it is; a .jsonl file holds instruction examples."""
     path = Path(cfg.data_path or DEFAULT_TEXT)
     if not path.is_file():
         raise UserError(f"data_path={path}: file not found")
@@ -71,6 +78,7 @@ def load_tokens(cfg, tokenizer):
             raise UserError(f"data_path={path}: a .pt file must hold a 1-D LongTensor of token ids")
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= tokenizer.n_words):
             raise UserError(f"data_path={path}: token ids must lie in [0, {tokenizer.n_words})")
+        targets = tokens
     else:
         try:
             text = path.read_text(encoding="utf-8")
@@ -78,21 +86,49 @@ def load_tokens(cfg, tokenizer):
             raise UserError(f"data_path={path}: not UTF-8 text ({e.reason} at byte {e.start})")
         if not text.strip():
             raise UserError(f"data_path={path}: the file is empty")
-        tokens = torch.tensor(tokenizer.encode(text, bos=True, eos=True))
+        if path.suffix == ".jsonl":
+            tokens, targets = encode_instructions(text, path, cfg, tokenizer)
+        else:
+            tokens = targets = torch.tensor(tokenizer.encode(text, bos=True, eos=True))
     n_val = int(len(tokens) * cfg.val_fraction)
-    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    if len(train) < cfg.seq_len + 1:
-        raise UserError(f"data_path={path}: {len(train)} training tokens"
-                        f"{' after the validation hold-out' if n_val else ''}, fewer than one window of "
-                        f"seq_len+1={cfg.seq_len + 1}; lower seq_len or give more data")
-    return train, val
+    cut = len(tokens) - n_val
+    if cut < cfg.seq_len + 1:
+        raise UserError(f"data_path={path}: {cut} training tokens{' after the validation hold-out' if n_val else ''}, "
+                        f"fewer than one window of seq_len+1={cfg.seq_len + 1}; lower seq_len or give more data")
+    return (tokens[:cut], targets[:cut]), (tokens[cut:], targets[cut:])
 
 
-def get_batch(tokens, cfg, generator):
-    """batch_size random windows of seq_len+1 tokens: x the first seq_len, y the last."""
-    starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=generator)
-    windows = torch.stack([tokens[s:s + cfg.seq_len + 1] for s in starts.tolist()])
-    return windows[:, :-1], windows[:, 1:]
+def encode_instructions(text, path, cfg, tokenizer):
+    """Examples {"prompt", "response", optional "system"} one per line, packed one after another: the
+    prompt in its template, then the response and EOS; only the response's tokens count in the loss."""
+    tokens, targets = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"data_path={path}: line {number} is not JSON ({e.msg})")
+        if not isinstance(example, dict) or not all(isinstance(example.get(k), str) for k in ("prompt", "response")):
+            raise UserError(f"data_path={path}: line {number} needs the text fields prompt and response")
+        system = cfg.system_template.replace("{system}", example["system"]) if example.get("system") else ""
+        prompt = tokenizer.encode(cfg.prompt_template.replace("{prompt}", system + example["prompt"]), bos=True)
+        response = tokenizer.encode(example["response"], bos=False, eos=True)
+        tokens += prompt + response
+        targets += [-1] * len(prompt) + response
+    if not tokens:
+        raise UserError(f"data_path={path}: no examples")
+    return torch.tensor(tokens), torch.tensor(targets)
+
+
+def get_batch(stream, cfg, generator):
+    """batch_size random windows of seq_len+1 tokens: x the first seq_len tokens, y the targets of the
+    last seq_len."""
+    tokens, targets = stream
+    starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=generator).tolist()
+    x = torch.stack([tokens[s:s + cfg.seq_len] for s in starts])
+    y = torch.stack([targets[s + 1:s + cfg.seq_len + 1] for s in starts])
+    return x, y
 
 
 def disk_needs(model, cfg):
@@ -125,11 +161,12 @@ def learning_rate(cfg, step):
 def evaluate(model, cfg, val, step):
     model.eval()
     parts = []
-    if len(val) > 1:
-        n = min(cfg.seq_len, len(val) - 1)
-        windows = [val[s:s + n + 1] for s in range(0, len(val) - n, n)][:8 * cfg.batch_size]
-        batch = torch.stack(windows)
-        _, loss = model(batch[:, :-1], batch[:, 1:])
+    tokens, targets = val
+    if len(tokens) > 1:
+        n = min(cfg.seq_len, len(tokens) - 1)
+        starts = list(range(0, len(tokens) - n, n))[:8 * cfg.batch_size]
+        _, loss = model(torch.stack([tokens[s:s + n] for s in starts]),
+                        torch.stack([targets[s + 1:s + n + 1] for s in starts]))
         parts.append(f"val loss {loss.item():.4f}")
     prompt_ids = model.tokenizer.encode(cfg.prompt)
     completion = model.generate(prompt_ids, cfg.gen_tokens, eos_id=model.tokenizer.eos_id)
@@ -291,7 +328,9 @@ def main():
     model.eval()
     if cfg.mode == "lora":
         save_tensors({**lora_state(model, cfg), "step": step}, out / "adapter.pt")
-    save_llama2(model, out)
+        hf.write_peft(out / "peft", model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
+                      base_name=model.manifest["source"])
+    save_llama2(model, out, out_format=cfg.out_format or None)
     model.close()
     print(f"done: python test_gen.py {cfg.out_path}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import hf
 from blackbox_model import ModelArgs, Transformer, module_names, module_shapes
 from utils import (UserError, check_device, check_disk, dtype_name, fsync_dir, gb, load_tensors, main_guard,
                    parse_dtype, progress, save_tensors, total_ram_bytes, write_json, write_tensors)
@@ -108,7 +109,8 @@ def model_args(params, vocab_size):
     return ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
                      vocab_size=vocab_size, n_kv_heads=params.get("n_kv_heads"),
                      multiple_of=params["multiple_of"], ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-                     norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta") or 10000.0)
+                     norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta") or 10000.0,
+                     ffn_dim=params.get("hidden_dim"))
 
 
 class Tokenizer:
@@ -147,18 +149,25 @@ def shard_files(model_dir):
     return files
 
 
+def source_files(model_dir):
+    """The weight files of a model folder: Meta's shards, or Hugging Face's safetensors or .bin files."""
+    if hf.is_hf_folder(model_dir):
+        return sorted(set(hf.weight_files(model_dir).values()))
+    return shard_files(model_dir)
+
+
 def fingerprint(model_dir):
-    """Cheap identity of a model folder: content hashes of the small files, size and time of the shards."""
+    """Cheap identity of a model folder: content hashes of the small files, size and time of the weights."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model folder not found")
     result = {}
-    for name in ("params.json", "tokenizer.model"):
+    for name in ("config.json" if hf.is_hf_folder(model_dir) else "params.json", "tokenizer.model"):
         path = model_dir / name
         if not path.is_file():
             raise UserError(f"{path}: not found")
         result[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    for f in shard_files(model_dir):
+    for f in source_files(model_dir):
         st = f.stat()
         result[f.name] = [st.st_size, st.st_mtime_ns]
     return result
@@ -189,7 +198,7 @@ def convert(model_dir, offload_root=None, log=log_line):
     manifest = read_manifest(target)
     if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
         return target, manifest
-    sizes = [f.stat().st_size for f in shard_files(model_dir)]
+    sizes = [f.stat().st_size for f in source_files(model_dir)]
     check_disk([("offload", target.parent, sum(sizes))], log)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
@@ -199,7 +208,7 @@ def convert(model_dir, offload_root=None, log=log_line):
             return target, manifest  # made by another process meanwhile
         for stale in target.parent.glob(f"{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        module = sum(sizes) / (read_params(model_dir)["n_layers"] + 2)
+        module = sum(sizes) / (fingerprint_layers(model_dir) + 2)
         log(f"converting {model_dir}: RAM about {gb(2 * module + (300 << 20))} at peak (a module and its slices)")
         tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
         try:
@@ -218,6 +227,10 @@ def convert(model_dir, offload_root=None, log=log_line):
     return target, manifest
 
 
+def fingerprint_layers(model_dir):
+    return hf.read_config(model_dir)[0]["n_layers"] if hf.is_hf_folder(model_dir) else read_params(model_dir)["n_layers"]
+
+
 def read_manifest(folder):
     try:
         return json.loads((Path(folder) / "manifest.json").read_text())
@@ -226,53 +239,87 @@ def read_manifest(folder):
 
 
 def write_offload(model_dir, out, fp):
-    params = read_params(model_dir)
-    shards = shard_files(model_dir)
-    first = read_shard(shards[0])
-    keys = list(first)
-    if "tok_embeddings.weight" not in first:
-        raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
+    """Convert every module into out: one safetensors file each, in the source dtype."""
+    if hf.is_hf_folder(model_dir):
+        params, config = hf.read_config(model_dir)
+        files = hf.weight_files(model_dir)
+        args = model_args(params, params["vocab_size"])
+        keys, extras, n_shards = None, {}, 1
+        read_module = lambda name: hf.read_module(files, [f"{name}.{k}" for k in module_shapes(
+            args, name.split(".")[0])], args)
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+        params = meta_params(args)
+        (out / "params.json").write_text(json.dumps(params) + "\n")
+    else:
+        params, config = read_params(model_dir), None
+        shards = shard_files(model_dir)
+        first = read_shard(shards[0])
+        if "tok_embeddings.weight" not in first:
+            raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
+        vocab = params.get("vocab_size", -1)
+        args = model_args(params, vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0])
+        keys, n_shards = list(first), len(shards)
+        expected = {f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])}
+        for key in keys:
+            if key not in expected and key.startswith("layers."):
+                raise UserError(f"{shards[0]}: tensor {key} does not belong to a model with "
+                                f"n_layers={args.n_layers} as params.json says")
+        extras = {k: first[k].clone() for k in keys if k not in expected}  # e.g. rope.freqs: kept as they are
+        del first
+        read_module = lambda name: read_meta_module(model_dir, shards, args, name)
+        shutil.copyfile(model_dir / "params.json", out / "params.json")
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    vocab = params.get("vocab_size", -1)
-    vocab = vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0]
-    if tokenizer.n_words != vocab:
+    if tokenizer.n_words != args.vocab_size:
         raise UserError(f"{model_dir / 'tokenizer.model'}: {tokenizer.n_words} tokens, but the model has "
-                        f"{vocab} embedding rows; use the tokenizer that came with these weights")
-    args = model_args(params, vocab)
-    expected = {f"{name}.{k}" if name else k: s for name in module_names(args)
-                for k, s in module_shapes(args, name.split(".")[0]).items()}
-    for key in keys:
-        if key not in expected and key.startswith("layers."):
-            raise UserError(f"{shards[0]}: tensor {key} does not belong to a model with "
-                            f"n_layers={args.n_layers} as params.json says")
-    extras = {k: first[k].clone() for k in keys if k not in expected}  # e.g. rope.freqs: kept as they are
-    dtypes = {k: dtype_name(first[k].dtype) for k in keys}
-    del first
+                        f"{args.vocab_size} embedding rows; use the tokenizer that came with these weights")
+    dtypes = {k: dtype_name(t.dtype) for k, t in extras.items()}
     for name in progress(module_names(args), "converting", unit="module"):
-        tensors = {}
-        for shard_index, path in enumerate(shards):
-            data = read_shard(path)  # memory-mapped: only this module's slices are read
-            for local, shape in module_shapes(args, name.split(".")[0]).items():
-                key = f"{name}.{local}"
-                if key not in data:
-                    raise UserError(f"{path}: missing tensor {key}")
-                part, want = data[key], expected_shard_shape(model_dir, key, shape, len(shards))
-                if tuple(part.shape) != want:
-                    raise UserError(f"{path}: {key} has shape {tuple(part.shape)}, but params.json and "
-                                    f"{len(shards)} shard(s) mean {want}")
-                if shard_index == 0:
-                    tensors[local] = torch.empty(shape, dtype=part.dtype)
-                shard_slice(tensors[local], key, shard_index, len(shards)).copy_(part)
-            del data
-        write_tensors(tensors, out / f"{name}.safetensors")
+        tensors = read_module(name)
+        for key, shape in module_shapes(args, name.split(".")[0]).items():
+            got = tuple(tensors[f"{name}.{key}"].shape)
+            if got != tuple(shape):
+                raise UserError(f"{model_dir}: {name}.{key} has shape {got}, but the model's settings mean {shape}")
+            dtypes[f"{name}.{key}"] = dtype_name(tensors[f"{name}.{key}"].dtype)
+        write_tensors({k.removeprefix(f"{name}."): t for k, t in tensors.items()}, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
-    for name in ("params.json", "tokenizer.model"):
-        shutil.copyfile(model_dir / name, out / name)
+    shutil.copyfile(model_dir / "tokenizer.model", out / "tokenizer.model")
+    keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])]
     manifest = {"format": FORMAT, "source": str(model_dir), "fingerprint": fp, "params": params,
-                "vocab_size": vocab, "n_shards": len(shards),
+                "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": "hf" if config else "meta",
                 "keys": [[k, dtypes[k]] for k in keys]}
     write_json(manifest, out / "manifest.json")
     return manifest
+
+
+def read_meta_module(model_dir, shards, args, name):
+    """{key: tensor} of one module, its slices read from every shard (memory-mapped, one at a time)."""
+    tensors = {}
+    for shard_index, path in enumerate(shards):
+        data = read_shard(path)  # memory-mapped: only this module's slices are read
+        for local, shape in module_shapes(args, name.split(".")[0]).items():
+            key = f"{name}.{local}"
+            if key not in data:
+                raise UserError(f"{path}: missing tensor {key}")
+            part, want = data[key], expected_shard_shape(model_dir, key, shape, len(shards))
+            if tuple(part.shape) != want:
+                raise UserError(f"{path}: {key} has shape {tuple(part.shape)}, but params.json and "
+                                f"{len(shards)} shard(s) mean {want}")
+            if shard_index == 0:
+                tensors[key] = torch.empty(shape, dtype=part.dtype)
+            shard_slice(tensors[key], key, shard_index, len(shards)).copy_(part)
+        del data
+    return tensors
+
+
+def meta_params(args):
+    """params.json for a model read from another layout: its FFN size as Meta's formula gives it, or,
+    where no multiple_of does, as an explicit hidden_dim."""
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": 256, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta}
+    if model_args(params, args.vocab_size).hidden_dim != args.hidden_dim:
+        params["hidden_dim"] = args.hidden_dim
+    return params
 
 
 # --- the model ---
@@ -292,27 +339,45 @@ def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float
     return model
 
 
-def save_llama2(model, out_path, shards=None, dtype=None, log=log_line):
-    """Write the model in Meta's format: the source's shard count and dtypes unless told otherwise."""
+def save_llama2(model, out_path, shards=None, dtype=None, out_format=None, log=log_line):
+    """Write the model in Meta's format (out_format="meta": the source's shard count and dtypes unless
+    told otherwise) or Hugging Face's ("hf"); by default in the source's layout. Streams module by module."""
     manifest, out_path = model.manifest, Path(out_path).resolve()
     for protected in (Path(manifest["source"]), model.offload_dir.resolve()):
         if out_path == protected or protected in out_path.parents:
             raise UserError(f"{out_path}: is (inside) {protected}, which is never written to")
+    out_format = out_format or manifest.get("layout", "meta")
+    if out_format not in ("meta", "hf"):
+        raise UserError(f"out_format={out_format!r}: use meta or hf")
     n_shards = shards or manifest["n_shards"]
     dtypes = {k: parse_dtype(dtype) if dtype else parse_dtype(d) for k, d in manifest["keys"]}
     extras = load_tensors(model.offload_dir / "extras.pt", mmap=False)
+    if out_format == "hf":
+        extras = {}  # rope.freqs and such: not part of Hugging Face's layout
+    entries = [(k, shape_of(model.args, k, extras), dtypes[k]) for k, _ in manifest["keys"]
+               if k in extras or module_of(k)[0] in model.boxes]
+    check_disk([("export", out_path, sum(math.prod(s) * d.itemsize for _, s, d in entries))], log)
 
     def modules():
         for name in module_names(model.args):
-            yield {f"{name}.{k}": t for k, t in model.read_weights(name).items()}
+            yield {f"{name}.{k}": t.cpu() for k, t in model.read_weights(name).items()}
         yield extras
 
-    entries = [(k, shape_of(model.args, k, extras), dtypes[k]) for k, _ in manifest["keys"]]
-    check_disk([("export", out_path, sum(math.prod(s) * d.itemsize for _, s, d in entries))], log)
     start = time.time()
-    write_checkpoint(out_path, entries, modules(), len(model.boxes) + 1, n_shards, model.offload_dir / "params.json",
-                     model.offload_dir / "tokenizer.model")
-    log(f"wrote {out_path} ({n_shards} shard(s)) in {time.time() - start:.1f} s")
+    if out_format == "hf":
+        out_path.mkdir(parents=True, exist_ok=True)
+        order = {k: i for i, k in enumerate(f"{n}.{k}" for n in module_names(model.args)
+                                             for k in module_shapes(model.args, n.split(".")[0]))}
+        entries.sort(key=lambda e: order[e[0]])
+        source_config = model.offload_dir / "config.json"
+        config = hf.config_for(model.args, entries[0][2], json.loads(source_config.read_text())
+                               if source_config.exists() and not dtype else None)
+        hf.write_model(out_path, model.args, entries, modules(), config)
+        shutil.copyfile(model.offload_dir / "tokenizer.model", out_path / "tokenizer.model")
+    else:
+        write_checkpoint(out_path, entries, modules(), len(model.boxes) + 1, n_shards,
+                         model.offload_dir / "params.json", model.offload_dir / "tokenizer.model")
+    log(f"wrote {out_path} ({out_format} layout) in {time.time() - start:.1f} s")
 
 
 def shape_of(args, key, extras):
@@ -423,7 +488,8 @@ def train_tokenizer(text_file, vocab_size, filler_pieces=0):
     sentencepiece.SentencePieceTrainer.train(
         input=str(text_file), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        minloglevel=2, split_digits=True, user_defined_symbols=[f"<unused{i}>" for i in range(filler_pieces)])
+        minloglevel=2, split_digits=True, required_chars="[]{}()<>?!/:;'\"*#%&=+-_@",
+        user_defined_symbols=[f"<unused{i}>" for i in range(filler_pieces)])
     return model.getvalue()
 
 
@@ -465,11 +531,13 @@ def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Convert a Meta-format Llama folder and export it again.")
-    parser.add_argument("src", help="model folder (params.json, consolidated.NN.pth, tokenizer.model)")
+    parser = argparse.ArgumentParser(description="Convert a Llama model folder and export it again.")
+    parser.add_argument("src", help="model folder: Meta's (params.json, consolidated.NN.pth, tokenizer.model) "
+                                    "or Hugging Face's (config.json, *.safetensors or *.bin, tokenizer.model)")
     parser.add_argument("dst", help="folder to write the model to")
     parser.add_argument("--shards", type=int, default=None, help="shard count (default: the source's)")
     parser.add_argument("--dtype", default=None, help="dtype of the written weights (default: the source's)")
+    parser.add_argument("--out_format", default=None, help="meta or hf (default: the source's layout)")
     parser.add_argument("--offload_path", default=None, help="where offload folders live")
     parser.add_argument("--debug", default="0")
     a = parser.parse_args()
@@ -478,7 +546,7 @@ def main():
     if Path(a.dst).resolve() == Path(a.src).resolve():
         raise UserError(f"{a.dst}: the destination is the source folder, which is never written to")
     model = load_llama2(a.src, offload_path=a.offload_path)
-    save_llama2(model, a.dst, shards=a.shards, dtype=a.dtype)
+    save_llama2(model, a.dst, shards=a.shards, dtype=a.dtype, out_format=a.out_format)
     model.close()
 
 

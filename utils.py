@@ -188,22 +188,27 @@ ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 HEADER_ALIGN = 4096  # the data starts on a page boundary
 
 
+def safetensors_header(entries):
+    """The bytes before the data of a safetensors file holding [(name, shape, dtype)] in this order."""
+    header, offset = {}, 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
 def write_tensors(tensors, path, in_place=False):
     """A safetensors file (8-byte header size, JSON header, the tensors' bytes back to back), written to
     a temporary name and renamed into place, or with in_place over the file's old bytes (whose memory
     the OS then reuses: several times faster than a new file). Wider dtypes first: all aligned."""
     items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
-    header, offset = {}, 0
-    for name, t in items:
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
     tmp = path if in_place else f"{path}.tmp{os.getpid()}"
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
-            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            f.write(safetensors_header([(name, t.shape, t.dtype) for name, t in items]))
             for _, t in items:
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             f.truncate()

@@ -1,0 +1,209 @@
+"""Hugging Face's Llama layout in and out, and PEFT adapters.
+
+A Hugging Face folder holds config.json, model.safetensors (or model-0000N-of-0000M.safetensors with
+model.safetensors.index.json, or pytorch_model*.bin) and tokenizer.model. Its names differ from Meta's,
+and q_proj/k_proj rows are permuted: Hugging Face's rotary embedding rotates the two halves of each
+head, Meta's rotates adjacent pairs, so Meta's rows (2i, 2i+1) of a head are rows (i, i + head_dim/2).
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from utils import UserError, safetensors_header, write_json
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+               "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+               "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+               "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+               "ffn_norm.weight": "post_attention_layernorm.weight"}
+TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+MAX_FILE_BYTES = 5 * 10**9  # Hugging Face's default largest file when saving
+
+
+def is_hf_folder(path):
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "params.json").exists()
+
+
+def hf_key(key):
+    """Hugging Face's name of a Meta key: layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight."""
+    if key in TOP_NAMES:
+        return TOP_NAMES[key]
+    _, layer, local = key.split(".", 2)
+    return f"model.layers.{layer}.{BLOCK_NAMES[local]}"
+
+
+def to_hf_rows(w, n_heads):
+    """Meta's q/k rows into Hugging Face's order: per head, the even rows first, then the odd ones."""
+    head = w.shape[0] // n_heads
+    return w.reshape(n_heads, head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def to_meta_rows(w, n_heads):
+    head = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permuted_heads(key, args):
+    """How many heads a weight's rows are permuted over between the layouts (0: not permuted)."""
+    return {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.kv_heads}.get(key.split(".", 2)[-1], 0)
+
+
+# --- reading ---
+
+def read_config(folder):
+    """(params in Meta's terms, the raw config) of a Hugging Face Llama folder."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{path}: architecture {arch}; slowllama reads {', '.join(ARCHITECTURES)}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(config.get(key), int):
+            raise UserError(f"{path}: missing the integer {key!r}")
+    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
+              "n_heads": config["num_attention_heads"],
+              "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
+              "vocab_size": config["vocab_size"], "multiple_of": 256, "hidden_dim": config["intermediate_size"],
+              "norm_eps": config.get("rms_norm_eps", 1e-5), "rope_theta": config.get("rope_theta") or 10000.0}
+    if config.get("head_dim", params["dim"] // params["n_heads"]) != params["dim"] // params["n_heads"]:
+        raise UserError(f"{path}: head_dim differs from hidden_size / num_attention_heads, which is not supported")
+    return params, config
+
+
+def weight_files(folder):
+    """{Hugging Face key: file} of a folder, from its index or its single weights file."""
+    folder = Path(folder)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return {k: folder / f for k, f in weight_map.items()}
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return {k: folder / single for k in keys_of(folder / single)}
+    raise UserError(f"{folder}: no model.safetensors or pytorch_model.bin (nor an index of them)")
+
+
+def keys_of(file):
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    return list(open_bin(file))
+
+
+def open_bin(file):
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{file}: cannot be read as plain tensors ({str(e).strip().splitlines()[0][:160]})")
+
+
+def read_module(files, keys, args):
+    """{Meta key: tensor} of one module, read from the files that hold it, rows in Meta's order."""
+    from safetensors import safe_open
+    wanted = {}
+    for key in keys:
+        name = hf_key(key)
+        if name == "lm_head.weight" and name not in files:  # tied embeddings
+            name = "model.embed_tokens.weight"
+        if name not in files:
+            raise UserError(f"{next(iter(files.values())).parent}: missing tensor {name}")
+        wanted.setdefault(files[name], []).append((key, name))
+    tensors = {}
+    for file, names in wanted.items():
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                for key, name in names:
+                    tensors[key] = f.get_tensor(name).clone()
+        else:
+            data = open_bin(file)
+            for key, name in names:
+                tensors[key] = data[name].clone()
+            del data
+    for key, t in tensors.items():
+        if permuted_heads(key, args):
+            tensors[key] = to_meta_rows(t, permuted_heads(key, args))
+    return tensors
+
+
+# --- writing ---
+
+def config_for(args, dtype, source_config=None):
+    if source_config is not None:
+        return source_config
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab_size,
+            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": 4096,
+            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def write_model(out_dir, args, entries, modules, config):
+    """Stream a model into Hugging Face safetensors files (model.safetensors, or several of at most
+    MAX_FILE_BYTES with an index): every file's header is known beforehand, so tensors are written
+    as their modules come. entries: [(Meta key, shape, dtype)] in module order."""
+    out_dir = Path(out_dir)
+    files, size = [[]], 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
+        if files[-1] and size + nbytes > MAX_FILE_BYTES:
+            files.append([])
+            size = 0
+        files[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    tmp = [out_dir / f"{name}.tmp" for name in names]
+    tensors = (item for module in modules for item in module.items())  # in the order of entries
+    try:
+        for path, group in zip(tmp, files):
+            with open(path, "wb") as f:
+                f.write(safetensors_header([(hf_key(k), s, d) for k, s, d in group]))
+                for key, _, dtype in group:
+                    name, tensor = next(tensors)
+                    assert name == key, (name, key)
+                    if permuted_heads(key, args):
+                        tensor = to_hf_rows(tensor, permuted_heads(key, args))
+                    f.write(tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+        for path, name in zip(tmp, names):
+            path.replace(out_dir / name)
+    finally:
+        for path in tmp:
+            path.unlink(missing_ok=True)
+    if len(files) > 1:
+        weight_map = {hf_key(k): name for name, group in zip(names, files) for k, _, _ in group}
+        total = sum(math.prod(s) * d.itemsize for _, s, d in entries)
+        write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / "model.safetensors.index.json")
+    write_json(config, out_dir / "config.json")
+    write_json({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "add_bos_token": True, "add_eos_token": False}, out_dir / "tokenizer_config.json")
+
+
+def write_peft(out_dir, model, rank, alpha, dropout, targets, base_name=""):
+    """The adapter as PEFT saves one for the Hugging Face model: adapter_config.json and
+    adapter_model.safetensors, B's rows of q_proj/k_proj permuted like their weights."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, modules = {}, set()
+    for key, (a, b) in model.lora.items():
+        name = hf_key(key).removesuffix(".weight")
+        heads = permuted_heads(key, model.args) if key.startswith("layers.") else 0
+        b = to_hf_rows(b.detach().cpu(), heads) if heads else b.detach().cpu()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        modules.add(name.split(".")[-1])
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "lora_dropout": dropout, "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "base_model_name_or_path": base_name, "modules_to_save": None}
+    write_json(config, out_dir / "adapter_config.json")
