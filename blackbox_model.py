@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils import (evict_from_page_cache, get_rng_state, read_tensors, return_freed_memory_to_os, set_rng_state,
-                   write_tensors)
+from utils import (evict_from_page_cache, get_rng_state, read_ahead, read_tensors, return_freed_memory_to_os,
+                   set_rng_state, write_tensors)
 
 
 @dataclass
@@ -49,6 +49,9 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+CHUNK_BYTES = 64 << 20  # gradients are computed and applied in blocks of rows of about this size
 
 
 def module_shapes(args, module):
@@ -93,9 +96,9 @@ class Linear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         w = ctx.box.compute[ctx.name]
         dx = (dy @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        if x is not None:
-            out = ctx.box.model.grad_scratch(w)
-            ctx.box.add_grad(ctx.name, torch.mm(dy.flatten(0, -2).t(), x.flatten(0, -2), out=out))
+        if x is not None:  # dW = dy^T x, row block by row block
+            dy, x = dy.flatten(0, -2), x.flatten(0, -2)
+            ctx.box.add_grad(ctx.name, lambda r0, r1, out: torch.mm(dy[:, r0:r1].t(), x, out=out))
         return dx, None, None
 
 
@@ -113,7 +116,8 @@ class Scale(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         dx = dy * ctx.box.compute[ctx.name] if ctx.needs_input_grad[0] else None
         if x is not None:  # after dx: the update may follow at once and change w in place
-            ctx.box.add_grad(ctx.name, (dy * x).flatten(0, -2).sum(0))
+            grad = (dy * x).flatten(0, -2).sum(0)
+            ctx.box.add_grad(ctx.name, lambda r0, r1, out: grad[r0:r1])
         return dx, None, None
 
 
@@ -226,9 +230,15 @@ class Blackbox:
     def numel(self):
         return sum(math.prod(s) for s in self.shapes.values())
 
-    def prefetch(self):
+    def prefetch(self, into_memory=True):
+        """Start reading this module in the background: into memory, or only into the OS's page cache."""
         if self.weights is None and self.reading is None:
-            self.reading = self.model.io.submit(self._read, self.file)
+            if self.model.evict_before_read:  # benchmarks of a disk that really serves every read
+                self.model.io.submit(evict_from_page_cache, self.file)
+            if into_memory:
+                self.reading = self.model.io.submit(self._read, self.file)
+            else:
+                self.model.io.submit(read_ahead, self.file)
 
     def load(self):
         if self.weights is None:
@@ -242,8 +252,6 @@ class Blackbox:
     def _read(self, file):
         """(weights, optimizer state, pending gradients, the buffer they live in): in the background thread."""
         m = self.model
-        if m.evict_before_read:
-            evict_from_page_cache(file)
         data, buffer = read_tensors(file, m.take_buffer)
         dtype = torch.float32 if self.trainable else m.compute_dtype
         weights = {k: data[k].to(m.device, dtype) for k in self.shapes}
@@ -292,17 +300,27 @@ class Blackbox:
             self.writing.result()
             self.writing = None
 
-    def add_grad(self, key, grad):
-        grad = grad.float()
+    def add_grad(self, key, grad_rows, parts=1):
+        """Take in a gradient given as grad_rows(r0, r1, out): its rows r0:r1 (computed into out when
+        out is a buffer). With one micro-batch and no clipping the update follows at once, a block of
+        rows at a time, so no whole gradient is ever held; otherwise gradients add up until complete."""
+        m, rows = self.model, self.shapes[key][0]
+        if m.micro_batches == 1 and not m.grad_clip:
+            step = max(1, CHUNK_BYTES // (4 * math.prod(self.shapes[key][1:])))
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                m.update(self, key, grad_rows(r0, r1, m.chunk_buffer((r1 - r0, *self.shapes[key][1:]))).float(), r0)
+            return
+        grad = grad_rows(0, rows, None).float()
         self.grads[key] = grad if key not in self.grads else self.grads[key].add_(grad)
-        self.grad_count[key] = self.grad_count.get(key, 0) + 1
-        if self.grad_count[key] < self.model.micro_batches:
+        self.grad_count[key] = self.grad_count.get(key, 0) + parts
+        if self.grad_count[key] < m.micro_batches:
             return
         del self.grad_count[key]
-        if self.model.grad_clip:
-            self.model.grad_norms.append(torch.linalg.vector_norm(self.grads[key]))
+        if m.grad_clip:
+            m.grad_norms.append(torch.linalg.vector_norm(self.grads[key]))
         else:
-            self.model.update(self, key)
+            m.update(self, key, self.grads.pop(key))
 
 
 class Transformer:
@@ -318,7 +336,7 @@ class Transformer:
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         return_freed_memory_to_os()
         self.io = ThreadPoolExecutor(max_workers=1)  # one background reader and writer, in order
-        self.spare_buffers, self.buffer_lock, self.scratch = {}, threading.Lock(), {}
+        self.spare_buffer, self.buffer_lock, self.chunk = None, threading.Lock(), None
         self.training = False
         self.prefetching = True  # read the next module in the background while this one computes
         self.evict_before_read = False  # drop each file from the page cache first (benchmarks of cold reads)
@@ -348,47 +366,42 @@ class Transformer:
         """A buffer of nbytes for a module file: a recycled one when there is one (fresh memory costs a
         page fault per 4 KB, as much as the read itself)."""
         with self.buffer_lock:
-            spare = self.spare_buffers.get(nbytes)
-            return spare.pop() if spare else torch.empty(nbytes, dtype=torch.uint8)
+            spare, self.spare_buffer = self.spare_buffer, None
+        return spare if spare is not None and spare.numel() == nbytes else torch.empty(nbytes, dtype=torch.uint8)
 
     def give_buffer(self, buffer):
+        """Keep one let-go buffer for the next read: the I/O thread writes a module, hands its buffer
+        back, then reads the next module into it; so two module buffers are enough in a stream."""
         if buffer is not None:
             with self.buffer_lock:
-                spare = self.spare_buffers.setdefault(buffer.numel(), [])
-                if not spare:  # one spare per size: enough for the reader to never wait for memory
-                    spare.append(buffer)
-
-    def grad_scratch(self, weight):
-        """A reused buffer for a block weight's gradient when the update follows at once (no
-        accumulation, no clipping): fresh memory for every gradient would cost a page fault per 4 KB."""
-        if self.micro_batches > 1 or self.grad_clip or weight.dim() != 2 or \
-                weight.numel() > max(math.prod(s) for s in self.layers[0].shapes.values()):
-            return None
-        key = (weight.numel(), weight.dtype)
-        if key not in self.scratch:
-            self.scratch[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
-        return self.scratch[key].view(weight.shape)
+                self.spare_buffer = buffer
 
     def plan_memory(self, tokens_per_step=0):
-        """Choose which modules stay resident, and how many blocks keep their activations.
-        Working set first (current, next and carried module), then activations, then residents."""
+        """Share the memory budget (the whole process) out. Always needed: the module in use, its
+        gradients, each block's input. Then, in order of what they save: every block's activations
+        (a quarter of a block's arithmetic each), reading the next module in memory ahead of its use
+        (else only the OS reads it ahead), and the last modules staying resident."""
         budget = self.memory_budget if self.memory_budget is not None else 1 << 62
         boxes = list(self.boxes.values())
-        grads = 4 * max(box.numel() for box in boxes) if self.mode == "full" else 0
-        working = 3 * max(box.memory_bytes() for box in boxes) + grads
-        free = budget - working
+        module = max(box.memory_bytes() for box in boxes)
+        grads = 0 if self.mode != "full" else 4 * max(box.numel() for box in boxes) \
+            if self.micro_batches > 1 or self.grad_clip else CHUNK_BYTES
+        inputs = self.args.n_layers * tokens_per_step * self.args.dim * 4
+        free = budget - (300 << 20) - module - grads - inputs  # 300 MB: Python and torch themselves
         graphs = self.args.n_layers * tokens_per_step * graph_bytes_per_token(self.args, self.compute_dtype)
-        self.graph_budget = max(0, min(free, graphs)) if self.keep_activations else 0
-        free -= self.graph_budget
+        graphs = graphs if self.keep_activations else 0
+        self.prefetch_in_memory = free >= graphs + module
+        self.graph_budget = max(0, min(free, graphs))
+        free -= self.graph_budget + module * self.prefetch_in_memory
         suffix = True  # residents are the last modules: those in use at the turn of the step
         for box in reversed(boxes):
             if box is not self.norm:
                 box.resident = suffix and box.memory_bytes() <= free
                 free -= box.memory_bytes() if box.resident else 0
                 suffix = box.resident
-        inputs = self.args.n_layers * tokens_per_step * self.args.dim * 4
         residents = sum(box.memory_bytes() for box in boxes if box.resident)
-        self.peak_estimate = (300 << 20) + working + self.graph_budget + residents + inputs  # 300 MB: torch
+        self.peak_estimate = (300 << 20) + module * (1 + self.prefetch_in_memory) + grads + inputs + \
+            self.graph_budget + residents
 
     def stream(self, boxes, keep=()):
         """Yield each module loaded while the next one is read in the background; let each go after
@@ -396,7 +409,7 @@ class Transformer:
         for i, box in enumerate(boxes):
             box.load()
             if i + 1 < len(boxes) and self.prefetching:
-                boxes[i + 1].prefetch()
+                boxes[i + 1].prefetch(into_memory=self.prefetch_in_memory)
             yield box
             box.release(keep=box in keep)
 
@@ -501,28 +514,41 @@ class Transformer:
         self.lora_optimizer.step()
         self.lora_optimizer.zero_grad(set_to_none=True)
 
-    def update(self, box, key):
-        """Apply the optimizer to one tensor whose gradient is complete (full fine-tuning)."""
-        grad = box.grads.pop(key)
+    def update(self, box, key, grad, r0=0):
+        """Apply the optimizer to rows r0: of one weight, whose gradient (for those rows) is complete.
+        torch.optim.AdamW runs on the rows and their moments (views): it is elementwise, so updating
+        a weight block by block gives the bits of one update of the whole."""
         if not torch.isfinite(grad.sum()):  # a NaN or inf anywhere makes the sum one (and sum is fast)
             raise FloatingPointError(f"non-finite gradient in {box.name}.{key}")
         if self.clip_coef is not None:
             grad.mul_(self.clip_coef)
         box.wait_write()  # a background write may still be reading these tensors
-        weight = box.weights[key]
+        full = box.weights[key]
+        weight = full[r0:r0 + len(grad)]
         if self.optimizer == "sgd":
             weight.add_(grad, alpha=-self.lr)
         else:
+            state = box.optim.get(key)
+            if state is None:
+                state = box.optim[key] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(full),
+                                          "exp_avg_sq": torch.zeros_like(full)}
             opt = torch.optim.AdamW([weight], lr=self.lr, **self.optim_settings)
-            if key in box.optim:
-                opt.state[weight] = box.optim[key]
+            opt.state[weight] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][r0:r0 + len(grad)],
+                                 "exp_avg_sq": state["exp_avg_sq"][r0:r0 + len(grad)]}
             weight.grad = grad
             opt.step()
             weight.grad = None
-            box.optim[key] = opt.state[weight]
-        if box.compute[key] is not weight:
-            box.compute[key].copy_(weight)
+            if r0 + len(grad) == len(full):  # the last rows: the step count moves on
+                state["step"] = opt.state[weight]["step"]
+        if box.compute[key] is not full:
+            box.compute[key][r0:r0 + len(grad)].copy_(weight)
         box.dirty = True
+
+    def chunk_buffer(self, shape):
+        """A reused buffer for rows of a gradient (fresh memory would cost a page fault per 4 KB)."""
+        if self.chunk is None or self.chunk.dtype != self.compute_dtype:
+            self.chunk = torch.empty(CHUNK_BYTES // 4, dtype=self.compute_dtype, device=self.device)
+        return self.chunk[:math.prod(shape)].view(shape)
 
     def train_step(self, batches, lr):
         """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch
@@ -581,9 +607,13 @@ class Transformer:
             saved[i] = None
         if full:
             emb = next(backward)
-            for x, g in zip(xs, grads):
-                emb.add_grad("weight", torch.zeros_like(emb.weights["weight"]).index_add_(
-                    0, x.flatten(), g.flatten(0, 1).float()))
+            tokens, dys = torch.cat([x.flatten() for x in xs]), torch.cat([g.flatten(0, 1) for g in grads])
+
+            def embedding_rows(r0, r1, out):
+                rows = (tokens >= r0) & (tokens < r1)
+                out = torch.zeros(r1 - r0, dys.shape[1], device=self.device) if out is None else out.zero_()
+                return out.index_add_(0, tokens[rows] - r0, dys[rows].to(out.dtype))
+            emb.add_grad("weight", embedding_rows, parts=len(xs))
             next(backward, None)
         set_rng_state(rng_after_forward, self.device)
         if full and self.grad_clip:
@@ -600,7 +630,7 @@ class Transformer:
         self.clip_coef = torch.clamp(self.grad_clip / (total + 1e-6), max=1.0)
         for box in self.stream(list(self.boxes.values())[::-1], keep=[self.embeddings]):
             for key in list(box.grads):
-                self.update(box, key)
+                self.update(box, key, box.grads.pop(key))
         self.clip_coef = None
 
     def flush(self):

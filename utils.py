@@ -263,10 +263,12 @@ def load_tensors(path, mmap=True):
 
 
 def evict_from_page_cache(path):
-    """Drop a file's pages from the OS page cache, so the next read comes from the disk."""
+    """Drop a file's pages from the OS page cache, so the next read comes from the disk (pages written
+    but not yet on the disk are written first: only those on the disk can be dropped)."""
     if hasattr(os, "posix_fadvise"):
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
