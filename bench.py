@@ -177,7 +177,7 @@ def main():
               "gemm_gflops": round(gemm_gflops(model.args, tokens, parse_dtype(a.compute_dtype)), 1),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.cold:
-        result["disk_read_gbps"] = round(disk_read_gbps(offload_root.glob("*/layers.0.pt").__next__()), 2)
+        result["disk_read_gbps"] = round(disk_read_gbps(next(offload_root.glob("*/layers.0.safetensors"))), 2)
     if a.reference:
         child = subprocess.run([sys.executable, __file__, "--reference-child", *sys.argv[1:]], capture_output=True,
                                text=True, cwd=HERE)

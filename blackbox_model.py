@@ -252,16 +252,15 @@ class Blackbox:
     def _read(self, file):
         """(weights, optimizer state, pending gradients, the buffer they live in): in the background thread."""
         m = self.model
-        data, buffer = read_tensors(file, m.take_buffer)
-        dtype = torch.float32 if self.trainable else m.compute_dtype
-        weights = {k: data[k].to(m.device, dtype) for k in self.shapes}
+        data, buffer = read_tensors(file, m.take_buffer, torch.float32 if self.trainable else m.compute_dtype)
+        weights = {k: data[k].to(m.device) for k in self.shapes}
         optim = {}
         for name, t in data.items():
             if ":" in name:  # "attention.wq.weight:exp_avg"
                 key, state = name.split(":")
                 optim.setdefault(key, {})[state] = t.to(m.device)
-        if all(w.data_ptr() != data[k].data_ptr() for k, w in weights.items()) and not optim:
-            buffer = None  # everything was converted or moved: the buffer is not needed any more
+        if m.device.type != "cpu":
+            buffer = None  # everything was moved to the device: the buffer is free again
         grads = {}
         if self.grad_file is not None:
             grads = {k: t.to(m.device) for k, t in read_tensors(self.grad_file)[0].items()}

@@ -219,9 +219,11 @@ def write_tensors(tensors, path, in_place=False):
             os.remove(tmp)
 
 
-def read_tensors(path, buffer_for=None):
-    """{name: tensor} of a file written by write_tensors: all tensors are views of one uint8 buffer, read
-    in one go (buffer_for(nbytes) may hand out a recycled buffer). A damaged file is a UserError."""
+def read_tensors(path, buffer_for=None, dtype=None):
+    """({name: tensor}, buffer) of a file written by write_tensors: all tensors are views of one uint8
+    buffer (buffer_for(nbytes) may hand out a recycled one). With dtype, tensors of another dtype are
+    converted one at a time on the way in (no second copy of the whole file in memory). A damaged
+    file is a UserError."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -229,26 +231,38 @@ def read_tensors(path, buffer_for=None):
             if not isinstance(header, dict):
                 raise UserError(f"{path}: not a module file (bad header)")
             header.pop("__metadata__", None)
-            nbytes = max((h["data_offsets"][1] for h in header.values()), default=0)
+            stored = {name: (ST_TORCH[h["dtype"]], h["shape"], *h["data_offsets"]) for name, h in header.items()}
+            for name, (kind, shape, start, end) in stored.items():
+                if end - start != math.prod(shape) * kind.itemsize:
+                    raise UserError(f"{path}: tensor {name} does not match its shape")
+            wanted = {name: dtype or kind for name, (kind, *_) in stored.items()}
+            nbytes = sum(math.prod(shape) * wanted[name].itemsize for name, (_, shape, *_) in stored.items())
             buffer = buffer_for(nbytes) if buffer_for else torch.empty(nbytes, dtype=torch.uint8)
-            view, done = buffer.numpy(), 0
-            while done < nbytes:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise UserError(f"{path}: truncated ({done} of {nbytes} bytes); the file is damaged")
-                done += n
+            tensors, offset, data_start = {}, 0, 8 + size
+            order = sorted(stored.items(), key=lambda item: (-wanted[item[0]].itemsize, item[1][2]))
+            for name, (kind, shape, start, end) in order:  # wider first: every tensor aligned to its type
+                out = buffer[offset:offset + math.prod(shape) * wanted[name].itemsize]
+                offset += len(out)
+                staging = out if kind == wanted[name] else torch.empty(end - start, dtype=torch.uint8)
+                f.seek(data_start + start)
+                read_into(f, staging, path)
+                if staging is not out:
+                    out.view(wanted[name]).copy_(staging.view(kind))
+                tensors[name] = out.view(wanted[name]).view(shape)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a module file ({e})")
-    tensors = {}
-    for name, h in header.items():
-        start, end = h["data_offsets"]
-        dtype = ST_TORCH[h["dtype"]]
-        if end - start != math.prod(h["shape"]) * dtype.itemsize:
-            raise UserError(f"{path}: tensor {name} does not match its shape")
-        tensors[name] = buffer[start:end].view(dtype).view(h["shape"])
     return tensors, buffer
+
+
+def read_into(f, buffer, path):
+    view, done = buffer.numpy(), 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise UserError(f"{path}: truncated; the file is damaged")
+        done += n
 
 
 def load_tensors(path, mmap=True):
