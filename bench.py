@@ -103,13 +103,19 @@ def run_steps(model, batches, lr):
 
 def reference_child(a):
     """Plain in-memory autograd on the same weights, batches and dtype: (median step s, peak RSS MB)."""
-    from test_backprop import Reference, read_meta_folder
+    from test_backprop import Reference, add_adapters, read_meta_folder
     import torch.nn.functional as F
     weights, params = read_meta_folder(checkpoint(a.shape, a.layers), mmap=True)
     model = Reference(weights, params)
+    trained = model.parameters()
+    if a.mode == "lora":  # the same adapters as the offloaded run: rank 8 on wq and wv, AdamW
+        model.requires_grad_(False)
+        adapters = {k: (torch.randn(8, w.shape[1]) * 0.01, torch.zeros(w.shape[0], 8)) for k, w in weights.items()
+                    if k.endswith(("wq.weight", "wv.weight"))}
+        trained = add_adapters(model, adapters, alpha=16.0, dropout=0.0)
     del weights
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4) if a.optimizer == "sgd" else \
-        torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.SGD(trained, lr=1e-4) if a.optimizer == "sgd" and a.mode == "full" else \
+        torch.optim.AdamW(trained, lr=1e-4)
     times = []
     for x, y in make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len, a.steps + 1):
         start = time.perf_counter()
@@ -140,6 +146,7 @@ def main():
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.layers = a.layers or SHAPES[a.shape]["n_layers"]
+    a.optimizer = "adamw" if a.mode == "lora" else a.optimizer  # LoRA adapters are trained with AdamW
     if a.reference_child:
         return reference_child(a)
 

@@ -51,7 +51,7 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
-CHUNK_BYTES = 64 << 20  # gradients are computed and applied in blocks of rows of about this size
+CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
 
 
 def module_shapes(args, module):
@@ -215,6 +215,7 @@ class Blackbox:
         self.lora = {}  # key -> (A, B, scale, dropout) adapter applied on top of the weight
         self.reading = self.writing = None  # futures of the background reader and writer
         self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
+        self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
         self.grad_file = None
         self.dirty = False
 
@@ -233,12 +234,13 @@ class Blackbox:
     def prefetch(self, into_memory=True):
         """Start reading this module in the background: into memory, or only into the OS's page cache."""
         if self.weights is None and self.reading is None:
-            if self.model.evict_before_read:  # benchmarks of a disk that really serves every read
+            if self.model.evict_before_read and not self.reading_ahead:  # benchmarks of a disk serving every read
                 self.model.io.submit(evict_from_page_cache, self.file)
             if into_memory:
-                self.reading = self.model.io.submit(self._read, self.file)
-            else:
+                self.reading, self.reading_ahead = self.model.io.submit(self._read, self.file), False
+            elif not self.reading_ahead:
                 self.model.io.submit(read_ahead, self.file)
+                self.reading_ahead = True
 
     def load(self):
         if self.weights is None:

@@ -150,14 +150,14 @@ def meta_key(name):
     return ".".join(parts)
 
 
-def add_adapters(model, adapters):
+def add_adapters(model, adapters, alpha=LORA["alpha"], dropout=LORA["dropout"]):
     """Put the given {meta key: (A, B)} on the reference's linear layers; returns the adapter tensors."""
     params = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear) and f"{meta_key(name)}.weight" in adapters:
             a, b = adapters[f"{meta_key(name)}.weight"]
             module.lora_a, module.lora_b = nn.Parameter(a.clone()), nn.Parameter(b.clone())
-            module.scale, module.lora_dropout = LORA["alpha"] / LORA["rank"], LORA["dropout"]
+            module.scale, module.lora_dropout = alpha / a.shape[0], dropout
             params += [module.lora_a, module.lora_b]
     return params
 

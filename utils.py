@@ -2,6 +2,7 @@
 import contextlib
 import json
 import math
+import mmap
 import os
 import resource
 import shutil
@@ -186,6 +187,7 @@ def write_json(obj, path):
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 HEADER_ALIGN = 4096  # the data starts on a page boundary
+WINDOW_BYTES = 32 << 20  # converting reads map the file a window of this size at a time
 
 
 def safetensors_header(entries):
@@ -243,11 +245,21 @@ def read_tensors(path, buffer_for=None, dtype=None):
             for name, (kind, shape, start, end) in order:  # wider first: every tensor aligned to its type
                 out = buffer[offset:offset + math.prod(shape) * wanted[name].itemsize]
                 offset += len(out)
-                staging = out if kind == wanted[name] else torch.empty(end - start, dtype=torch.uint8)
                 f.seek(data_start + start)
-                read_into(f, staging, path)
-                if staging is not out:
-                    out.view(wanted[name]).copy_(staging.view(kind))
+                if kind == wanted[name]:
+                    read_into(f, out, path)
+                else:  # converted straight from the OS's page cache, a mapped window at a time
+                    converted = out.view(wanted[name])
+                    for first in range(0, end - start, WINDOW_BYTES):
+                        begin = data_start + start + first
+                        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+                        length = min(WINDOW_BYTES, end - start - first)
+                        with mmap.mmap(f.fileno(), begin - aligned + length, offset=aligned,
+                                       access=mmap.ACCESS_COPY) as window:
+                            piece = torch.frombuffer(window, dtype=torch.uint8)[begin - aligned:]
+                            done = first // kind.itemsize
+                            converted[done:done + length // kind.itemsize].copy_(piece.view(kind))
+                            del piece
                 tensors[name] = out.view(wanted[name]).view(shape)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found")
