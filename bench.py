@@ -21,7 +21,7 @@ import torch
 
 import loader
 from blackbox_model import module_shapes
-from utils import evict_from_page_cache, io_bytes, parse_dtype, peak_rss_mb
+from utils import FILE_BYTES, evict_from_page_cache, io_bytes, parse_dtype, peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "bench_cache"
@@ -88,17 +88,20 @@ def disk_read_gbps(path):
 
 
 def run_steps(model, batches, lr):
-    times, reads, writes = [], [], []
+    """Step times and bytes per step: (logical reads, writes) from /proc/self/io, and the module file data
+    read and written (which also counts reads through memory maps, invisible to /proc/self/io)."""
+    times = []
     for i, batch in enumerate(batches):
         model.step = i + 1
-        r0, w0 = io_bytes()
+        if i == 1:  # after the warm-up
+            model.io.submit(lambda: None).result()
+            before = (*io_bytes(), FILE_BYTES["read"], FILE_BYTES["written"])
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
-        r1, w1 = io_bytes()
-        reads.append(r1 - r0)
-        writes.append(w1 - w0)
-    return times[1:], reads[1:], writes[1:]  # the first is the warm-up
+    model.io.submit(lambda: None).result()  # the last step's writes are done
+    after = (*io_bytes(), FILE_BYTES["read"], FILE_BYTES["written"])
+    return times[1:], [(b - a) // (len(batches) - 1) for a, b in zip(before, after)]
 
 
 def reference_child(a):
@@ -168,7 +171,7 @@ def main():
                          tokens_per_step=tokens)
     model.train()
     batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
-    times, reads, writes = run_steps(model, batches, 1e-4)
+    times, (reads, writes, file_reads, file_writes) = run_steps(model, batches, 1e-4)
     model.close()
     step_s = statistics.median(times)
     n = matmul_params(model.args)
@@ -178,8 +181,9 @@ def main():
     result = {"shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
               "compute_dtype": a.compute_dtype, "tokens_per_step": tokens, "convert_s": round(convert_s, 2),
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
-              "peak_rss_mb": round(peak_rss_mb()), "read_bytes_per_step": int(statistics.median(reads)),
-              "write_bytes_per_step": int(statistics.median(writes)), "min_bytes_per_step": min_bytes,
+              "peak_rss_mb": round(peak_rss_mb()), "read_bytes_per_step": reads, "write_bytes_per_step": writes,
+              "file_read_bytes_per_step": file_reads, "file_write_bytes_per_step": file_writes,
+              "min_bytes_per_step": min_bytes,
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
               "gemm_gflops": round(gemm_gflops(model.args, tokens, parse_dtype(a.compute_dtype)), 1),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}

@@ -188,6 +188,7 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 HEADER_ALIGN = 4096  # the data starts on a page boundary
 WINDOW_BYTES = 32 << 20  # converting reads map the file a window of this size at a time
+FILE_BYTES = {"read": 0, "written": 0}  # module file data moved, memory-mapped reads included
 
 
 def safetensors_header(entries):
@@ -213,6 +214,7 @@ def write_tensors(tensors, path, in_place=False):
             f.write(safetensors_header([(name, t.shape, t.dtype) for name, t in items]))
             for _, t in items:
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                FILE_BYTES["written"] += t.numel() * t.element_size()
             f.truncate()
         if not in_place:
             os.replace(tmp, path)
@@ -261,6 +263,7 @@ def read_tensors(path, buffer_for=None, dtype=None):
                             converted[done:done + length // kind.itemsize].copy_(piece.view(kind))
                             del piece
                 tensors[name] = out.view(wanted[name]).view(shape)
+                FILE_BYTES["read"] += end - start
     except FileNotFoundError:
         raise UserError(f"{path}: file not found")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
