@@ -205,7 +205,6 @@ def clean_run_dir(run_dir, keep):
 
 
 def read_run(run_dir):
-    import json
     try:
         return json.loads((run_dir / "state.json").read_text())
     except FileNotFoundError:

@@ -23,7 +23,7 @@ import torch
 
 import hf
 from blackbox_model import ModelArgs, Transformer, module_names, module_shapes
-from utils import (UserError, check_device, check_disk, dtype_name, fsync_dir, gb, load_tensors, main_guard,
+from utils import (UserError, check_device, check_disk, dtype_name, fsync_dir, fsync_file, gb, load_tensors, main_guard,
                    parse_dtype, progress, save_tensors, total_ram_bytes, write_json, write_tensors)
 
 HERE = Path(__file__).resolve().parent
@@ -208,13 +208,15 @@ def convert(model_dir, offload_root=None, log=log_line):
             return target, manifest  # made by another process meanwhile
         for stale in target.parent.glob(f"{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        module = sum(sizes) / (fingerprint_layers(model_dir) + 2)
+        module = sum(sizes) / (n_layers_of(model_dir) + 2)
         log(f"converting {model_dir}: RAM about {gb(2 * module + (300 << 20))} at peak (a module and its slices)")
         tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir()
             start = time.time()
             manifest = write_offload(model_dir, tmp, fp)
+            for f in tmp.iterdir():  # on the disk before the folder is published
+                fsync_file(f)
             log(f"converted {model_dir} into {target} in {time.time() - start:.1f} s")
             old = target.parent / f"{target.name}.old-{os.getpid()}"
             if target.exists():
@@ -227,7 +229,7 @@ def convert(model_dir, offload_root=None, log=log_line):
     return target, manifest
 
 
-def fingerprint_layers(model_dir):
+def n_layers_of(model_dir):
     return hf.read_config(model_dir)[0]["n_layers"] if hf.is_hf_folder(model_dir) else read_params(model_dir)["n_layers"]
 
 
@@ -409,8 +411,7 @@ def write_checkpoint(out_dir, entries, modules, n_modules, n_shards, params_file
                     shard[key].copy_(shard_slice(tensor, key, s, n_shards))
                 del shard
         for s, path in enumerate(tmp):
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
             os.replace(path, out_dir / f"consolidated.{s:02d}.pth")
         for stale in out_dir.glob("consolidated.*.pth"):
             if int(stale.name.split(".")[1]) >= n_shards:
