@@ -215,6 +215,7 @@ class Blackbox:
         self.lora = {}  # key -> (A, B, scale, dropout) adapter applied on top of the weight
         self.reading = self.writing = None  # futures of the background reader and writer
         self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
+        self.compute_buffer = None  # the memory of the compute-dtype copies, likewise
         self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
         self.grad_file = None
         self.dirty = False
@@ -246,10 +247,12 @@ class Blackbox:
     def load(self):
         if self.weights is None:
             self.prefetch()
-            self.weights, self.compute, self.optim, grads, self.buffer = self.reading.result()
+            self.weights, self.compute, self.optim, grads, self.buffer, self.compute_buffer = self.reading.result()
             self.grads.update(grads)
         elif self.stale:  # updated since its compute-dtype copies were made
-            self.compute = self.model.compute_copies(self.name, self.weights)
+            for key, copy in self.compute.items():
+                if copy is not self.weights[key]:
+                    copy.copy_(self.weights[key])
         self.reading, self.stale = None, False
         return self
 
@@ -265,13 +268,13 @@ class Blackbox:
                 optim.setdefault(key, {})[state] = t.to(m.device)
         if m.device.type != "cpu":
             buffer = None  # everything was moved to the device: the buffer is free again
-        compute = m.compute_copies(self.name, weights)
+        compute, compute_buffer = m.compute_copies(self.name, weights)
         grads = {}
         if self.grad_file is not None:
             grads = {k: t.to(m.device) for k, t in read_tensors(self.grad_file)[0].items()}
             self.grad_file.unlink()
             self.grad_file = None
-        return weights, compute, optim, grads, buffer
+        return weights, compute, optim, grads, buffer, compute_buffer
 
     def release(self, keep=False):
         """Done with this module for now: write it back if it changed, and let it go unless kept."""
@@ -282,9 +285,10 @@ class Blackbox:
                 self.grad_file = self.model.run_dir / f"{self.name}.grad.safetensors"
                 self.writing = self.model.io.submit(write_tensors, self.grads, self.grad_file)
                 self.grads = {}
-            if self.buffer is not None:  # recycled once any pending write of it is done
-                self.model.io.submit(self.model.give_buffer, self.buffer)
-            self.weights = self.compute = self.buffer = None
+            for buffer in (self.buffer, self.compute_buffer):
+                if buffer is not None:  # recycled once any pending write of it is done
+                    self.model.io.submit(self.model.give_buffer, buffer)
+            self.weights = self.compute = self.buffer = self.compute_buffer = None
             self.optim = {}
 
     def write(self):
@@ -343,7 +347,7 @@ class Transformer:
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         return_freed_memory_to_os()
         self.io = ThreadPoolExecutor(max_workers=1)  # one background reader and writer, in order
-        self.spare_buffer, self.buffer_lock, self.chunks = None, threading.Lock(), {}
+        self.spare_buffers, self.buffer_lock, self.chunks = [], threading.Lock(), {}
         self.training = False
         self.prefetching = True  # read the next module in the background while this one computes
         self.evict_before_read = False  # drop each file from the page cache first (benchmarks of cold reads)
@@ -364,24 +368,37 @@ class Transformer:
     # --- memory ---
 
     def compute_copies(self, name, weights):
-        """Weights in the compute dtype for the matmuls (not the embedding table: it is only looked
-        up); the same tensors where the dtypes agree."""
-        return {k: w.to(self.compute_dtype) if w.dim() == 2 and name != "tok_embeddings" else w
-                for k, w in weights.items()}
+        """(weights in the compute dtype for the matmuls, the buffer the copies live in): copies of
+        the matrices where the dtypes differ (not of the embedding table: it is only looked up)."""
+        cdt = self.compute_dtype
+        convert = [k for k, w in weights.items() if w.dim() == 2 and w.dtype != cdt and name != "tok_embeddings"]
+        if not convert:
+            return dict(weights), None
+        sizes = [weights[k].numel() * cdt.itemsize for k in convert]
+        buffer = self.take_buffer(sum(sizes)) if self.device.type == "cpu" else None
+        compute, offset = dict(weights), 0
+        for key, size in zip(convert, sizes):
+            if buffer is None:
+                compute[key] = weights[key].to(cdt)
+                continue
+            compute[key] = buffer[offset:offset + size].view(cdt).view(weights[key].shape).copy_(weights[key])
+            offset += size
+        return compute, buffer
 
     def take_buffer(self, nbytes):
         """A buffer of nbytes for a module file: a recycled one when there is one (fresh memory costs a
         page fault per 4 KB, as much as the read itself)."""
         with self.buffer_lock:
-            spare, self.spare_buffer = self.spare_buffer, None
-        return spare if spare is not None and spare.numel() == nbytes else torch.empty(nbytes, dtype=torch.uint8)
+            for i, spare in enumerate(self.spare_buffers):
+                if spare.numel() == nbytes:
+                    return self.spare_buffers.pop(i)
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def give_buffer(self, buffer):
-        """Keep one let-go buffer for the next read: the I/O thread writes a module, hands its buffer
-        back, then reads the next module into it; so two module buffers are enough in a stream."""
-        if buffer is not None:
-            with self.buffer_lock:
-                self.spare_buffer = buffer
+        """Keep let-go buffers (one of each kind: weights, compute copies) for the next read: the I/O
+        thread writes a module, hands its buffers back, then reads the next module into them."""
+        with self.buffer_lock:
+            self.spare_buffers = [b for b in self.spare_buffers if b.numel() != buffer.numel()][-1:] + [buffer]
 
     def plan_memory(self, tokens_per_step=0):
         """Share the memory budget (the whole process) out. Always needed: a block and the embeddings

@@ -194,3 +194,25 @@ def test_updates_in_blocks_of_rows_equal_whole_updates(make, load, tmp_path, mon
     assert rows[0] == pytest.approx(whole[0], abs=1e-6)
     # the same arithmetic, but a matmul of other sizes may sum in another order: float noise only
     assert_updates_match(rows[1], whole[1], read_meta_folder(src)[0], rtol=1e-4)
+
+
+def test_bf16_compute_follows_fp32_and_is_identical_under_any_budget(make, load, tmp_path):
+    src = make(seed=29)
+    steps = make_batches(3)
+
+    def run(budget, name, dtype="bfloat16"):
+        model = load(src, memory_budget=budget, compute_dtype=dtype)
+        model.setup_training(tmp_path / name, mode="full", optimizer="adamw", tokens_per_step=steps[0][0][0].numel())
+        model.train()
+        losses = []
+        for i, batches in enumerate(steps):
+            model.step = i + 1
+            losses.append(model.train_step(batches, 1e-3))
+        model.flush()
+        return losses, weights_of(model)
+
+    resident, streamed, fp32 = run(None, "a"), run(0, "b"), run(None, "c", "float32")
+    assert resident[0] == streamed[0]  # stale bf16 copies of resident modules are made again before use
+    assert all(torch.equal(resident[1][k], streamed[1][k]) for k in resident[1])
+    assert resident[0] == pytest.approx(fp32[0], rel=2e-3)
+    assert_updates_match(resident[1], fp32[1], read_meta_folder(src)[0], rtol=0.05)
