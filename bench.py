@@ -2,6 +2,7 @@
 
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
+                [--reuse_offload]
 Makes (once, in bench_cache/) the checkpoint, converts it into a fresh offload (timed), runs one warm-up
 and --steps timed training steps in this process, and prints a table and, as the last line, JSON.
 """
@@ -146,6 +147,8 @@ def main():
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--cold", action="store_true", help="evict every offloaded file from the page cache before reading it")
     p.add_argument("--reference", action="store_true", help="also time plain in-memory autograd in a child process")
+    p.add_argument("--reuse_offload", action="store_true",
+                   help="keep the offload of an earlier run of this shape (conversion not timed; saves disk and time)")
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.layers = a.layers or SHAPES[a.shape]["n_layers"]
@@ -155,7 +158,8 @@ def main():
 
     source = checkpoint(a.shape, a.layers)
     offload_root = CACHE / "offload"
-    shutil.rmtree(offload_root, ignore_errors=True)
+    if not a.reuse_offload:  # a fresh conversion of this source, timed
+        shutil.rmtree(loader.offload_dir_for(source, offload_root), ignore_errors=True)
     start = time.perf_counter()
     model = loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
                                memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
@@ -181,7 +185,8 @@ def main():
     result = {"shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
               "compute_dtype": a.compute_dtype, "tokens_per_step": tokens, "convert_s": round(convert_s, 2),
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
-              "peak_rss_mb": round(peak_rss_mb()), "read_bytes_per_step": reads, "write_bytes_per_step": writes,
+              "peak_rss_mb": round(peak_rss_mb()), "planned_peak_mb": round(model.peak_estimate / 2**20),
+              "read_bytes_per_step": reads, "write_bytes_per_step": writes,
               "file_read_bytes_per_step": file_reads, "file_write_bytes_per_step": file_writes,
               "min_bytes_per_step": min_bytes,
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),

@@ -285,9 +285,8 @@ class Blackbox:
                 self.grad_file = self.model.run_dir / f"{self.name}.grad.safetensors"
                 self.writing = self.model.io.submit(write_tensors, self.grads, self.grad_file)
                 self.grads = {}
-            for buffer in (self.buffer, self.compute_buffer):
-                if buffer is not None:  # recycled once any pending write of it is done
-                    self.model.io.submit(self.model.give_buffer, buffer)
+            buffers = [b for b in (self.buffer, self.compute_buffer) if b is not None]
+            self.model.io.submit(self.model.give_buffers, buffers)  # once any pending write of them is done
             self.weights = self.compute = self.buffer = self.compute_buffer = None
             self.optim = {}
 
@@ -392,13 +391,15 @@ class Transformer:
             for i, spare in enumerate(self.spare_buffers):
                 if spare.numel() == nbytes:
                     return self.spare_buffers.pop(i)
+            self.spare_buffers = []  # none fits (a module of another size): free them before allocating
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def give_buffer(self, buffer):
-        """Keep let-go buffers (one of each kind: weights, compute copies) for the next read: the I/O
-        thread writes a module, hands its buffers back, then reads the next module into them."""
+    def give_buffers(self, buffers):
+        """Keep the buffers of the module let go last (weights, compute copies) for the next read: the
+        I/O thread writes a module, hands its buffers back, then reads the next module into them. Older
+        spares are dropped, so at most one module's buffers wait unused."""
         with self.buffer_lock:
-            self.spare_buffers = [b for b in self.spare_buffers if b.numel() != buffer.numel()][-1:] + [buffer]
+            self.spare_buffers = buffers
 
     def plan_memory(self, tokens_per_step=0):
         """Share the memory budget (the whole process) out. Always needed: a block and the embeddings

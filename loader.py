@@ -329,7 +329,7 @@ def meta_params(args):
 def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float32", memory_budget=None,
                 dropout=0.0, log=log_line):
     """The offloaded model of a Meta-format folder (the built-in default model when path is None).
-    memory_budget: bytes of modules and activations kept in RAM (None: half of this machine's RAM)."""
+    memory_budget: bytes of RAM the whole process plans for (None: half of this machine's RAM)."""
     device = check_device(device)
     compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
     folder, manifest = convert(path or default_model(), offload_path, log)
