@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils import (evict_from_page_cache, fsync_file, get_rng_state, read_ahead, read_tensors,
+from utils import (evict_from_page_cache, fsync_path, get_rng_state, read_ahead, read_tensors,
                    return_freed_memory_to_os, set_rng_state, write_tensors)
 
 
@@ -671,7 +671,7 @@ class Transformer:
         for box in self.boxes.values():
             box.wait_write()
         for file in self.written:  # on the disk before a manifest names them
-            fsync_file(file)
+            fsync_path(file)
         self.written = set()
         return {name: box.file.name for name, box in self.boxes.items() if box.file.parent == self.run_dir}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, fsync_file, safetensors_header, write_json
+from utils import UserError, fsync_path, safetensors_header, write_json
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
@@ -175,7 +175,7 @@ def write_model(out_dir, args, entries, modules, config):
                         tensor = to_hf_rows(tensor, permuted_heads(key, args))
                     f.write(tensor.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
         for path, name in zip(tmp, names):
-            fsync_file(path)
+            fsync_path(path)
             path.replace(out_dir / name)
     finally:
         for path in tmp:

@@ -23,7 +23,7 @@ import torch
 
 import hf
 from blackbox_model import ModelArgs, Transformer, module_names, module_shapes
-from utils import (UserError, check_device, check_disk, dtype_name, fsync_dir, fsync_file, gb, load_tensors, main_guard,
+from utils import (UserError, check_device, check_disk, dtype_name, fsync_path, gb, load_tensors, main_guard,
                    parse_dtype, progress, save_tensors, total_ram_bytes, write_json, write_tensors)
 
 HERE = Path(__file__).resolve().parent
@@ -216,13 +216,13 @@ def convert(model_dir, offload_root=None, log=log_line):
             start = time.time()
             manifest = write_offload(model_dir, tmp, fp)
             for f in tmp.iterdir():  # on the disk before the folder is published
-                fsync_file(f)
+                fsync_path(f)
             log(f"converted {model_dir} into {target} in {time.time() - start:.1f} s")
             old = target.parent / f"{target.name}.old-{os.getpid()}"
             if target.exists():
                 target.rename(old)
             tmp.rename(target)  # published in one step: a half-made offload is never used
-            fsync_dir(target.parent)
+            fsync_path(target.parent)
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -411,7 +411,7 @@ def write_checkpoint(out_dir, entries, modules, n_modules, n_shards, params_file
                     shard[key].copy_(shard_slice(tensor, key, s, n_shards))
                 del shard
         for s, path in enumerate(tmp):
-            fsync_file(path)
+            fsync_path(path)
             os.replace(path, out_dir / f"consolidated.{s:02d}.pth")
         for stale in out_dir.glob("consolidated.*.pth"):
             if int(stale.name.split(".")[1]) >= n_shards:
@@ -420,7 +420,7 @@ def write_checkpoint(out_dir, entries, modules, n_modules, n_shards, params_file
             if Path(src).resolve() != (out_dir / Path(src).name).resolve():
                 shutil.copyfile(src, out_dir / f"{Path(src).name}.tmp{os.getpid()}")
                 os.replace(out_dir / f"{Path(src).name}.tmp{os.getpid()}", out_dir / Path(src).name)
-        fsync_dir(out_dir)
+        fsync_path(out_dir)
     finally:
         for path in tmp:
             path.unlink(missing_ok=True)

@@ -141,15 +141,8 @@ def tensor_bytes(tensors):
 
 # --- files: every write goes to a temporary name, is flushed, and renamed into place ---
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path):
+def fsync_path(path):
+    """Flush a file's data, or a folder's entries (so a rename in it survives a power cut), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -158,9 +151,9 @@ def fsync_file(path):
 
 
 def _publish(tmp, path):
-    fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def save_tensors(tensors, path):
