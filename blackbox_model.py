@@ -404,7 +404,7 @@ class Transformer:
     def plan_memory(self, tokens_per_step=0):
         """Share the memory budget (the whole process) out. Always needed: a block and the embeddings
         or output beside it (at the turns of the step both are in memory), the gradient rows being
-        applied, each block's input. Then, in order of what they save: blocks' activations (a quarter
+        applied, each block's input, the logits and their gradient. Then, in order of what they save: blocks' activations (a quarter
         of a block's arithmetic each), reading the next module into memory ahead of its use (else the
         OS reads it ahead), and the last modules staying resident."""
         budget = int(self.memory_budget) if self.memory_budget is not None else 1 << 62
@@ -415,7 +415,8 @@ class Transformer:
             if self.micro_batches > 1 or self.grad_clip else CHUNK_BYTES
         tokens = tokens_per_step * self.micro_batches  # tokens_per_step: of one micro-batch
         inputs = self.args.n_layers * tokens * self.args.dim * 4
-        needed = (300 << 20) + block + big + grads + inputs  # 300 MB: Python and torch themselves
+        head = 3 * tokens_per_step * self.args.vocab_size * 4  # logits, log-probabilities, their gradient
+        needed = (300 << 20) + block + big + grads + inputs + head  # 300 MB: Python and torch themselves
         prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
         graphs = self.args.n_layers * tokens * graph_bytes_per_token(self.args, self.compute_dtype)
         self.graph_budget = max(0, min(budget - needed, graphs if self.keep_activations else 0))
