@@ -146,8 +146,8 @@ def test_export_after_training_reloads_to_the_same_logits(make, load, tmp_path):
     tokens = torch.randint(0, 200, (2, 10))
     want = model.eval()(tokens)
     loader.save_llama2(model, tmp_path / "exported", log=lambda *a: None)
-    assert all(t.dtype == torch.float32 for t in torch.load(tmp_path / "exported" / "consolidated.00.pth",
-                                                             weights_only=True).values())
+    shard = torch.load(tmp_path / "exported" / "consolidated.00.pth", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in shard.values())
     assert torch.equal(load(tmp_path / "exported")(tokens), want)
 
 
