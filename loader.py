@@ -24,7 +24,7 @@ import torch
 import hf
 from blackbox_model import ModelArgs, Transformer, module_names, module_shapes
 from utils import (UserError, check_device, check_disk, dtype_name, fsync_path, gb, load_tensors, main_guard,
-                   parse_dtype, progress, save_tensors, total_ram_bytes, write_json, write_tensors)
+                   parse_dtype, progress, published, save_tensors, total_ram_bytes, write_json, write_tensors)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "models" / "tiny"  # made on first use, git-ignored
@@ -418,8 +418,8 @@ def write_checkpoint(out_dir, entries, modules, n_modules, n_shards, params_file
                 stale.unlink()
         for src in (params_file, tokenizer_file):
             if Path(src).resolve() != (out_dir / Path(src).name).resolve():
-                shutil.copyfile(src, out_dir / f"{Path(src).name}.tmp{os.getpid()}")
-                os.replace(out_dir / f"{Path(src).name}.tmp{os.getpid()}", out_dir / Path(src).name)
+                with published(out_dir / Path(src).name) as tmp_copy:
+                    shutil.copyfile(src, tmp_copy)
         fsync_path(out_dir)
     finally:
         for path in tmp:

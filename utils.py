@@ -150,32 +150,29 @@ def fsync_path(path):
         os.close(fd)
 
 
-def _publish(tmp, path):
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
+@contextlib.contextmanager
+def published(path):
+    """Write to a temporary name (yielded), then flush and rename it to path; on failure remove it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_tensors(tensors, path):
     """torch.save a dict of plain tensors (and plain values) atomically."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with published(path) as tmp:
         torch.save(tensors, tmp)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_text(text, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with published(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_json(obj, path):
