@@ -40,11 +40,11 @@ def checkpoint(shape, layers):
     """The synthetic model folder, made in a child process the first time (so its memory is not counted)."""
     path = CACHE / f"{shape}-{layers}L"
     if not (path / "params.json").exists():
-        code = ("import sys, loader; loader.make_model(sys.argv[1], eval(sys.argv[2]), "
-                "loader.train_tokenizer(loader.DEFAULT_TEXT, 32000, 31500), int(sys.argv[3]))")
+        code = ("import sys, json, default_model as d; d.make_model(sys.argv[1], json.loads(sys.argv[2]), "
+                "d.train_tokenizer(d.DEFAULT_TEXT, 32000, 31500), int(sys.argv[3]))")
         params = {**SHAPES[shape], "n_layers": layers, "norm_eps": 1e-5, "vocab_size": -1}
         start = time.time()
-        subprocess.run([sys.executable, "-c", code, str(path), repr(params), str(SHARDS[shape])], check=True, cwd=HERE)
+        subprocess.run([sys.executable, "-c", code, str(path), json.dumps(params), str(SHARDS[shape])], check=True, cwd=HERE)
         print(f"made {path} in {time.time() - start:.0f} s", file=sys.stderr)
     return path
 
@@ -93,7 +93,6 @@ def run_steps(model, batches, lr):
     read and written (which also counts reads through memory maps, invisible to /proc/self/io)."""
     times = []
     for i, batch in enumerate(batches):
-        model.step = i + 1
         if i == 1:  # after the warm-up
             model.io.submit(lambda: None).result()
             before = (*io_bytes(), FILE_BYTES["read"], FILE_BYTES["written"])
@@ -107,7 +106,7 @@ def run_steps(model, batches, lr):
 
 def reference_child(a):
     """Plain in-memory autograd on the same weights, batches and dtype: (median step s, peak RSS MB)."""
-    from test_backprop import Reference, add_adapters, read_meta_folder
+    from reference import Reference, add_adapters, read_meta_folder
     import torch.nn.functional as F
     weights, params = read_meta_folder(checkpoint(a.shape, a.layers), mmap=True)
     model = Reference(weights, params)
@@ -163,9 +162,8 @@ def main():
     start = time.perf_counter()
     model = loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
                                memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
-                               log=lambda *x: None)
+                               prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
     convert_s = time.perf_counter() - start
-    model.prefetching, model.evict_before_read = bool(a.prefetch), a.cold
     run_dir = CACHE / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     tokens = a.batch_size * a.seq_len

@@ -336,8 +336,9 @@ class Blackbox:
 class Transformer:
     """The model: Blackboxes in order, the final norm in memory, streaming and the manual step."""
 
-    def __init__(self, args, offload_dir, storage_dtype, device=torch.device("cpu"),
-                 compute_dtype=torch.float32, memory_budget=None, dropout=0.0):
+    def __init__(self, args, offload_dir, manifest, tokenizer, storage_dtype, device=torch.device("cpu"),
+                 compute_dtype=torch.float32, memory_budget=None, dropout=0.0, prefetch=True, evict_before_read=False):
+        self.manifest, self.tokenizer = manifest, tokenizer
         self.args, self.offload_dir, self.storage_dtype = args, Path(offload_dir), storage_dtype
         self.device, self.compute_dtype, self.dropout = device, compute_dtype, dropout
         self.memory_budget = memory_budget
@@ -348,8 +349,8 @@ class Transformer:
         self.io = ThreadPoolExecutor(max_workers=1)  # one background reader and writer, in order
         self.spare_buffers, self.buffer_lock, self.chunks = [], threading.Lock(), {}
         self.training = False
-        self.prefetching = True  # read the next module in the background while this one computes
-        self.evict_before_read = False  # drop each file from the page cache first (benchmarks of cold reads)
+        self.prefetching = prefetch  # read the next module in the background while this one computes
+        self.evict_before_read = evict_before_read  # drop each file from the page cache first (benchmarks of cold reads)
         # training state, set by setup_training
         self.run_dir, self.committed, self.written, self.step = None, set(), set(), 0
         self.mode, self.optimizer, self.lr, self.grad_clip, self.micro_batches = None, None, 0.0, 0.0, 1

@@ -58,9 +58,11 @@ from pathlib import Path
 
 import torch
 
-import hf
+import hf_format as hf
 from blackbox_model import graph_bytes_per_token
-from loader import DEFAULT_TEXT, adapter_state, load_llama2, log_line, read_adapter, save_llama2
+from adapters import adapter_state, read_adapter
+from default_model import DEFAULT_TEXT
+from loader import load_llama2, log_line, save_llama2
 from utils import (UserError, check_disk, gb, get_rng_state, load_tensors, main_guard, parse_settings, save_tensors,
                    set_rng_state, write_json)
 
@@ -302,7 +304,6 @@ def main():
     while step < cfg.iters:
         batches = [get_batch(train_tokens, cfg, data_rng) for _ in range(cfg.grad_accum)]
         step_start = time.time()
-        model.step = step + 1
         try:
             loss = model.train_step(batches, learning_rate(cfg, step + 1))
         except FloatingPointError as e:

@@ -6,7 +6,8 @@ writes Meta's format with the source's shard count and dtype; every other weight
 import argparse
 from pathlib import Path
 
-from loader import attach_adapter, load_llama2, save_llama2
+from adapters import attach_adapter
+from loader import load_llama2, save_llama2
 from utils import UserError, main_guard
 
 

@@ -9,7 +9,8 @@ import time
 
 import torch
 
-from loader import attach_adapter, load_llama2
+from adapters import attach_adapter
+from loader import load_llama2
 from utils import UserError, main_guard, synchronize
 
 

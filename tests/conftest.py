@@ -9,6 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import default_model  # noqa: E402
 import loader  # noqa: E402
 
 # small, but with every feature of the big ones: GQA, ffn_dim_multiplier, splits that 8 shards divide
@@ -18,7 +19,7 @@ TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 
 
 @pytest.fixture(scope="session")
 def tokenizer_bytes():
-    return loader.train_tokenizer(loader.DEFAULT_TEXT, 256)
+    return default_model.train_tokenizer(default_model.DEFAULT_TEXT, 256)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def make(tmp_path_factory, tokenizer_bytes):
     """make(n_shards=2, seed=0, dtype=bf16, **params): a fresh Meta-format model folder."""
     def make(n_shards=2, seed=0, dtype=torch.bfloat16, **params):
         path = tmp_path_factory.mktemp("model") / "llama"
-        return loader.make_model(path, {**TINY, **params}, tokenizer_bytes, n_shards, seed, dtype)
+        return default_model.make_model(path, {**TINY, **params}, tokenizer_bytes, n_shards, seed, dtype)
     return make
 
 

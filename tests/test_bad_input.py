@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import default_model
 import loader
 from conftest import TINY, folder_hash, run
 
@@ -42,7 +43,7 @@ CASES = [
     ("tokenizer corrupt", lambda m, t: (m / "tokenizer.model").write_bytes(b"\x00garbage" * 100), [],
      "not a sentencepiece model"),
     ("tokenizer of another size", lambda m, t: (m / "tokenizer.model").write_bytes(
-        loader.train_tokenizer(loader.DEFAULT_TEXT, 300)), [], "300 tokens, but the model has 256"),
+        default_model.train_tokenizer(default_model.DEFAULT_TEXT, 300)), [], "300 tokens, but the model has 256"),
     ("data file missing", None, ["--data_path={t}/none.txt"], "data_path="),
     ("data file empty", lambda m, t: (t / "empty.txt").write_text("  \n"), ["--data_path={t}/empty.txt"],
      "the file is empty"),

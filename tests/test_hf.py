@@ -8,10 +8,11 @@ import safetensors.torch
 import torch
 
 import finetune
-import hf
+import hf_format as hf
 import loader
 from conftest import run
-from test_backprop import read_meta_folder
+from tokenizer import Tokenizer
+from reference import read_meta_folder
 from test_training import make_batches, ours, weights_of
 
 NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -140,7 +141,7 @@ def test_peft_loads_the_adapter(make, load, tmp_path):
 
 
 def test_instruction_data_counts_only_response_tokens(make):
-    tokenizer = loader.Tokenizer(make() / "tokenizer.model")
+    tokenizer = Tokenizer(make() / "tokenizer.model")
     examples = [{"prompt": "What is kept?", "response": "The input of each block."},
                 {"system": "Be brief.", "prompt": "And the random state?", "response": "It is saved too."}]
     text = "\n".join(json.dumps(e) for e in examples) + "\n\n"

@@ -9,7 +9,7 @@ import torch
 
 import loader
 from conftest import folder_hash, read_shards, run
-from test_backprop import read_meta_folder
+from reference import read_meta_folder
 
 
 def assert_same_checkpoint(a, b):

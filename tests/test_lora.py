@@ -6,6 +6,7 @@ import torch
 
 import loader
 import test_backprop as tb
+from adapters import adapter_state
 from conftest import folder_hash, read_shards, run
 from utils import save_tensors
 
@@ -27,7 +28,7 @@ def adapter_file(model, path, rank=4, targets=("wq", "wk", "w1", "output"), seed
     for a, b in model.lora.values():  # B random: a fresh adapter (B = 0) would change nothing
         with torch.no_grad():
             b.normal_(0, 0.05, generator=g)
-    save_tensors(loader.adapter_state(model, rank, 2.0 * rank, 0.0, targets), path)
+    save_tensors(adapter_state(model, rank, 2.0 * rank, 0.0, targets), path)
     return path
 
 

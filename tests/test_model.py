@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 import blackbox_model as bm
-from test_backprop import Reference, read_meta_folder
+from reference import Reference, read_meta_folder
 
 
 def test_rotary_embedding_matches_the_complex_formulation():
@@ -90,6 +90,5 @@ def test_streaming_settings_give_identical_logits(make, load):
     want = load(src)(tokens)
     for budget in (0, 10**5, 10**6):
         for prefetch in (True, False):
-            model = load(src, memory_budget=budget)
-            model.prefetching = prefetch
+            model = load(src, memory_budget=budget, prefetch=prefetch)
             assert torch.equal(model(tokens), want)

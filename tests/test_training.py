@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 import loader
 from conftest import run
-from test_backprop import Reference, read_meta_folder
+from default_model import DEFAULT_TEXT, default_model
+from tokenizer import Tokenizer
+from reference import Reference, read_meta_folder
 
 SEED = 11
 
@@ -25,8 +27,7 @@ def make_batches(n_steps, micro_batches=1, batch=2, seq_len=12, vocab=256, seed=
 def ours(load, src, workdir, steps, optimizer="sgd", lr=0.5, dropout=0.0, grad_clip=0.0, budget=None,
          prefetch=True, keep_activations=True):
     """Train the offloaded model; returns (losses, {key: fp32 weight}, model)."""
-    model = load(src, dropout=dropout, memory_budget=budget)
-    model.prefetching = prefetch
+    model = load(src, dropout=dropout, memory_budget=budget, prefetch=prefetch)
     model.setup_training(workdir, mode="full", optimizer=optimizer, grad_clip=grad_clip,
                          micro_batches=len(steps[0]), keep_activations=keep_activations,
                          tokens_per_step=sum(x.numel() for x, _ in steps[0]))
@@ -34,7 +35,6 @@ def ours(load, src, workdir, steps, optimizer="sgd", lr=0.5, dropout=0.0, grad_c
     torch.manual_seed(SEED)
     losses = []
     for i, batches in enumerate(steps):
-        model.step = i + 1
         losses.append(model.train_step(batches, lr))
     model.flush()
     return losses, weights_of(model), model
@@ -61,7 +61,7 @@ def reference(src, steps, optimizer="sgd", lr=0.5, dropout=0.0, grad_clip=0.0):
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         losses.append(loss.item())
-    from test_backprop import meta_key
+    from reference import meta_key
     return losses, {meta_key(n): p.detach().clone() for n, p in model.named_parameters()}, weights
 
 
@@ -121,7 +121,6 @@ def test_adamw_state_survives_a_new_model_object(make, load, tmp_path):
     model.train()
     torch.manual_seed(SEED)
     torch.rand(1)  # the random stream moves on as in an uninterrupted run (no dropout: nothing is drawn)
-    model.step = 2
     model.train_step(steps[1], 1e-3)
     model.flush()
     _, want, initial = reference(src, steps, "adamw", 1e-3)
@@ -169,8 +168,8 @@ def test_default_finetune_run_lowers_the_loss(tmp_path):
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", out)]
     assert len(losses) == 120 and losses[0] > 6.0
     # a model that learns no more than token frequencies cannot beat the unigram entropy of the text
-    tokens = torch.tensor(loader.Tokenizer(loader.default_model() / "tokenizer.model").encode(
-        loader.DEFAULT_TEXT.read_text(), bos=True, eos=True))
+    tokens = torch.tensor(Tokenizer(default_model() / "tokenizer.model").encode(
+        DEFAULT_TEXT.read_text(), bos=True, eos=True))
     p = torch.bincount(tokens).float() / len(tokens)
     unigram_entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     assert sum(losses[-10:]) / 10 < unigram_entropy - 1.0, (losses[-10:], unigram_entropy)
@@ -206,7 +205,6 @@ def test_bf16_compute_follows_fp32_and_is_identical_under_any_budget(make, load,
         model.train()
         losses = []
         for i, batches in enumerate(steps):
-            model.step = i + 1
             losses.append(model.train_step(batches, 1e-3))
         model.flush()
         return losses, weights_of(model)

@@ -1,0 +1,82 @@
+"""The built-in default model (a tiny Llama trained on the bundled slowllama.txt) and synthetic model
+folders in Meta's exact format for tests and benchmarks."""
+import fcntl
+import io
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llama import module_shapes
+from meta_format import model_args, write_checkpoint
+from tokenizer import Tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+DEFAULT_MODEL = HERE / "models" / "tiny"  # made on first use, git-ignored
+
+DEFAULT_TEXT = HERE / "slowllama.txt"
+
+
+def default_model():
+    """A tiny Llama in Meta's format, made on first use: a tokenizer trained on slowllama.txt, random
+    weights, 2 shards, grouped-query attention and ffn_dim_multiplier (the code paths of 70B)."""
+    DEFAULT_MODEL.parent.mkdir(exist_ok=True)
+    with open(DEFAULT_MODEL.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (DEFAULT_MODEL / "params.json").exists():
+            params = {"dim": 128, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 32,
+                      "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "vocab_size": -1}
+            make_model(DEFAULT_MODEL, params, train_tokenizer(DEFAULT_TEXT, 512), n_shards=2, seed=1234)
+    return DEFAULT_MODEL
+
+def train_tokenizer(text_file, vocab_size, filler_pieces=0):
+    """A sentencepiece BPE model trained on a text (deterministic); filler_pieces unused symbols pad the
+    vocabulary of synthetic models to a real size such as 32000."""
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text_file), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2, split_digits=True, required_chars="[]{}()<>?!/:;'\"*#%&=+-_@",
+        user_defined_symbols=[f"<unused{i}>" for i in range(filler_pieces)])
+    return model.getvalue()
+
+def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch.bfloat16, rope_freqs=True):
+    """A model folder in Meta's exact format with random weights (tests, benchmarks, the default model).
+    Written under a temporary name and renamed into place."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "tokenizer.model").write_bytes(tokenizer_bytes)
+        (tmp / "params.json").write_text(json.dumps(params) + "\n")
+        vocab = params["vocab_size"] if params.get("vocab_size", -1) > 0 else Tokenizer(tmp / "tokenizer.model").n_words
+        args = model_args(params, vocab)
+        generator = torch.Generator().manual_seed(seed)
+
+        def module(name):
+            shapes = module_shapes(args, name.split(".")[0])
+            return {f"{name}.{k}": torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.02
+                    for k, s in shapes.items()}
+
+        names = ["tok_embeddings", "norm", "output"] + [f"layers.{i}" for i in range(args.n_layers)]
+        entries = [(f"{n}.{k}", s, dtype) for n in names for k, s in module_shapes(args, n.split(".")[0]).items()]
+        extras = {}
+        if rope_freqs:
+            half = args.head_dim // 2
+            extras["rope.freqs"] = 1.0 / (args.rope_theta ** (torch.arange(0, 2 * half, 2)[:half].float() / args.head_dim))
+            entries.append(("rope.freqs", (half,), dtype))
+        modules = itertools.chain((module(n) for n in names), [extras])
+        write_checkpoint(tmp, entries, modules, len(names) + 1, n_shards, tmp / "params.json",
+                         tmp / "tokenizer.model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,214 @@
+"""The Llama architecture: its settings, the shapes of its modules, and the math of one forward pass.
+
+Read this first. Every function works on one module's weights, given as a `box` with:
+  box.compute[key]   the weight in the compute dtype, looked up when a matmul runs
+  box.lora[key]      optional low-rank adapter (A, B, scale, dropout) on top of that weight
+  box.trainable      whether the weights get gradients
+  box.take_grad(key, rows)  receives a weight's gradient as rows(r0, r1, out) -> its rows r0:r1
+so autograd's graph keeps activations, never a weight: the weights can be let go after the forward
+and read again for the backward pass. Keys and the rotary layout (adjacent feature pairs) are Meta's.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    ffn_dim: int | None = None  # the FFN size where it is given rather than derived (Mistral, Hugging Face)
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self):
+        if self.ffn_dim:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def module_shapes(args, module):
+    """{key: shape} of one module's tensors; keys as in Meta's checkpoints, without the module prefix."""
+    d, hd, hidden = args.dim, args.head_dim, args.hidden_dim
+    if module == "tok_embeddings" or module == "output":
+        return {"weight": (args.vocab_size, d)}
+    if module == "norm":
+        return {"weight": (d,)}
+    return {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.kv_heads * hd, d),
+            "attention.wv.weight": (args.kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
+            "feed_forward.w1.weight": (hidden, d), "feed_forward.w2.weight": (d, hidden),
+            "feed_forward.w3.weight": (hidden, d), "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+
+
+def module_names(args):
+    return ["tok_embeddings"] + [f"layers.{i}" for i in range(args.n_layers)] + ["norm", "output"]
+
+
+def module_of(key):
+    """('layers.3', 'attention.wq.weight') for 'layers.3.attention.wq.weight'; ('output', 'weight') ..."""
+    parts = key.split(".")
+    n = 2 if parts[0] == "layers" else 1
+    return ".".join(parts[:n]), ".".join(parts[n:])
+
+
+def graph_bytes_per_token(args, dtype):
+    """What autograd keeps of one block per token (its inputs to matmuls, attention, SwiGLU), with
+    a tenth more for what allocations round up to (measured: 7B shape, 256 tokens, about 88 MB)."""
+    attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
+    return (5 * args.dim + attention + 4 * args.hidden_dim) * torch.finfo(dtype).bits // 8 * 11 // 10
+
+
+# --- matmuls and norms whose weights are looked up at use ---
+
+class Linear(torch.autograd.Function):
+    """x @ W.T where W is looked up in its box at use: the graph keeps x, never W."""
+
+    @staticmethod
+    def forward(ctx, x, box, key):
+        w = box.compute[key]
+        ctx.box, ctx.key, ctx.in_dtype = box, key, x.dtype
+        x = x.to(w.dtype)
+        ctx.save_for_backward(x if box.trainable else None)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        w = ctx.box.compute[ctx.key]
+        dx = (dy @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        if x is not None:  # dW = dy^T x, handed over as row blocks (the weight may be updated at once)
+            dy, x = dy.flatten(0, -2), x.flatten(0, -2)
+            ctx.box.take_grad(ctx.key, lambda r0, r1, out: torch.mm(dy[:, r0:r1].t(), x, out=out))
+        return dx, None, None
+
+
+class Scale(torch.autograd.Function):
+    """x * w for an RMSNorm weight w looked up in its box at use."""
+
+    @staticmethod
+    def forward(ctx, x, box, key):
+        ctx.box, ctx.key = box, key
+        ctx.save_for_backward(x if box.trainable else None)
+        return x * box.compute[key]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        dx = dy * ctx.box.compute[ctx.key] if ctx.needs_input_grad[0] else None
+        if x is not None:  # after dx: an update may follow at once and change w in place
+            grad = (dy * x).flatten(0, -2).sum(0)
+            ctx.box.take_grad(ctx.key, lambda r0, r1, out: grad[r0:r1])
+        return dx, None, None
+
+
+def dropout(x, p, training):
+    # F.dropout draws random numbers even at p=0; skipping it keeps the random stream to real masks
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
+def linear(box, key, x, training):
+    y = Linear.apply(x, box, key)
+    if key in box.lora:
+        a, b, scale, p = box.lora[key]
+        x = dropout(x.to(a.dtype), p, training)
+        y = y + (F.linear(F.linear(x, a), b) * scale).to(y.dtype)
+    return y
+
+
+def rms_norm(box, key, x, eps):
+    xf = x.float()
+    return Scale.apply(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), box, key)
+
+
+# --- rotary position embedding ---
+
+def rope_tables(args, start, length, device):
+    half = args.head_dim // 2
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, 2 * half, 2, device=device)[:half].float() / args.head_dim))
+    angles = torch.outer(torch.arange(start, start + length, device=device).float(), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each adjacent pair of features (2i, 2i+1) by its position's angle, as Meta's reference."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2) against (B, T, heads, head_dim/2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).type_as(x)
+
+
+# --- the model, module by module ---
+
+def attention(box, x, args, rope, training, cache, start):
+    B, T, _ = x.shape
+    q = linear(box, "attention.wq.weight", x, training).view(B, T, args.n_heads, args.head_dim)
+    k = linear(box, "attention.wk.weight", x, training).view(B, T, args.kv_heads, args.head_dim)
+    v = linear(box, "attention.wv.weight", x, training).view(B, T, args.kv_heads, args.head_dim)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if cache is not None:
+        cache_k, cache_v = cache
+        cache_k[:B, start:start + T], cache_v[:B, start:start + T] = k, v
+        k, v = cache_k[:B, :start + T], cache_v[:B, :start + T]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = None
+    if T > 1 and start > 0:  # a chunk after cached positions: each query sees the cache and its past
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and start == 0,
+                                         enable_gqa=args.kv_heads != args.n_heads)
+    return linear(box, "attention.wo.weight", out.transpose(1, 2).reshape(B, T, -1), training)
+
+
+def block_forward(box, x, args, rope, training=False, p=0.0, cache=None, start=0):
+    """One transformer block on the fp32 residual stream x; matmuls in the box's compute dtype;
+    dropout p on the outputs of attention and feed-forward while training."""
+    cdt = box.compute_dtype
+    attn = attention(box, rms_norm(box, "attention_norm.weight", x, args.norm_eps).to(cdt), args, rope, training,
+                     cache, start)
+    h = x + dropout(attn, p, training).to(x.dtype)
+    hn = rms_norm(box, "ffn_norm.weight", h, args.norm_eps).to(cdt)
+    ffn = linear(box, "feed_forward.w2.weight", F.silu(linear(box, "feed_forward.w1.weight", hn, training)) *
+                 linear(box, "feed_forward.w3.weight", hn, training), training)
+    return h + dropout(ffn, p, training).to(h.dtype)
+
+
+def embed(box, tokens):
+    return F.embedding(tokens, box.compute["weight"]).float()
+
+
+def head(norm, output, h, eps, training=False):
+    return linear(output, "weight", rms_norm(norm, "weight", h, eps).to(output.compute_dtype), training).float()
+
+
+def loss_sum(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """The next token: the most likely one, or with temperature > 0 one drawn from the top-p set."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+    sorted_probs[drop] = 0.0
+    choice = torch.multinomial(sorted_probs.cpu() / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice.to(order.device)])
+

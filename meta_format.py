@@ -1,0 +1,169 @@
+"""Meta's checkpoint layout: params.json and consolidated.NN.pth shards, read and written.
+
+A model folder holds params.json, consolidated.00.pth ... (one shard per model-parallel rank) and
+tokenizer.model. Each weight is split across the shards along one dimension (norms are replicated).
+Shards are read through memory maps, a module's slices at a time, and written by laying each shard
+out first and filling it through a shared memory map, so neither needs a whole shard in RAM.
+"""
+import json
+import mmap
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llama import ModelArgs, module_shapes
+from utils import UserError, fsync_path, progress, published
+
+# Meta's model-parallel layout: the dimension along which each weight is split across shards
+# (weights not named here, such as the norms, are replicated in every shard)
+SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+def split_dim(key):
+    parts = key.split(".")
+    return SPLIT_DIM.get(parts[-2] if len(parts) > 1 else parts[0])
+
+def shard_shape(key, shape, n_shards):
+    dim = split_dim(key)
+    if dim is None:
+        return tuple(shape)
+    if shape[dim] % n_shards:
+        raise UserError(f"{key} has {shape[dim]} along dimension {dim}, which {n_shards} shards cannot split evenly")
+    return tuple(s // n_shards if d == dim else s for d, s in enumerate(shape))
+
+def shard_slice(tensor, key, shard, n_shards):
+    dim = split_dim(key)
+    if dim is None:
+        return tensor
+    size = tensor.shape[dim] // n_shards
+    return tensor.narrow(dim, shard * size, size)
+
+def expected_shard_shape(model_dir, key, shape, n_shards):
+    try:
+        return shard_shape(key, shape, n_shards)
+    except UserError:
+        raise UserError(f"{model_dir}: {n_shards} shards, but {key} of shape {tuple(shape)} cannot be split into "
+                        f"{n_shards} equal parts; is a shard missing, or one too many?")
+
+
+# --- reading ---
+
+def read_params(model_dir):
+    path = Path(model_dir) / "params.json"
+    try:
+        params = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; a Llama model folder holds params.json, consolidated.NN.pth "
+                        "and tokenizer.model")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps"):
+        if key not in params:
+            raise UserError(f"{path}: missing the key {key!r}")
+    for key in ("dim", "n_layers", "n_heads", "multiple_of", "n_kv_heads", "vocab_size"):
+        if key in params and params[key] is not None and (not isinstance(params[key], int) or
+                                                           params[key] <= 0 and key != "vocab_size"):
+            raise UserError(f"{path}: {key} must be a positive integer, not {params[key]!r}")
+    kv = params.get("n_kv_heads") or params["n_heads"]
+    if params["dim"] % params["n_heads"] or params["n_heads"] % kv or (params["dim"] // params["n_heads"]) % 2:
+        raise UserError(f"{path}: dim={params['dim']}, n_heads={params['n_heads']}, n_kv_heads={kv} do not fit "
+                        "(dim must split into heads of even size, n_heads into groups of n_kv_heads)")
+    return params
+
+def model_args(params, vocab_size):
+    return ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                     vocab_size=vocab_size, n_kv_heads=params.get("n_kv_heads"),
+                     multiple_of=params["multiple_of"], ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+                     norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta") or 10000.0,
+                     ffn_dim=params.get("hidden_dim"))
+
+def meta_params(args):
+    """params.json for a model read from another layout: its FFN size as Meta's formula gives it, or,
+    where no multiple_of does, as an explicit hidden_dim."""
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
+              "vocab_size": args.vocab_size, "multiple_of": 256, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta}
+    if model_args(params, args.vocab_size).hidden_dim != args.hidden_dim:
+        params["hidden_dim"] = args.hidden_dim
+    return params
+
+def shard_files(model_dir):
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model folder not found")
+    files = sorted(model_dir.glob("consolidated.*.pth"))
+    if not files:
+        raise UserError(f"{model_dir}: no consolidated.00.pth shard found")
+    for i, f in enumerate(files):
+        if f.name != f"consolidated.{i:02d}.pth":
+            raise UserError(f"{f}: unexpected shard name; shards are numbered consolidated.00.pth to "
+                            f"consolidated.{len(files) - 1:02d}.pth without gaps")
+    return files
+
+def read_shard(path):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as a checkpoint of plain tensors "
+                        f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})")
+
+def read_meta_module(model_dir, shards, args, name):
+    """{key: tensor} of one module, its slices read from every shard (memory-mapped, one at a time)."""
+    tensors = {}
+    for shard_index, path in enumerate(shards):
+        data = read_shard(path)  # memory-mapped: only this module's slices are read
+        for local, shape in module_shapes(args, name.split(".")[0]).items():
+            key = f"{name}.{local}"
+            if key not in data:
+                raise UserError(f"{path}: missing tensor {key}")
+            part, want = data[key], expected_shard_shape(model_dir, key, shape, len(shards))
+            if tuple(part.shape) != want:
+                raise UserError(f"{path}: {key} has shape {tuple(part.shape)}, but params.json and "
+                                f"{len(shards)} shard(s) mean {want}")
+            if shard_index == 0:
+                tensors[key] = torch.empty(shape, dtype=part.dtype)
+            shard_slice(tensors[key], key, shard_index, len(shards)).copy_(part)
+        del data
+    return tensors
+
+
+# --- writing ---
+
+def write_checkpoint(out_dir, entries, modules, n_modules, n_shards, params_file, tokenizer_file):
+    """Stream tensors into Meta's shards without holding a shard in memory: each shard file is laid
+    out first with its bytes left empty, then every module's slices are written into it through a
+    shared memory map, one module at a time. entries: [(key, full shape, dtype)] in file order;
+    modules: dicts {key: full tensor} covering every key once."""
+    out_dir = Path(out_dir)
+    shapes = {k: shard_shape(k, shape, n_shards) for k, shape, _ in entries}  # refuses before writing anything
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = [out_dir / f"consolidated.{s:02d}.pth.tmp{os.getpid()}" for s in range(n_shards)]
+    try:
+        for path in tmp:
+            skeleton = {k: torch.empty(shapes[k], dtype=dt) for k, _, dt in entries}
+            with torch.serialization.skip_data():
+                torch.save(skeleton, path)
+        for tensors in progress(modules, f"writing {out_dir.name}", total=n_modules, unit="module"):
+            for s, path in enumerate(tmp):
+                with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+                    shard = torch.load(path, mmap=True, weights_only=True)
+                for key, tensor in tensors.items():
+                    shard[key].copy_(shard_slice(tensor, key, s, n_shards))
+                del shard
+        for s, path in enumerate(tmp):
+            fsync_path(path)
+            os.replace(path, out_dir / f"consolidated.{s:02d}.pth")
+        for stale in out_dir.glob("consolidated.*.pth"):
+            if int(stale.name.split(".")[1]) >= n_shards:
+                stale.unlink()
+        for src in (params_file, tokenizer_file):
+            if Path(src).resolve() != (out_dir / Path(src).name).resolve():
+                with published(out_dir / Path(src).name) as tmp_copy:
+                    shutil.copyfile(src, tmp_copy)
+        fsync_path(out_dir)
+    finally:
+        for path in tmp:
+            path.unlink(missing_ok=True)
