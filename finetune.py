@@ -13,7 +13,7 @@ out_path = "out"  # the run's folder: working state in out_path/run, the exporte
 out_format = ""  # layout of the exported model: meta or hf; empty: the source's
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
 device = "cpu"  # cpu, cuda or mps
-compute_dtype = "float32"  # float32, or bfloat16 for bf16 matmuls with fp32 master weights
+compute_dtype = "auto"  # auto: bfloat16 matmuls (fp32 master weights) where the device has native bf16, else float32
 memory_budget = -1.0  # GB of RAM the whole run plans for (kept activations, resident modules); -1: half the RAM
 keep_activations = 1  # 1: keep each block's activations for the backward pass (within the budget); 0: recompute
 seed = 1337  # seeds the data order, dropout and LoRA initialisation
@@ -185,13 +185,13 @@ def commit(model, cfg, run_dir, step, data_rng):
     checkpoint = f"checkpoint.{step:06d}.pt"
     state = {"step": step, "rng": get_rng_state(model.device), "data_rng": data_rng.get_state()}
     if cfg.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
-        state.update(lora_state(model, cfg), optimizer=model.lora_optimizer.state_dict())
+        state.update(lora_state(model, cfg), optimizer=model.optimizer.adapter_optimizer.state_dict())
     save_tensors(state, run_dir / checkpoint)
     manifest = {"step": step, "files": files, "checkpoint": checkpoint, "model": model.manifest["fingerprint"],
                 "source": model.manifest["source"], "mode": cfg.mode}
     write_json(manifest, run_dir / "state.json")  # the commit: one rename
-    model.committed = set(files.values()) | {checkpoint}
-    clean_run_dir(run_dir, model.committed)
+    model.offload.committed = set(files.values()) | {checkpoint}
+    clean_run_dir(run_dir, model.offload.committed)
 
 
 def lora_state(model, cfg):
@@ -237,6 +237,33 @@ def prepare_out_path(cfg, model):
     return out, run_dir, previous if cfg.resume else None
 
 
+def resume_or_start(model, cfg, run_dir, previous, data_rng):
+    """Set the model up for training: from scratch, or from the run's last committed step (weights
+    and optimizer state, adapters, random state, data order). Returns the step to continue from."""
+    state = None
+    if previous:
+        checkpoint = run_dir / previous["checkpoint"]
+        state = read_adapter(checkpoint, model, cfg.lora_rank) if cfg.mode == "lora" else \
+            load_tensors(checkpoint, mmap=False)
+    if cfg.mode == "lora":
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), cfg.seed,
+                       tensors=state["tensors"] if state else None)
+    model.setup_training(run_dir, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
+                         micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
+                         tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
+                         committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
+                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if not previous:
+        return 0
+    clean_run_dir(run_dir, model.offload.committed)  # what an interrupted step left behind
+    set_rng_state(state["rng"], model.device)
+    data_rng.set_state(state["data_rng"])
+    if cfg.mode == "lora":
+        model.optimizer.adapter_optimizer.load_state_dict(state["optimizer"])
+    print(f"resuming {run_dir} from step {previous['step']}")
+    return previous["step"]
+
+
 class StopRequest:
     """Ctrl-C finishes the current step, commits it and stops; a second Ctrl-C stops at once."""
 
@@ -270,30 +297,11 @@ def main():
     out, run_dir, previous = prepare_out_path(cfg, model)
 
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    step, checkpoint = 0, None
-    if previous:
-        checkpoint = run_dir / previous["checkpoint"]
-        state = read_adapter(checkpoint, model, cfg.lora_rank) if cfg.mode == "lora" else load_tensors(checkpoint, mmap=False)
-    if cfg.mode == "lora":
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), cfg.seed,
-                       tensors=state["tensors"] if previous else None)
-    model.setup_training(run_dir, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
-                         micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
-                         tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
-                         committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
-                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    step = resume_or_start(model, cfg, run_dir, previous, data_rng)
     resident = sum(box.resident for box in model.boxes.values())
     graph = cfg.batch_size * cfg.seq_len * graph_bytes_per_token(model.args, model.compute_dtype)
     log_line(f"RAM: about {gb(model.peak_estimate)} at peak ({resident} of {len(model.boxes)} modules resident, "
              f"activations of {min(model.args.n_layers, model.graph_budget // graph)} blocks kept)")
-    if previous:
-        clean_run_dir(run_dir, model.committed)  # what an interrupted step left behind
-        step = previous["step"]
-        set_rng_state(state["rng"], model.device)
-        data_rng.set_state(state["data_rng"])
-        if cfg.mode == "lora":
-            model.lora_optimizer.load_state_dict(state["optimizer"])
-        print(f"resuming {run_dir} from step {step}")
 
     stop = StopRequest()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len

@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (with temperature)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    parser.add_argument("--compute_dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--compute_dtype", default="auto", help="float32, bfloat16 or auto (bf16 where native)")
     parser.add_argument("--offload_path", default=None, help="where converted models are kept")
     parser.add_argument("--debug", default="0")
     a = parser.parse_args()

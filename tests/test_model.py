@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-import blackbox_model as bm
+import llama as bm
 from reference import Reference, read_meta_folder
 
 
@@ -23,9 +23,8 @@ def test_rotary_embedding_matches_the_complex_formulation():
     assert torch.allclose(got.double(), want, atol=1e-5)
 
 
-def fake_box(weights, training=False):
-    model = SimpleNamespace(training=training, dropout=0.0, compute_dtype=torch.float32)
-    return SimpleNamespace(compute=weights, lora={}, trainable=False, model=model)
+def fake_box(weights):
+    return SimpleNamespace(compute=weights, lora={}, trainable=False, compute_dtype=torch.float32)
 
 
 def test_grouped_query_attention_equals_explicitly_repeated_heads():
@@ -39,8 +38,8 @@ def test_grouped_query_attention_equals_explicitly_repeated_heads():
                 else t for k, t in w.items()}
     x = torch.randn(3, 11, 64)
     rope = bm.rope_tables(gqa, 0, 11, "cpu")
-    got = bm.attention(fake_box(w), x, gqa, rope, None, 0)
-    want = bm.attention(fake_box(repeated), x, mha, rope, None, 0)
+    got = bm.attention(fake_box(w), x, gqa, rope, False, None, 0)
+    want = bm.attention(fake_box(repeated), x, mha, rope, False, None, 0)
     assert torch.allclose(got, want, atol=1e-5)
 
 

@@ -118,5 +118,5 @@ def test_a_non_finite_gradient_is_refused(make, load, tmp_path):
     nan = torch.full(box.shapes["attention.wq.weight"], float("nan"))
     before = box.weights["attention.wq.weight"].clone()
     with pytest.raises(FloatingPointError, match="layers.0.attention.wq.weight"):
-        model.update(box, "attention.wq.weight", nan)
+        model.optimizer.update(box, "attention.wq.weight", nan)
     assert torch.equal(box.weights["attention.wq.weight"], before)

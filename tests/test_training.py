@@ -184,11 +184,11 @@ def test_backprop_script_passes_against_saved_outputs():
 
 @pytest.mark.parametrize("optimizer,lr", [("sgd", 0.5), ("adamw", 1e-3)])
 def test_updates_in_blocks_of_rows_equal_whole_updates(make, load, tmp_path, monkeypatch, optimizer, lr):
-    import blackbox_model
+    import optim
     src = make(seed=28)
     steps = make_batches(2)
     whole = ours(load, src, tmp_path / "a", steps, optimizer, lr, dropout=0.1)
-    monkeypatch.setattr(blackbox_model, "CHUNK_BYTES", 4 * 64 * 5)  # five rows of a 64-wide weight at a time
+    monkeypatch.setattr(optim, "CHUNK_BYTES", 4 * 64 * 5)  # five rows of a 64-wide weight at a time
     rows = ours(load, src, tmp_path / "b", steps, optimizer, lr, dropout=0.1)
     assert rows[0] == pytest.approx(whole[0], abs=1e-6)
     # the same arithmetic, but a matmul of other sizes may sum in another order: float noise only

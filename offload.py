@@ -1,0 +1,235 @@
+"""Modules that live on disk: the Blackbox, the background reader and writer, recycled buffers and
+the memory plan.
+
+A Blackbox holds one module (the token embeddings, a block, the final norm or the output) in a file:
+read into memory when used (the next one in the background meanwhile), let go after, written back
+by the background writer when training changed it. The memory plan decides what stays in memory.
+"""
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from llama import graph_bytes_per_token
+from utils import evict_from_page_cache, read_ahead, read_tensors, write_tensors
+
+CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
+
+
+class Offload:
+    """What the modules on disk share: one background thread that reads and writes their files in
+    order, the buffers reads go into (recycled), the device and compute dtype, the run folder."""
+
+    def __init__(self, device, compute_dtype, prefetch=True, evict_before_read=False):
+        self.device, self.compute_dtype = device, compute_dtype
+        self.prefetch = prefetch  # read the next module in the background while this one computes
+        self.prefetch_in_memory = True  # into memory; else only into the OS's page cache (the plan decides)
+        self.evict_before_read = evict_before_read  # drop each file from the page cache first (cold-disk benchmarks)
+        self.io = ThreadPoolExecutor(max_workers=1)
+        self.spare_buffers, self.buffer_lock = [], threading.Lock()
+        self.run_dir, self.committed, self.written = None, set(), set()  # of a training run
+
+    def take_buffer(self, nbytes):
+        """A buffer of nbytes for a module file: a recycled one when there is one (fresh memory costs a
+        page fault per 4 KB, as much as the read itself)."""
+        with self.buffer_lock:
+            for i, spare in enumerate(self.spare_buffers):
+                if spare.numel() == nbytes:
+                    return self.spare_buffers.pop(i)
+            self.spare_buffers = []  # none fits (a module of another size): free them before allocating
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give_buffers(self, buffers):
+        """Keep the buffers of the module let go last (weights, compute copies) for the next read: the
+        I/O thread writes a module, hands its buffers back, then reads the next module into them. Older
+        spares are dropped, so at most one module's buffers wait unused."""
+        with self.buffer_lock:
+            self.spare_buffers = buffers
+
+    def stream(self, boxes, keep=()):
+        """Yield each module loaded while the next one is read in the background; let each go after
+        (those in keep stay: they are the first the next pass needs)."""
+        for i, box in enumerate(boxes):
+            box.load()
+            if i + 1 < len(boxes) and self.prefetch:
+                boxes[i + 1].prefetch(into_memory=self.prefetch_in_memory)
+            yield box
+            box.release(keep=box in keep)
+
+    def wait(self):
+        """Until every read and write submitted so far is done."""
+        self.io.submit(lambda: None).result()
+
+    def close(self):
+        self.io.shutdown(wait=True)
+
+
+class Blackbox:
+    """One module whose weights live in a file: loaded on use and let go after, unless resident."""
+
+    def __init__(self, name, file, shapes, offload):
+        self.name, self.file, self.shapes, self.offload = name, file, shapes, offload
+        self.compute_dtype = offload.compute_dtype
+        self.resident = name == "norm"  # the final norm is tiny: always in memory
+        self.trainable = False
+        self.optimizer = None  # where gradients go when trainable (optim.Optimizer)
+        self.weights = None  # key -> tensor while in memory: the fp32 working copy when trainable
+        self.compute = None  # key -> tensor the matmuls use (a compute-dtype copy where it differs)
+        self.optim = {}  # key -> optimizer state (AdamW moments), stored beside the weights
+        self.grads = {}  # key -> gradient being accumulated over the micro-batches of a step
+        self.lora = {}  # key -> (A, B, scale, dropout) adapter applied on top of the weight
+        self.reading = self.writing = None  # futures of the background reader and writer
+        self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
+        self.compute_buffer = None  # the memory of the compute-dtype copies, likewise
+        self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
+        self.grad_file = None
+        self.dirty = False
+        self.stale = False  # the compute-dtype copies lag behind updated weights
+
+    def numel(self):
+        return sum(math.prod(s) for s in self.shapes.values())
+
+    def memory_bytes(self):
+        """Bytes this module holds in memory when loaded (weights, compute copies, optimizer state)."""
+        cdt = self.compute_dtype
+        if not self.trainable:
+            return self.numel() * cdt.itemsize
+        copies = 0 if cdt == torch.float32 or self.name in ("tok_embeddings", "norm") else \
+            sum(math.prod(s) for s in self.shapes.values() if len(s) == 2) * cdt.itemsize
+        return self.numel() * 4 * (1 + self.optimizer.states) + copies
+
+    def take_grad(self, key, rows):
+        self.optimizer.take(self, key, rows)
+
+    # --- reading ---
+
+    def prefetch(self, into_memory=True):
+        """Start reading this module in the background: into memory, or only into the OS's page cache."""
+        o = self.offload
+        if self.weights is None and self.reading is None:
+            if o.evict_before_read and not self.reading_ahead:
+                o.io.submit(evict_from_page_cache, self.file)
+            if into_memory:
+                self.reading, self.reading_ahead = o.io.submit(self._read), False
+            elif not self.reading_ahead:
+                o.io.submit(read_ahead, self.file)
+                self.reading_ahead = True
+
+    def load(self):
+        if self.weights is None:
+            self.prefetch()
+            self.weights, self.compute, self.optim, grads, self.buffer, self.compute_buffer = self.reading.result()
+            self.grads.update(grads)
+        elif self.stale:  # updated since its compute-dtype copies were made
+            for key, copy in self.compute.items():
+                if copy is not self.weights[key]:
+                    copy.copy_(self.weights[key])
+        self.reading, self.stale = None, False
+        return self
+
+    def _read(self):
+        """(weights, compute copies, optimizer state, pending gradients, their buffers): in the I/O thread."""
+        o = self.offload
+        data, buffer = read_tensors(self.file, o.take_buffer, torch.float32 if self.trainable else o.compute_dtype)
+        weights = {k: data[k].to(o.device) for k in self.shapes}
+        optim = {}
+        for name, t in data.items():
+            if ":" in name:  # "attention.wq.weight:exp_avg"
+                key, state = name.split(":")
+                optim.setdefault(key, {})[state] = t.to(o.device)
+        if o.device.type != "cpu":
+            buffer = None  # everything was moved to the device: the buffer is free again
+        compute, compute_buffer = self._compute_copies(weights)
+        grads = {}
+        if self.grad_file is not None:
+            grads = {k: t.to(o.device) for k, t in read_tensors(self.grad_file)[0].items()}
+            self.grad_file.unlink()
+            self.grad_file = None
+        return weights, compute, optim, grads, buffer, compute_buffer
+
+    def _compute_copies(self, weights):
+        """(weights in the compute dtype for the matmuls, the buffer the copies live in): copies of
+        the matrices where the dtypes differ (not of the embedding table: it is only looked up)."""
+        o, cdt = self.offload, self.compute_dtype
+        convert = [k for k, w in weights.items() if w.dim() == 2 and w.dtype != cdt and self.name != "tok_embeddings"]
+        if not convert:
+            return dict(weights), None
+        sizes = [weights[k].numel() * cdt.itemsize for k in convert]
+        buffer = o.take_buffer(sum(sizes)) if o.device.type == "cpu" else None
+        compute, offset = dict(weights), 0
+        for key, size in zip(convert, sizes):
+            if buffer is None:
+                compute[key] = weights[key].to(cdt)
+                continue
+            compute[key] = buffer[offset:offset + size].view(cdt).view(weights[key].shape).copy_(weights[key])
+            offset += size
+        return compute, buffer
+
+    # --- letting go and writing ---
+
+    def release(self, keep=False):
+        """Done with this module for now: write it back if it changed, and let it go unless kept."""
+        o = self.offload
+        if self.dirty and not self.resident:
+            self.write()
+        if not (self.resident or keep):
+            if self.grads:  # gradient clipping: the gradients wait on disk for the global norm
+                self.grad_file = o.run_dir / f"{self.name}.grad.safetensors"
+                self.writing = o.io.submit(write_tensors, self.grads, self.grad_file)
+                self.grads = {}
+            buffers = [b for b in (self.buffer, self.compute_buffer) if b is not None]
+            o.io.submit(o.give_buffers, buffers)  # once any pending write of them is done
+            self.weights = self.compute = self.buffer = self.compute_buffer = None
+            self.optim = {}
+
+    def write(self):
+        """Write the weights (and optimizer state) to the run folder in the background. Each module has
+        two slot files: the last committed state is in one, newer states overwrite the other. A kill
+        mid-write tears only a slot that no committed manifest names."""
+        o = self.offload
+        slots = [o.run_dir / f"{self.name}.{slot}.safetensors" for slot in (0, 1)]
+        self.file = slots[1] if slots[0].name in o.committed else slots[0]
+        self.dirty = False
+        data = {**self.weights, **{f"{k}:{s}": t for k, state in self.optim.items() for s, t in state.items()}}
+        self.writing = o.io.submit(write_tensors, data, self.file, True)
+        o.written.add(self.file)
+
+    def wait_write(self):
+        if self.writing is not None:
+            self.writing.result()
+            self.writing = None
+
+
+def plan_memory(args, boxes, budget, tokens, micro_batches=1, whole_grads=False, keep_activations=True):
+    """Share the memory budget (bytes, the whole process) out; boxes: embeddings, blocks, norm, output.
+    Always needed: a block and the embeddings or output beside it (at the turns of the step both are
+    in memory), the gradient rows being applied (a whole module's gradient when gradients accumulate
+    or wait for clipping: whole_grads), each block's input, the logits and their gradient. Then, in
+    order of what they save: blocks' activations (a quarter of a block's arithmetic each), reading the
+    next module into memory ahead of its use (else the OS reads it ahead), and the last modules staying
+    resident. Sets box.resident; returns (activation bytes kept, prefetch into memory, planned peak)."""
+    layers, norm = boxes[1:-2], boxes[-2]
+    block = max((box.memory_bytes() for box in layers), default=0)
+    big = max(boxes[0].memory_bytes(), boxes[-1].memory_bytes())
+    trainable = boxes[0].trainable
+    grads = 0 if not trainable else 4 * max(box.numel() for box in boxes) if whole_grads else CHUNK_BYTES
+    all_tokens = tokens * micro_batches  # tokens: of one micro-batch
+    inputs = args.n_layers * all_tokens * args.dim * 4
+    head = 3 * tokens * args.vocab_size * 4  # logits, log-probabilities, their gradient
+    needed = (300 << 20) + block + big + grads + inputs + head  # 300 MB: Python and torch themselves
+    prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
+    graphs = args.n_layers * all_tokens * graph_bytes_per_token(args, boxes[0].compute_dtype)
+    graph_budget = max(0, min(budget - needed, graphs if keep_activations else 0))
+    free = budget - needed - graph_budget
+    prefetch_in_memory = free >= prefetch
+    free -= prefetch * prefetch_in_memory
+    suffix = True  # residents are the last modules: those in use at the turn of the step
+    for box in reversed(boxes):
+        if box is not norm:
+            box.resident = suffix and box.memory_bytes() <= free
+            free -= box.memory_bytes() if box.resident else 0
+            suffix = box.resident
+    peak = needed + graph_budget + prefetch * prefetch_in_memory + \
+        sum(box.memory_bytes() for box in boxes if box.resident and box is not norm)
+    return graph_budget, prefetch_in_memory, peak
