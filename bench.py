@@ -2,15 +2,16 @@
 
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
-                [--reuse_offload]
-Makes (once, in bench_cache/) the checkpoint, converts it into a fresh offload (timed), runs one warm-up
-and --steps timed training steps in this process, and prints a table and, as the last line, JSON.
+                [--keep_cache [--reuse_offload]]
+Checks the disk first (the synthetic source, its offload and the run folder, as training does), makes the
+checkpoint in bench_cache/, converts it into a fresh offload (timed), runs one warm-up and --steps timed
+training steps in this process, and prints a table and, as the last line, JSON. What it made for the shape
+is removed when the run ends, unless --keep_cache (then --reuse_offload skips the conversion next time);
+anything an earlier --keep_cache run left in bench_cache/ is used and kept.
 """
 import argparse
 import json
 import math
-import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -21,8 +22,10 @@ from pathlib import Path
 import torch
 
 import loader
-from blackbox_model import module_shapes
-from utils import FILE_BYTES, evict_from_page_cache, io_bytes, parse_dtype, peak_rss_mb
+from llama import module_names, module_shapes
+from meta_format import model_args
+from utils import (FILE_BYTES, UserError, check_disk, cpu_has_bf16, cpu_name, evict_from_page_cache, main_guard,
+                   parse_dtype, peak_rss_mb, proc_io)
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "bench_cache"
@@ -34,6 +37,16 @@ SHAPES = {  # params.json of the real models; 1b is a 7B-like model cut to dim 2
     "70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096, "ffn_dim_multiplier": 1.3},
 }
 SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8}
+VOCAB = 32000  # of every synthetic model (its tokenizer is padded to this size)
+
+
+def shape_params(shape, layers):
+    return {**SHAPES[shape], "n_layers": layers, "norm_eps": 1e-5, "vocab_size": -1}
+
+
+def n_params(shape, layers):
+    args = model_args(shape_params(shape, layers), VOCAB)
+    return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name.split(".")[0]).values())
 
 
 def checkpoint(shape, layers):
@@ -41,8 +54,8 @@ def checkpoint(shape, layers):
     path = CACHE / f"{shape}-{layers}L"
     if not (path / "params.json").exists():
         code = ("import sys, json, default_model as d; d.make_model(sys.argv[1], json.loads(sys.argv[2]), "
-                "d.train_tokenizer(d.DEFAULT_TEXT, 32000, 31500), int(sys.argv[3]))")
-        params = {**SHAPES[shape], "n_layers": layers, "norm_eps": 1e-5, "vocab_size": -1}
+                f"d.train_tokenizer(d.DEFAULT_TEXT, {VOCAB}, {VOCAB - 500}), int(sys.argv[3]))")
+        params = shape_params(shape, layers)
         start = time.time()
         subprocess.run([sys.executable, "-c", code, str(path), json.dumps(params), str(SHARDS[shape])], check=True, cwd=HERE)
         print(f"made {path} in {time.time() - start:.0f} s", file=sys.stderr)
@@ -88,20 +101,28 @@ def disk_read_gbps(path):
     return path.stat().st_size / (time.perf_counter() - start) / 1e9
 
 
+IO_KEYS = ("rchar", "wchar", "disk_read_bytes", "disk_write_bytes", "file_read_bytes", "file_write_bytes")
+
+
+def io_counters():
+    """This process's bytes so far, in IO_KEYS' order: utils.proc_io's four, then the module file data
+    read and written (reads through memory maps included, whether from the cache or the disk)."""
+    return (*proc_io().values(), FILE_BYTES["read"], FILE_BYTES["written"])
+
+
 def run_steps(model, batches, lr):
-    """Step times and bytes per step: (logical reads, writes) from /proc/self/io, and the module file data
-    read and written (which also counts reads through memory maps, invisible to /proc/self/io)."""
+    """Step times, and {IO_KEYS: bytes} per timed step."""
     times = []
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
-            model.io.submit(lambda: None).result()
-            before = (*io_bytes(), FILE_BYTES["read"], FILE_BYTES["written"])
+            model.offload.wait()
+            before = io_counters()
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
-    model.io.submit(lambda: None).result()  # the last step's writes are done
-    after = (*io_bytes(), FILE_BYTES["read"], FILE_BYTES["written"])
-    return times[1:], [(b - a) // (len(batches) - 1) for a, b in zip(before, after)]
+    model.offload.wait()  # the last step's writes are done
+    after = io_counters()
+    return times[1:], {key: (b - a) // (len(batches) - 1) for key, a, b in zip(IO_KEYS, before, after)}
 
 
 def reference_child(a):
@@ -131,6 +152,30 @@ def reference_child(a):
     print(json.dumps({"reference_step_s": statistics.median(times[1:]), "reference_peak_rss_mb": peak_rss_mb()}))
 
 
+def disk_needs(a, cached, offload, reuse):
+    """What the run writes on the disk: [(what, folder, bytes)] for utils.check_disk."""
+    n = n_params(a.shape, a.layers)
+    run = n * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else 0  # one slot: bench commits no step
+    return [("source (cached)" if cached else "source", CACHE, 0 if cached else 2 * n),  # bf16
+            ("offload (reused)" if reuse else "offload", offload.parent, 0 if reuse else 2 * n),
+            ("run folder", CACHE / "run", run)]
+
+
+def remove(paths):
+    """Remove what this run made (and any half-made temporaries of it), then bench_cache/ if it is empty."""
+    for path in paths:
+        for p in [path, *path.parent.glob(f"{path.name}.tmp-*"), path.parent / f".{path.name}.lock"]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+    for folder in (CACHE / "offload", CACHE):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: what an earlier --keep_cache run left
+            pass
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=SHAPES)
@@ -146,52 +191,78 @@ def main():
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--cold", action="store_true", help="evict every offloaded file from the page cache before reading it")
     p.add_argument("--reference", action="store_true", help="also time plain in-memory autograd in a child process")
+    p.add_argument("--keep_cache", action="store_true",
+                   help="keep the synthetic source, its offload and the run folder in bench_cache/ for repeated runs "
+                        "of this shape, where --reuse_offload then skips the conversion (by default what a run "
+                        "made is removed when it ends)")
     p.add_argument("--reuse_offload", action="store_true",
-                   help="keep the offload of an earlier run of this shape (conversion not timed; saves disk and time)")
+                   help="use the offload an earlier --keep_cache run of this shape kept (conversion not timed)")
+    p.add_argument("--debug", default="0", help="--debug=1: a traceback instead of a one-line error")
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.layers = a.layers or SHAPES[a.shape]["n_layers"]
+    if a.layers < 1 or a.steps < 1:
+        raise UserError(f"--layers={a.layers}, --steps={a.steps}: both must be at least 1")
     a.optimizer = "adamw" if a.mode == "lora" else a.optimizer  # LoRA adapters are trained with AdamW
     if a.reference_child:
         return reference_child(a)
 
-    source = checkpoint(a.shape, a.layers)
-    offload_root = CACHE / "offload"
-    if not a.reuse_offload:  # a fresh conversion of this source, timed
-        shutil.rmtree(loader.offload_dir_for(source, offload_root), ignore_errors=True)
+    source = CACHE / f"{a.shape}-{a.layers}L"
+    offload_root, run_dir = CACHE / "offload", CACHE / "run"
+    offload = loader.offload_dir_for(source, offload_root)
+    cached = (source / "params.json").exists()  # by an earlier --keep_cache run: used and kept
+    reuse = a.reuse_offload and cached and (offload / "manifest.json").exists()
+    made = [run_dir] + ([] if cached else [source]) + ([] if reuse else [offload])
+    for path in [run_dir] if reuse else [run_dir, offload]:  # old ones are replaced: their space is free
+        shutil.rmtree(path, ignore_errors=True)
+    check_disk(disk_needs(a, cached, offload, reuse), lambda line: print(line, file=sys.stderr))
+    try:
+        checkpoint(a.shape, a.layers)
+        result = run(a, source, offload_root, run_dir)
+    finally:  # after the reference run, which reads the source
+        if not a.keep_cache:
+            remove(made)
+            print(f"removed {', '.join(str(path.relative_to(HERE)) for path in made)} (--keep_cache keeps them)",
+                  file=sys.stderr)
+    for key, value in result.items():
+        print(f"{key:26} {value}")
+    print(json.dumps(result))
+
+
+def run(a, source, offload_root, run_dir):
+    """Convert, train and time; the figures, with the reference run's when asked."""
     start = time.perf_counter()
     model = loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
                                memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
                                prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
     convert_s = time.perf_counter() - start
-    run_dir = CACHE / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
     tokens = a.batch_size * a.seq_len
-    if a.mode == "lora":
-        model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
-    model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
-                         tokens_per_step=tokens)
-    model.train()
-    batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
-    times, (reads, writes, file_reads, file_writes) = run_steps(model, batches, 1e-4)
-    model.close()
+    try:
+        if a.mode == "lora":
+            model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
+        model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
+                             tokens_per_step=tokens)
+        model.train()
+        batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
+        times, io = run_steps(model, batches, 1e-4)
+    finally:
+        model.close()  # no write into the run folder is left when it is removed
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
     flops = (6 if a.mode == "full" else 4) * n * tokens
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
-    result = {"shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
+    result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
+              "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
               "compute_dtype": a.compute_dtype, "tokens_per_step": tokens, "convert_s": round(convert_s, 2),
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
               "peak_rss_mb": round(peak_rss_mb()), "planned_peak_mb": round(model.peak_estimate / 2**20),
-              "read_bytes_per_step": reads, "write_bytes_per_step": writes,
-              "file_read_bytes_per_step": file_reads, "file_write_bytes_per_step": file_writes,
-              "min_bytes_per_step": min_bytes,
+              **{f"{key}_per_step": value for key, value in io.items()}, "min_bytes_per_step": min_bytes,
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
               "gemm_gflops": round(gemm_gflops(model.args, tokens, parse_dtype(a.compute_dtype)), 1),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.cold:
-        result["disk_read_gbps"] = round(disk_read_gbps(next(offload_root.glob("*/layers.0.safetensors"))), 2)
+        result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)
     if a.reference:
         child = subprocess.run([sys.executable, __file__, "--reference-child", *sys.argv[1:]], capture_output=True,
                                text=True, cwd=HERE)
@@ -199,10 +270,8 @@ def main():
             sys.exit(f"reference run failed: {child.stderr.strip()[-500:]}")
         ref = json.loads(child.stdout.strip().splitlines()[-1])
         result.update(ref, ratio_vs_reference=round(step_s / ref["reference_step_s"], 3))
-    for key, value in result.items():
-        print(f"{key:24} {value}")
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, fsync_path, safetensors_header, write_json
+from meta_format import check_heads
+from utils import UserError, check_keys, fsync_path, read_json_object, safetensors_header, write_json
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
@@ -58,22 +59,25 @@ def permuted_heads(key, args):
 def read_config(folder):
     """(params in Meta's terms, the raw config) of a Hugging Face Llama folder."""
     path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})")
-    arch = (config.get("architectures") or ["?"])[0]
+    config = read_json_object(path)
+    check_keys(path, config, {
+        "architectures": "a non-empty list of strings", "hidden_size": "a positive integer",
+        "num_hidden_layers": "a positive integer", "num_attention_heads": "a positive integer",
+        "intermediate_size": "a positive integer", "vocab_size": "a positive integer"}, {
+        "num_key_value_heads": "a positive integer or null", "rms_norm_eps": "a positive number",
+        "rope_theta": "a positive number or null", "head_dim": "a positive integer or null",
+        "tie_word_embeddings": "true or false", "max_position_embeddings": "a positive integer"})
+    arch = config["architectures"][0]
     if arch not in ARCHITECTURES:
         raise UserError(f"{path}: architecture {arch}; slowllama reads {', '.join(ARCHITECTURES)}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        if not isinstance(config.get(key), int):
-            raise UserError(f"{path}: missing the integer {key!r}")
     params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
               "n_heads": config["num_attention_heads"],
               "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
               "vocab_size": config["vocab_size"], "multiple_of": 256, "hidden_dim": config["intermediate_size"],
               "norm_eps": config.get("rms_norm_eps", 1e-5), "rope_theta": config.get("rope_theta") or 10000.0}
-    if config.get("head_dim", params["dim"] // params["n_heads"]) != params["dim"] // params["n_heads"]:
+    check_heads(path, params["dim"], params["n_heads"], params["n_kv_heads"],
+                ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if config.get("head_dim") not in (None, params["dim"] // params["n_heads"]):
         raise UserError(f"{path}: head_dim differs from hidden_size / num_attention_heads, which is not supported")
     return params, config
 

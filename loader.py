@@ -76,6 +76,7 @@ def convert(model_dir, offload_root=None, log=log_line):
     if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
         return target, manifest
     sizes = [f.stat().st_size for f in source_files(model_dir)]
+    module = sum(sizes) / (n_layers_of(model_dir) + 2)  # reads (and checks) the config before anything is written
     check_disk([("offload", target.parent, sum(sizes))], log)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
@@ -85,7 +86,6 @@ def convert(model_dir, offload_root=None, log=log_line):
             return target, manifest  # made by another process meanwhile
         for stale in target.parent.glob(f"{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        module = sum(sizes) / (n_layers_of(model_dir) + 2)
         log(f"converting {model_dir}: RAM about {gb(2 * module + (300 << 20))} at peak (a module and its slices)")
         tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
         try:

@@ -5,7 +5,6 @@ tokenizer.model. Each weight is split across the shards along one dimension (nor
 Shards are read through memory maps, a module's slices at a time, and written by laying each shard
 out first and filling it through a shared memory map, so neither needs a whole shard in RAM.
 """
-import json
 import mmap
 import os
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 
 from llama import ModelArgs, module_shapes
-from utils import UserError, fsync_path, progress, published
+from utils import UserError, check_keys, fsync_path, progress, published, read_json_object
 
 # Meta's model-parallel layout: the dimension along which each weight is split across shards
 # (weights not named here, such as the norms, are replicated in every shard)
@@ -51,32 +50,31 @@ def expected_shard_shape(model_dir, key, shape, n_shards):
 
 def read_params(model_dir):
     path = Path(model_dir) / "params.json"
-    try:
-        params = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not found; a Llama model folder holds params.json, consolidated.NN.pth "
-                        "and tokenizer.model")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})")
-    if not isinstance(params, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    for key in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps"):
-        if key not in params:
-            raise UserError(f"{path}: missing the key {key!r}")
-    for key in ("dim", "n_layers", "n_heads", "multiple_of", "n_kv_heads", "vocab_size"):
-        if key in params and params[key] is not None and (not isinstance(params[key], int) or
-                                                           params[key] <= 0 and key != "vocab_size"):
-            raise UserError(f"{path}: {key} must be a positive integer, not {params[key]!r}")
-    kv = params.get("n_kv_heads") or params["n_heads"]
-    if params["dim"] % params["n_heads"] or params["n_heads"] % kv or (params["dim"] // params["n_heads"]) % 2:
-        raise UserError(f"{path}: dim={params['dim']}, n_heads={params['n_heads']}, n_kv_heads={kv} do not fit "
-                        "(dim must split into heads of even size, n_heads into groups of n_kv_heads)")
+    params = read_json_object(path, "; a Llama model folder holds params.json, consolidated.NN.pth and tokenizer.model")
+    required = {"dim": "a positive integer", "n_layers": "a positive integer", "n_heads": "a positive integer",
+                "norm_eps": "a positive number"}
+    if "hidden_dim" not in params:  # Mistral's params.json gives the FFN size instead of Meta's formula
+        required["multiple_of"] = "a positive integer"
+    check_keys(path, params, required, {
+        "n_kv_heads": "a positive integer or null", "vocab_size": "a positive integer or -1",
+        "multiple_of": "a positive integer", "ffn_dim_multiplier": "a positive number or null",
+        "rope_theta": "a positive number or null", "hidden_dim": "a positive integer",
+        "use_scaled_rope": "true or false"})
+    check_heads(path, params["dim"], params["n_heads"], params.get("n_kv_heads") or params["n_heads"])
     return params
+
+
+def check_heads(path, dim, n_heads, kv, names=("dim", "n_heads", "n_kv_heads")):
+    """Refuses head counts the weights cannot be split by; names: the three settings as the file calls them."""
+    if dim % n_heads or n_heads % kv or (dim // n_heads) % 2:
+        raise UserError(f"{path}: {names[0]}={dim}, {names[1]}={n_heads}, {names[2]}={kv} do not fit "
+                        f"({names[0]} must split into heads of even size, {names[1]} into groups of {names[2]})")
+
 
 def model_args(params, vocab_size):
     return ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
                      vocab_size=vocab_size, n_kv_heads=params.get("n_kv_heads"),
-                     multiple_of=params["multiple_of"], ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+                     multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                      norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta") or 10000.0,
                      ffn_dim=params.get("hidden_dim"))
 

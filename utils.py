@@ -93,14 +93,14 @@ def sysctl(name):
         return ""
 
 
-def cpu_has_bf16():
+def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU multiplies bf16 natively: AVX-512 BF16 or AMX on x86, the BF16 extension on
     Arm. Without them torch converts bf16 to fp32 and back around every matmul (measured on a Xeon with
     AVX-512F only: 43 against 107 GFLOP/s in fp32)."""
     if sys.platform == "darwin":
         return sysctl("hw.optional.arm.FEAT_BF16") == "1"
     try:
-        flags = {word for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))
+        flags = {word for line in open(cpuinfo) if line.startswith(("flags", "Features"))
                  for word in line.split(":", 1)[1].split()}
     except OSError:
         return False
@@ -191,13 +191,16 @@ def return_freed_memory_to_os():
             pass
 
 
-def io_bytes():
-    """(read, written) logical bytes of this process so far, from /proc/self/io (0, 0 elsewhere)."""
+def proc_io():
+    """This process's I/O so far from /proc/self/io (zeros where it is missing): rchar / wchar, all
+    bytes through read() and write(), page-cache hits included, memory-mapped reads not; read_bytes /
+    write_bytes, what the disk served and what was dirtied for it to write (mapped reads included; a
+    page rewritten before it reaches the disk counts once)."""
     try:
-        fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-        return int(fields["rchar"]), int(fields["wchar"])
+        fields = dict(line.split(":", 1) for line in open("/proc/self/io").read().splitlines())
     except OSError:
-        return 0, 0
+        fields = {}
+    return {key: int(fields.get(key, 0)) for key in ("rchar", "wchar", "read_bytes", "write_bytes")}
 
 
 # --- files: every write goes to a temporary name, is flushed, and renamed into place ---
@@ -433,3 +436,41 @@ def parse_settings(argv, defaults):
         if kind is int and settings[name] != float(value):
             raise UserError(f"--{name}={value}: expected an integer")
     return settings
+
+
+def read_json_object(path, missing=""):
+    """A JSON file that must hold an object; every way it can fail is one line naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found{missing}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return obj
+
+
+def check_keys(path, config, required, optional=()):
+    """Refuse a config file's dict unless every key of required is there, and every key of required or
+    optional that is there holds a value of its kind: {key: kind}, each kind one of the names below,
+    a name followed by " or null" also taking null. One line naming the file and the key otherwise."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0  # True is an int in Python
+
+    tests = {"a positive integer": positive_int,
+             "a positive integer or -1": lambda v: positive_int(v) or type(v) is int and v == -1,
+             "a positive number": lambda v: positive_int(v) or type(v) is float and math.isfinite(v) and v > 0,
+             "true or false": lambda v: isinstance(v, bool),
+             "a non-empty list of strings": lambda v: isinstance(v, list) and len(v) > 0
+             and all(isinstance(s, str) for s in v)}
+    for key, kind in {**required, **dict(optional)}.items():
+        value = config.get(key)
+        if key not in config:
+            if key in required:
+                raise UserError(f"{path}: missing the key {key!r}")
+        elif not (value is None and kind.endswith(" or null") or tests[kind.removesuffix(" or null")](value)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{path}: {key} must be {kind}, not {shown}")

@@ -1,0 +1,152 @@
+"""Config files: every key a format needs is checked for presence and type before use, and bad input is
+one line naming the file and the key, never a traceback."""
+import json
+import shutil
+
+import pytest
+
+import hf_format as hf
+import loader
+import meta_format
+from conftest import run
+from test_hf import save_as_hf
+from utils import UserError
+
+DELETE = object()  # a case's value meaning "the key removed"
+
+# Every required key of each format and its kind, written out here rather than read from the code: a key
+# that stops being checked fails its cases.
+META_REQUIRED = {"dim": "int", "n_layers": "int", "n_heads": "int", "multiple_of": "int", "norm_eps": "number"}
+HF_REQUIRED = {"architectures": "list", "hidden_size": "int", "num_hidden_layers": "int",
+               "num_attention_heads": "int", "intermediate_size": "int", "vocab_size": "int"}
+BAD = {"int": [("a string", "64"), ("true", True), ("zero", 0), ("a float", 64.0)],
+       "number": [("a string", "1e-5"), ("true", True), ("zero", 0), ("negative", -1e-5)],
+       "list": [("a string", "LlamaForCausalLM"), ("empty", []), ("not strings", [1])]}
+
+
+def cases(required):
+    return [pytest.param(key, value, id=f"{key}-{name}") for key, kind in required.items()
+            for name, value in [("removed", DELETE), ("null", None), *BAD[kind]]]
+
+
+# one wrong value of each optional key
+META_OPTIONAL_BAD = {"n_kv_heads": "2", "vocab_size": "32000", "ffn_dim_multiplier": "1.3", "rope_theta": "10000",
+                     "hidden_dim": "224", "use_scaled_rope": "yes"}
+HF_OPTIONAL_BAD = {"num_key_value_heads": "2", "rms_norm_eps": "1e-5", "rope_theta": "10000", "head_dim": "16",
+                   "tie_word_embeddings": "false", "max_position_embeddings": "4096"}
+
+
+@pytest.fixture(scope="module")
+def meta_model(make):
+    return make(seed=61)
+
+
+@pytest.fixture(scope="module")
+def hf_model(meta_model, tmp_path_factory):
+    return save_as_hf(meta_model, tmp_path_factory.mktemp("hf") / "hf")
+
+
+def edited(src, tmp_path, name, **changes):
+    """A copy of a model folder with keys of its config file set (DELETE: removed); the config's path."""
+    folder = shutil.copytree(src, tmp_path / "model")
+    path = folder / name
+    config = json.loads(path.read_text())
+    config.update(changes)
+    for key in [k for k, v in changes.items() if v is DELETE]:
+        del config[key]
+    path.write_text(json.dumps(config))
+    return path
+
+
+def refusal(folder, tmp_path):
+    with pytest.raises(UserError) as e:
+        loader.load_llama2(folder, offload_path=tmp_path / "offload", log=lambda *a: None)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def assert_names(message, path, key):
+    assert message.startswith(f"{path}: ") and key in message.removeprefix(f"{path}: "), message
+
+
+@pytest.mark.parametrize("key,value", cases(META_REQUIRED))
+def test_every_required_params_key_is_checked(meta_model, tmp_path, key, value):
+    path = edited(meta_model, tmp_path, "params.json", **{key: value})
+    assert_names(refusal(path.parent, tmp_path), path, key)
+
+
+@pytest.mark.parametrize("key,value", cases(HF_REQUIRED))
+def test_every_required_config_key_is_checked(hf_model, tmp_path, key, value):
+    path = edited(hf_model, tmp_path, "config.json", **{key: value})
+    assert_names(refusal(path.parent, tmp_path), path, key)
+
+
+@pytest.mark.parametrize("key,value", META_OPTIONAL_BAD.items())
+def test_optional_params_keys_of_a_wrong_type(meta_model, tmp_path, key, value):
+    path = edited(meta_model, tmp_path, "params.json", **{key: value})
+    assert_names(refusal(path.parent, tmp_path), path, key)
+
+
+@pytest.mark.parametrize("key,value", HF_OPTIONAL_BAD.items())
+def test_optional_config_keys_of_a_wrong_type(hf_model, tmp_path, key, value):
+    path = edited(hf_model, tmp_path, "config.json", **{key: value})
+    assert_names(refusal(path.parent, tmp_path), path, key)
+
+
+def test_the_messages_read_as_documented(meta_model, tmp_path):
+    path = edited(meta_model, tmp_path / "a", "params.json", dim=DELETE)
+    assert refusal(path.parent, tmp_path) == f"{path}: missing the key 'dim'"
+    path = edited(meta_model, tmp_path / "b", "params.json", dim=None)
+    assert refusal(path.parent, tmp_path) == f"{path}: dim must be a positive integer, not None"
+
+
+@pytest.mark.parametrize("name,model", [("params.json", "meta_model"), ("config.json", "hf_model")])
+def test_a_config_that_is_not_an_object(request, tmp_path, name, model):
+    folder = shutil.copytree(request.getfixturevalue(model), tmp_path / "model")
+    (folder / name).write_text("[64, 2]")
+    assert refusal(folder, tmp_path) == f"{folder / name}: expected a JSON object"
+
+
+@pytest.mark.parametrize("name,model,changes", [
+    ("params.json", "meta_model", {"n_kv_heads": 3}), ("params.json", "meta_model", {"n_heads": 64, "n_kv_heads": 32}),
+    ("config.json", "hf_model", {"num_attention_heads": 3, "num_key_value_heads": 3}),
+    ("config.json", "hf_model", {"num_attention_heads": 64, "num_key_value_heads": 32})], ids=str)
+def test_head_counts_that_do_not_fit(request, tmp_path, name, model, changes):
+    path = edited(request.getfixturevalue(model), tmp_path, name, **changes)
+    message = refusal(path.parent, tmp_path)
+    assert message.startswith(f"{path}: ") and "do not fit" in message, message
+
+
+def test_an_unsupported_architecture(hf_model, tmp_path):
+    path = edited(hf_model, tmp_path, "config.json", architectures=["GPT2LMHeadModel"])
+    assert "architecture GPT2LMHeadModel" in refusal(path.parent, tmp_path)
+
+
+@pytest.mark.parametrize("changes", [{"n_kv_heads": None}, {"ffn_dim_multiplier": None}, {"rope_theta": None},
+                                     {"rope_theta": 500000.0}, {"vocab_size": 256}, {"use_scaled_rope": True},
+                                     {"multiple_of": DELETE, "hidden_dim": 224}], ids=str)
+def test_good_optional_params_values_are_taken(meta_model, tmp_path, changes):
+    meta_format.read_params(edited(meta_model, tmp_path, "params.json", **changes).parent)
+
+
+@pytest.mark.parametrize("changes", [{"num_key_value_heads": None}, {"rope_theta": None}, {"head_dim": None},
+                                     {"head_dim": 16}, {"tie_word_embeddings": False}, {"rms_norm_eps": 1e-6},
+                                     {"max_position_embeddings": 4096}, {"rms_norm_eps": DELETE}], ids=str)
+def test_good_optional_config_values_are_taken(hf_model, tmp_path, changes):
+    hf.read_config(edited(hf_model, tmp_path, "config.json", **changes).parent)
+
+
+def test_hidden_dim_stands_for_multiple_of(meta_model, tmp_path):
+    path = edited(meta_model, tmp_path, "params.json", multiple_of=DELETE, hidden_dim=224)
+    model = loader.load_llama2(path.parent, offload_path=tmp_path / "offload", log=lambda *a: None)
+    assert model.args.hidden_dim == 224
+    model.close()
+
+
+def test_a_null_dim_is_one_line_from_the_command_line(meta_model, tmp_path):
+    path = edited(meta_model, tmp_path, "params.json", dim=None)
+    rc, _, err = run("test_gen.py", path.parent, "cpu", "--offload_path", tmp_path / "offload", timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and "Traceback" not in err, err
+    assert errors == [f"error: {path}: dim must be a positive integer, not None"], err
