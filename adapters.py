@@ -1,6 +1,7 @@
 """LoRA adapter files: an adapter's settings, the model it fits and its (A, B) tensors, checked on load."""
+from files import load_tensors
 from llama import module_of, module_shapes
-from utils import UserError, load_tensors
+from utils import UserError
 
 
 def model_identity(args):

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 import loader
+from files import FILE_BYTES, evict_from_page_cache
 from llama import module_names, module_shapes
 from meta_format import model_args
-from utils import (FILE_BYTES, UserError, check_disk, cpu_has_bf16, cpu_name, evict_from_page_cache, main_guard,
-                   parse_dtype, peak_rss_mb, proc_io)
+from utils import UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, parse_dtype, peak_rss_mb, proc_io
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "bench_cache"
@@ -127,8 +127,9 @@ def run_steps(model, batches, lr):
 
 def reference_child(a):
     """Plain in-memory autograd on the same weights, batches and dtype: (median step s, peak RSS MB)."""
-    from reference import Reference, add_adapters, read_meta_folder
     import torch.nn.functional as F
+
+    from reference import Reference, add_adapters, read_meta_folder
     weights, params = read_meta_folder(checkpoint(a.shape, a.layers), mmap=True)
     model = Reference(weights, params)
     trained = model.parameters()

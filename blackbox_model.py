@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from llama import block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes, \
-    rope_tables, sample
+from files import fsync_path, read_tensors
+from llama import (block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes,
+                   rope_tables, sample)
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
-from utils import fsync_path, get_rng_state, read_tensors, return_freed_memory_to_os, set_rng_state
+from utils import get_rng_state, return_freed_memory_to_os, set_rng_state
 
 
 class Transformer:

@@ -59,12 +59,12 @@ from pathlib import Path
 import torch
 
 import hf_format as hf
-from blackbox_model import graph_bytes_per_token
 from adapters import adapter_state, read_adapter
+from blackbox_model import graph_bytes_per_token
 from default_model import DEFAULT_TEXT
+from files import load_tensors, save_tensors, write_json
 from loader import load_llama2, log_line, save_llama2
-from utils import (UserError, check_disk, gb, get_rng_state, load_tensors, main_guard, parse_settings, save_tensors,
-                   set_rng_state, write_json)
+from utils import UserError, check_disk, gb, get_rng_state, main_guard, parse_settings, set_rng_state
 
 
 def load_tokens(cfg, tokenizer):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from files import fsync_path, safetensors_header, write_json
 from meta_format import check_heads
-from utils import UserError, check_keys, fsync_path, read_json_object, safetensors_header, write_json
+from utils import UserError, check_keys, read_json_object
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",

@@ -19,12 +19,13 @@ from pathlib import Path
 import hf_format as hf
 from blackbox_model import Transformer
 from default_model import HERE, default_model
+from files import fsync_path, load_tensors, save_tensors, write_json, write_tensors
 from llama import module_names, module_of, module_shapes
 from meta_format import (meta_params, model_args, read_meta_module, read_params, read_shard, shard_files,
                          write_checkpoint)
 from tokenizer import Tokenizer
-from utils import (UserError, check_device, choose_compute_dtype, check_disk, dtype_name, fsync_path, gb, load_tensors, main_guard,
-                   parse_dtype, progress, save_tensors, total_ram_bytes, write_json, write_tensors)
+from utils import (UserError, check_device, check_disk, choose_compute_dtype, dtype_name, gb, main_guard, parse_dtype,
+                   progress, total_ram_bytes)
 
 DEFAULT_OFFLOAD = HERE / "offload"
 

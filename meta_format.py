@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from files import fsync_path, published
 from llama import ModelArgs, module_shapes
-from utils import UserError, check_keys, fsync_path, progress, published, read_json_object
+from utils import UserError, check_keys, progress, read_json_object
 
 # Meta's model-parallel layout: the dimension along which each weight is split across shards
 # (weights not named here, such as the norms, are replicated in every shard)

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from files import evict_from_page_cache, read_ahead, read_tensors, write_tensors
 from llama import graph_bytes_per_token
-from utils import evict_from_page_cache, read_ahead, read_tensors, write_tensors
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
 

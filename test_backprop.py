@@ -1,8 +1,14 @@
 """Integration check of the offloaded training step against plain PyTorch autograd.
 
 python test_backprop.py [MODEL_DIR] [ref|data|none] [DEVICE]
-  ref   one model in memory, trained by plain autograd and torch.optim, against the offloaded step
-  data  the offloaded step against outputs saved in test_data/ by the reference path (default model)
+  ref   one model in memory, trained by plain autograd and torch.optim, against the offloaded step: the
+        strong check, on any model, with the reference computed in the same process
+  data  the offloaded step against outputs saved in test_data/ by the reference path, for the built-in
+        default model and the saved batches only: the logits, losses and every update agree with the
+        reference to float rounding, on any CPU. Elements whose reference gradient was at rounding level
+        in some step (|g| < ROUNDING of the tensor's RMS gradient; their sign, so AdamW's +-lr step, may
+        differ between CPUs) are held to a learning-rate bound only; all others to 1e-3 relative L2.
+        ref mode marks them from its own reference run and compares the same way
   none  only time the offloaded step
 Each check runs two steps with dropout > 0, for SGD and AdamW (every weight trained) and for LoRA
 (AdamW on adapters of wq, wv, w2 and output), and compares the logits before and after, the losses
@@ -25,38 +31,60 @@ HERE = Path(__file__).resolve().parent
 DATA_FILE = HERE / "test_data" / "backprop_default.pt"
 SEED, DROPOUT, BATCH, SEQ_LEN, STEPS = 42, 0.1, 2, 16, 2
 LR = {"sgd": 1.0, "adamw": 1e-3, "lora": 1e-2}
+# see rounding_level: the gradients seen to differ between CPUs were at 1.7e-7 to 1.4e-5 of their tensor's
+# RMS; AdamW feels a change in g within a few eps (1e-8) of 0, and the smallest RMS here is 1e-4
+ROUNDING = 1e-3
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["wq", "wv", "w2", "output"]}
 
 
-def reference_run(model_dir, optimizer, batches, device, steps=STEPS, adapters=None):
-    """Plain autograd on all weights (sgd, adamw), or on the given LoRA adapters only (lora)."""
+def reference_run(model_dir, optimizer, batches, device, steps=STEPS, adapters=None, edit_grads=None):
+    """Plain autograd on all weights (sgd, adamw), or on the given LoRA adapters only (lora). Also marks, per
+    trained tensor, the elements whose gradient was at rounding level in some step (see rounding_level).
+    edit_grads(step, {key: parameter}) may change the gradients before each optimizer step (tests)."""
     weights, params = read_meta_folder(model_dir)
     model = Reference(weights, params, DROPOUT).to(device)
     if adapters is not None:
         model.requires_grad_(False)
-        trained = add_adapters(model, adapters, LORA["alpha"], LORA["dropout"])
+        add_adapters(model, adapters, LORA["alpha"], LORA["dropout"])
+    tensors = trained_tensors(model, adapters is not None)
     x = batches[0][0].to(device)
     model.eval()
     logits_before = model(x).cpu()
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR[optimizer]) if optimizer == "sgd" else \
-        torch.optim.AdamW(trained if adapters is not None else model.parameters(), lr=LR[optimizer])
+    opt = torch.optim.SGD(tensors.values(), lr=LR[optimizer]) if optimizer == "sgd" else \
+        torch.optim.AdamW(tensors.values(), lr=LR[optimizer])
     torch.manual_seed(SEED)
-    losses = []
-    for xb, yb in batches[:steps]:
+    losses, marks = [], {k: torch.zeros(0, dtype=torch.int32) for k in tensors}
+    for step, (xb, yb) in enumerate(batches[:steps]):
         loss = F.cross_entropy(model(xb.to(device)).flatten(0, 1), yb.to(device).flatten(), ignore_index=-1)
         opt.zero_grad()
         loss.backward()
+        marks = {k: torch.cat([marks[k], rounding_level(p.grad)]).unique() for k, p in tensors.items()}
+        if edit_grads is not None:
+            edit_grads(step, tensors)
         opt.step()
         losses.append(loss.item())
     model.eval()
-    updated = {meta_key(n): p.detach().cpu() for n, p in model.named_parameters()}
-    if adapters is not None:
-        updated = {f"{meta_key(n)}.weight:{ab}": getattr(m, f"lora_{ab.lower()}").detach().cpu()
-                   for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.lora_a is not None
-                   for ab in ("A", "B")}
-    return {"logits_before": logits_before, "losses": torch.tensor(losses), "weights": updated,
-            "logits_after": model(x).cpu(), "initial": weights}
+    return {"logits_before": logits_before, "losses": torch.tensor(losses), "marks": marks,
+            "weights": {k: p.detach().cpu() for k, p in tensors.items()}, "logits_after": model(x).cpu(),
+            "initial": weights}
+
+
+def trained_tensors(model, lora):
+    """{key: parameter} of what a reference run trains, keyed as the offloaded run's updated tensors."""
+    if not lora:
+        return {meta_key(n): p for n, p in model.named_parameters()}
+    return {f"{meta_key(n)}.weight:{ab}": getattr(m, f"lora_{ab.lower()}") for n, m in model.named_modules()
+            if isinstance(m, LoraLinear) and m.lora_a is not None for ab in ("A", "B")}
+
+
+def rounding_level(grad):
+    """Flat int32 indices of the elements with 0 < |g| < ROUNDING * RMS(g): float rounding may decide their
+    sign, which AdamW's first steps turn into up to +-lr. Exact zeros are structural (embedding rows of tokens not
+    in the batch), zero on any CPU, and stay fully checked."""
+    g = grad.detach().float().flatten().cpu()
+    small = g.abs() < ROUNDING * g.square().mean().sqrt()
+    return (small & (g != 0)).nonzero().flatten().int()
 
 
 def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, **model_settings):
@@ -120,19 +148,32 @@ def make_batches(vocab, seed=SEED):
 # --- comparing ---
 
 def close(a, b, rtol):
-    """The difference is small against the expected values (relative L2 error: AdamW's first steps
-    turn float noise in near-zero gradients into a few differing elements, a wrong gradient into many)."""
+    """The difference is small against the expected values (relative L2 error)."""
     a, b = a.float(), b.float()
     return torch.linalg.vector_norm(a - b).item() <= rtol * max(torch.linalg.vector_norm(b).item(), 1e-20)
 
 
+def update_close(got, want, marks, rtol, bound):
+    """Updates agree: to rtol (relative L2) on every element whose gradient was clear in all steps, and
+    within bound on the marked ones, whose gradient was at rounding level in some step."""
+    got, want, marks = got.float().flatten(), want.float().flatten(), marks.long()
+    clear = torch.ones_like(want, dtype=torch.bool)
+    clear[marks] = False
+    return close(got[clear], want[clear], rtol) and bool(((got[marks] - want[marks]).abs() <= bound).all())
+
+
 def compare(name, got, want, initial, rtol=1e-3):
-    """[ OK ]/[FAIL] lines; weight updates are compared as deltas from the initial weights."""
+    """[ OK ]/[FAIL] lines for the run of optimizer name (a key of LR); weight updates are compared as deltas
+    from the initial weights, want's marks (elements with rounding-level gradients) to a learning-rate bound."""
     checks = [("logits before", close(got["logits_before"], want["logits_before"], 1e-5)),
               ("losses", (got["losses"] - want["losses"]).abs().max().item() < 1e-4),
               ("logits after", close(got["logits_after"], want["logits_after"], rtol))]
-    bad = [k for k in want["weights"]
-           if not close(got["weights"][k] - initial[k], want["weights"][k] - initial[k], rtol)]
+    # An AdamW step moves an element by at most ~lr (bias-corrected |m|/sqrt(v) <= 1 at step 1, 1.0013 at
+    # step 2, whatever the gradients), so runs whose gradients differ in sign differ by <= 2 lr per step;
+    # 3 leaves room for weight decay and eps. SGD moves an element by lr |g|, |g| << 1 here.
+    bound = 3 * LR[name] * len(want["losses"])
+    bad = [k for k in want["weights"] if not update_close(
+        got["weights"][k] - initial[k], want["weights"][k] - initial[k], want["marks"][k], rtol, bound)]
     checks.append((f"all {len(want['weights'])} updated tensors" + (f" (wrong: {', '.join(bad[:5])})" if bad else ""),
                    not bad))
     ok = True
@@ -143,14 +184,15 @@ def compare(name, got, want, initial, rtol=1e-3):
 
 
 def pack_expected(result):
-    """What test_data keeps of a reference run: the deltas of every tensor, scaled into float16."""
+    """What test_data keeps of a reference run: the deltas of every tensor, scaled into float16, and the
+    marks of rounding-level gradients (int32 flat indices)."""
     deltas = {}
     for k, w in result["weights"].items():
         delta = w - result["initial"][k]
         scale = delta.abs().max().clamp(min=1e-30)
         deltas[k] = {"scale": scale, "delta": (delta / scale).half()}
     return {"logits_before": result["logits_before"], "losses": result["losses"],
-            "logits_after": result["logits_after"], "deltas": deltas}
+            "logits_after": result["logits_after"], "deltas": deltas, "marks": result["marks"]}
 
 
 def unpack_expected(saved, initial):
@@ -185,15 +227,17 @@ def main():
             saved[opt] = pack_expected({**result, "initial": initial_values(model_dir, opt, initial)})
         DATA_FILE.parent.mkdir(exist_ok=True)
         torch.save(saved, DATA_FILE)
-        print(f"wrote {DATA_FILE}")
+        marked = {opt: sum(len(m) for m in saved[opt]["marks"].values()) for opt in LR}
+        print(f"wrote {DATA_FILE}; elements marked at rounding level: {marked}")
         return
     if mode == "data":
         if Path(model_dir).resolve() != default_model().resolve():
             print("data mode compares with outputs saved for the built-in default model only")
             sys.exit(2)
         saved = torch.load(DATA_FILE, weights_only=True)
-        if saved["model"] != weights_hash(initial):
-            print(f"{DATA_FILE} was made for other default-model weights; remake it: python test_backprop.py --make-data")
+        if saved["model"] != weights_hash(initial) or "marks" not in saved["sgd"]:
+            print(f"{DATA_FILE} was made for other default-model weights or by an older version; "
+                  "remake it: python test_backprop.py --make-data")
             sys.exit(1)
         batches = saved["batches"]
     ok = True

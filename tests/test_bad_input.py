@@ -8,7 +8,7 @@ import torch
 
 import default_model
 import loader
-from conftest import TINY, folder_hash, run
+from conftest import folder_hash, run
 
 
 def copy_model(src, dst):

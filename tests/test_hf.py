@@ -13,7 +13,7 @@ import loader
 from conftest import run
 from tokenizer import Tokenizer
 from reference import read_meta_folder
-from test_training import make_batches, ours, weights_of
+from test_training import make_batches, ours
 
 NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
          "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",

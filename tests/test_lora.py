@@ -4,11 +4,10 @@ import re
 import pytest
 import torch
 
-import loader
 import test_backprop as tb
 from adapters import adapter_state
 from conftest import folder_hash, read_shards, run
-from utils import save_tensors
+from files import save_tensors
 
 
 @pytest.mark.parametrize("budget", [None, 0])

@@ -1,0 +1,182 @@
+"""Files: every write goes to a temporary name, is flushed and renamed into place (or, for module
+files being trained, overwrites a slot no committed state names); module files in the safetensors
+layout, read into reusable buffers; checkpoints of plain tensors, never unpickled objects."""
+import contextlib
+import json
+import math
+import mmap
+import os
+
+import torch
+
+from utils import UserError
+
+# --- files: every write goes to a temporary name, is flushed, and renamed into place ---
+
+def fsync_path(path):
+    """Flush a file's data, or a folder's entries (so a rename in it survives a power cut), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def published(path):
+    """Write to a temporary name (yielded), then flush and rename it to path; on failure remove it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(os.path.dirname(os.path.abspath(path)))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_tensors(tensors, path):
+    """torch.save a dict of plain tensors (and plain values) atomically."""
+    with published(path) as tmp:
+        torch.save(tensors, tmp)
+
+
+def write_text(text, path):
+    with published(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(obj, path):
+    write_text(json.dumps(obj, indent=1) + "\n", path)
+
+
+# --- module files: the safetensors layout, read into reusable buffers ---
+
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
+HEADER_ALIGN = 4096  # the data starts on a page boundary
+WINDOW_BYTES = 32 << 20  # converting reads map the file a window of this size at a time
+FILE_BYTES = {"read": 0, "written": 0}  # module file data moved, memory-mapped reads included
+
+
+def safetensors_header(entries):
+    """The bytes before the data of a safetensors file holding [(name, shape, dtype)] in this order."""
+    header, offset = {}, 0
+    for name, shape, dtype in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def write_tensors(tensors, path, in_place=False):
+    """A safetensors file (8-byte header size, JSON header, the tensors' bytes back to back), written to
+    a temporary name and renamed into place, or with in_place over the file's old bytes (whose memory
+    the OS then reuses: several times faster than a new file). Wider dtypes first: all aligned."""
+    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+    tmp = path if in_place else f"{path}.tmp{os.getpid()}"
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
+            f.write(safetensors_header([(name, t.shape, t.dtype) for name, t in items]))
+            for _, t in items:
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                FILE_BYTES["written"] += t.numel() * t.element_size()
+            f.truncate()
+        if not in_place:
+            os.replace(tmp, path)
+    finally:
+        if not in_place and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_tensors(path, buffer_for=None, dtype=None):
+    """({name: tensor}, buffer) of a file written by write_tensors: all tensors are views of one uint8
+    buffer (buffer_for(nbytes) may hand out a recycled one). With dtype, tensors of another dtype are
+    converted one at a time on the way in (no second copy of the whole file in memory). A damaged
+    file is a UserError."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 2 <= size < 1 << 26 else None
+            if not isinstance(header, dict):
+                raise UserError(f"{path}: not a module file (bad header)")
+            header.pop("__metadata__", None)
+            stored = {name: (ST_TORCH[h["dtype"]], h["shape"], *h["data_offsets"]) for name, h in header.items()}
+            for name, (kind, shape, start, end) in stored.items():
+                if end - start != math.prod(shape) * kind.itemsize:
+                    raise UserError(f"{path}: tensor {name} does not match its shape")
+            wanted = {name: dtype or kind for name, (kind, *_) in stored.items()}
+            nbytes = sum(math.prod(shape) * wanted[name].itemsize for name, (_, shape, *_) in stored.items())
+            buffer = buffer_for(nbytes) if buffer_for else torch.empty(nbytes, dtype=torch.uint8)
+            tensors, offset, data_start = {}, 0, 8 + size
+            order = sorted(stored.items(), key=lambda item: (-wanted[item[0]].itemsize, item[1][2]))
+            for name, (kind, shape, start, end) in order:  # wider first: every tensor aligned to its type
+                out = buffer[offset:offset + math.prod(shape) * wanted[name].itemsize]
+                offset += len(out)
+                f.seek(data_start + start)
+                if kind == wanted[name]:
+                    read_into(f, out, path)
+                else:  # converted straight from the OS's page cache, a mapped window at a time
+                    converted = out.view(wanted[name])
+                    for first in range(0, end - start, WINDOW_BYTES):
+                        begin = data_start + start + first
+                        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+                        length = min(WINDOW_BYTES, end - start - first)
+                        with mmap.mmap(f.fileno(), begin - aligned + length, offset=aligned,
+                                       access=mmap.ACCESS_COPY) as window:
+                            piece = torch.frombuffer(window, dtype=torch.uint8)[begin - aligned:]
+                            done = first // kind.itemsize
+                            converted[done:done + length // kind.itemsize].copy_(piece.view(kind))
+                            del piece
+                tensors[name] = out.view(wanted[name]).view(shape)
+                FILE_BYTES["read"] += end - start
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a module file ({e})")
+    return tensors, buffer
+
+
+def read_into(f, buffer, path):
+    view, done = buffer.numpy(), 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise UserError(f"{path}: truncated; the file is damaged")
+        done += n
+
+
+def load_tensors(path, mmap=True):
+    """Load a file of plain tensors; refuses anything else (weights_only=True never runs code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot be read as plain tensors ({first[:200]})") from e
+
+
+def evict_from_page_cache(path):
+    """Drop a file's pages from the OS page cache, so the next read comes from the disk (pages written
+    but not yet on the disk are written first: only those on the disk can be dropped)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_ahead(path):
+    """Ask the OS to start reading a whole file into its page cache (before it is memory-mapped)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
