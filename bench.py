@@ -29,23 +29,27 @@ from utils import UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, par
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "bench_cache"
-SHAPES = {  # params.json of the real models; 1b is a 7B-like model cut to dim 2048
+SHAPES = {  # params.json of the real models; 1b is a 7B-like model cut to dim 2048; 8b and 405b are Llama 3.1
     "tiny": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 64, "ffn_dim_multiplier": 1.3},
     "1b": {"dim": 2048, "n_layers": 16, "n_heads": 16, "multiple_of": 256},
     "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
     "13b": {"dim": 5120, "n_layers": 40, "n_heads": 40, "multiple_of": 256},
     "70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096, "ffn_dim_multiplier": 1.3},
+    "8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
+           "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+    "405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "multiple_of": 4096,
+             "ffn_dim_multiplier": 1.2, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
 }
-SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8}
-VOCAB = 32000  # of every synthetic model (its tokenizer is padded to this size)
+SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8, "8b": 1, "405b": 8}
+VOCAB = 32000  # of the synthetic tokenizer (padded to this size); the embedding rows of shapes without a vocab_size
 
 
 def shape_params(shape, layers):
-    return {**SHAPES[shape], "n_layers": layers, "norm_eps": 1e-5, "vocab_size": -1}
+    return {"norm_eps": 1e-5, "vocab_size": -1, **SHAPES[shape], "n_layers": layers}
 
 
 def n_params(shape, layers):
-    args = model_args(shape_params(shape, layers), VOCAB)
+    args = model_args(shape_params(shape, layers), SHAPES[shape].get("vocab_size", VOCAB))
     return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name.split(".")[0]).values())
 
 

@@ -17,7 +17,7 @@ from llama import (block_forward, embed, graph_bytes_per_token, head, loss_sum, 
                    rope_tables, sample)
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
-from utils import get_rng_state, return_freed_memory_to_os, set_rng_state
+from utils import UserError, get_rng_state, return_freed_memory_to_os, set_rng_state
 
 
 class Transformer:
@@ -30,9 +30,11 @@ class Transformer:
         self.memory_budget = 1 << 62 if memory_budget is None else int(memory_budget)
         self.offload = Offload(device, compute_dtype, prefetch, evict_before_read)
         self.boxes = {name: Blackbox(name, self.offload_dir / f"{name}.safetensors",
-                                     module_shapes(args, name.split(".")[0]), self.offload)
+                                     module_shapes(args, name.split(".")[0]), self.offload,
+                                     grad_uses=2 if args.tied and name == "tok_embeddings" else 1)
                       for name in module_names(args)}
-        self.embeddings, self.norm, self.output = self.boxes["tok_embeddings"], self.boxes["norm"], self.boxes["output"]
+        self.embeddings, self.norm = self.boxes["tok_embeddings"], self.boxes["norm"]
+        self.output = self.boxes.get("output", self.embeddings)  # tied: the embedding table is the output
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         return_freed_memory_to_os()
         self.training, self.mode, self.optimizer, self.lora = False, None, None, {}
@@ -49,8 +51,15 @@ class Transformer:
         """Share the memory budget out (offload.plan_memory) for micro-batches of tokens_per_step."""
         opt = self.optimizer
         self.graph_budget, self.offload.prefetch_in_memory, self.peak_estimate = plan_memory(
-            self.args, list(self.boxes.values()), self.memory_budget, tokens_per_step,
-            opt.micro_batches if opt else 1, bool(opt and opt.whole_grads), keep_activations)
+            self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_step,
+            opt.micro_batches if opt else 1, bool(opt and opt.whole_grads) or self.args.tied, keep_activations)
+
+    def check_window(self, length):
+        """Mistral's sliding window: sequences up to the window are exact; longer ones are refused."""
+        window = self.args.sliding_window
+        if window and length > window:
+            raise UserError(f"{length} positions are more than the model's sliding window of {window} "
+                            "(attention limited to the window is not supported); use shorter sequences")
 
     def close(self):
         for box in self.boxes.values():
@@ -62,12 +71,14 @@ class Transformer:
     @torch.no_grad()
     def forward(self, tokens, targets=None, caches=None, start=0):
         """Logits for a batch of token ids (and the mean loss over targets != -1 when given)."""
+        self.check_window(start + tokens.shape[1])
         tokens = tokens.to(self.device)
         rope = rope_tables(self.args, start, tokens.shape[1], self.device)
-        for i, box in enumerate(self.offload.stream([self.embeddings, *self.layers, self.output])):
-            if box is self.embeddings:
+        modules = [self.embeddings, *self.layers, self.output]  # with tied embeddings, the first is the last
+        for i, box in enumerate(self.offload.stream(modules)):
+            if i == 0:
                 h = embed(box, tokens)
-            elif box is self.output:
+            elif i == len(modules) - 1:
                 logits = head(self.norm.load(), box, h, self.args.norm_eps, self.training)
             else:
                 h = block_forward(box, h, self.args, rope, self.training, self.dropout, caches[i - 1] if caches else None,
@@ -80,8 +91,10 @@ class Transformer:
     __call__ = forward
 
     @torch.no_grad()
-    def generate(self, prompt, max_new, temperature=0.0, top_p=1.0, eos_id=None, use_cache=True, generator=None):
-        """Continue a list of token ids; greedy unless temperature > 0 (then top-p sampling)."""
+    def generate(self, prompt, max_new, temperature=0.0, top_p=1.0, stop_ids=(), use_cache=True, generator=None):
+        """Continue a list of token ids until a stop token (included) or max_new tokens; greedy unless
+        temperature > 0 (then top-p sampling)."""
+        self.check_window(len(prompt) + max_new)
         tokens = list(prompt)
         caches, start = None, 0
         if use_cache:
@@ -94,7 +107,7 @@ class Transformer:
             start = len(tokens) if use_cache else 0
             token = sample(logits, temperature, top_p, generator)
             tokens.append(token)
-            if token == eos_id:
+            if token in stop_ids:
                 break
         return tokens[len(prompt):]
 
@@ -110,7 +123,7 @@ class Transformer:
                 short = "output" if box is self.output else key.split(".")[-2]
                 if short not in targets or len(shape) != 2:
                     continue
-                name = f"{box.name}.{key}"
+                name = "output.weight" if box is self.output else f"{box.name}.{key}"
                 if tensors is not None:
                     a, b = tensors[name]
                 else:  # A like nn.Linear's default initialisation of a (rank x in) weight
@@ -146,6 +159,7 @@ class Transformer:
         """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch
         passes through a module while it is in memory. Returns the mean loss over all targets."""
         full, opt, stream = self.mode == "full", self.optimizer, self.offload.stream
+        self.check_window(batches[0][0].shape[1])
         opt.start_step(lr)
         xs = [x.to(self.device) for x, _ in batches]
         ys = [y.to(self.device) for _, y in batches]
@@ -236,12 +250,13 @@ class Transformer:
 
     def read_weights(self, name, merge_lora=True):
         """The current weights of one module, read on their own: the fp32 working copy when trained,
-        the source tensors otherwise, with LoRA adapters merged in (W + alpha/rank * B A, in fp32)."""
-        box = self.boxes[name]
+        the source tensors otherwise, with LoRA adapters merged in (W + alpha/rank * B A, in fp32). With
+        tied embeddings, "output" is the table with the output's adapter merged, "tok_embeddings" without."""
+        box = self.output if name == "output" else self.boxes[name]
         box.wait_write()
         weights = box.weights if box.weights is not None and box.trainable else \
             {k: t for k, t in read_tensors(box.file)[0].items() if k in box.shapes}
-        if merge_lora and box.lora:
+        if merge_lora and box.lora and not (box is self.output and name == "tok_embeddings"):
             weights = dict(weights)
             for key, (a, b, scale, _) in box.lora.items():
                 weights[key] = weights[key].float() + scale * (b.detach() @ a.detach()).to(weights[key].device)

@@ -171,7 +171,7 @@ def evaluate(model, cfg, val, step):
                         torch.stack([targets[s + 1:s + n + 1] for s in starts]))
         parts.append(f"val loss {loss.item():.4f}")
     prompt_ids = model.tokenizer.encode(cfg.prompt)
-    completion = model.generate(prompt_ids, cfg.gen_tokens, eos_id=model.tokenizer.eos_id)
+    completion = model.generate(prompt_ids, cfg.gen_tokens, stop_ids={model.tokenizer.eos_id})
     print(f"step {step}: {' | '.join(parts + [repr(model.tokenizer.decode(prompt_ids + completion))])}",
           flush=True)
     model.train()
@@ -292,6 +292,7 @@ def main():
     budget = None if cfg.memory_budget < 0 else cfg.memory_budget * 2**30
     model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=cfg.device,
                         compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout)
+    model.check_window(cfg.seq_len)
     train_tokens, val_tokens = load_tokens(cfg, model.tokenizer)
     check_disk(disk_needs(model, cfg), log_line)
     out, run_dir, previous = prepare_out_path(cfg, model)

@@ -15,12 +15,17 @@ from files import fsync_path, safetensors_header, write_json
 from meta_format import check_heads
 from utils import UserError, check_keys, read_json_object
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# the Llama family: Llama 2 / 3.x, CodeLlama, SmolLM2, TinyLlama; Mistral; Qwen 2 / 2.5 (q, k, v biases);
+# Qwen 3 (q and k norms, wider heads)
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
                "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
                "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
                "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-               "ffn_norm.weight": "post_attention_layernorm.weight"}
+               "ffn_norm.weight": "post_attention_layernorm.weight",
+               "attention.wq.bias": "self_attn.q_proj.bias", "attention.wk.bias": "self_attn.k_proj.bias",
+               "attention.wv.bias": "self_attn.v_proj.bias", "attention.q_norm.weight": "self_attn.q_norm.weight",
+               "attention.k_norm.weight": "self_attn.k_norm.weight"}
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 MAX_FILE_BYTES = 5 * 10**9  # Hugging Face's default largest file when saving
@@ -51,8 +56,11 @@ def to_meta_rows(w, n_heads):
 
 
 def permuted_heads(key, args):
-    """How many heads a weight's rows are permuted over between the layouts (0: not permuted)."""
-    return {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.kv_heads}.get(key.split(".", 2)[-1], 0)
+    """How many heads a tensor's rows are permuted over between the layouts (0: not permuted): q and k
+    with their biases per head; the q and k norms' weights, one head wide, within the head."""
+    return {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.kv_heads,
+            "attention.wq.bias": args.n_heads, "attention.wk.bias": args.kv_heads,
+            "attention.q_norm.weight": 1, "attention.k_norm.weight": 1}.get(key.split(".", 2)[-1], 0)
 
 
 # --- reading ---
@@ -70,17 +78,65 @@ def read_config(folder):
         "tie_word_embeddings": "true or false", "max_position_embeddings": "a positive integer"})
     arch = config["architectures"][0]
     if arch not in ARCHITECTURES:
-        raise UserError(f"{path}: architecture {arch}; slowllama reads {', '.join(ARCHITECTURES)}")
-    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
-              "n_heads": config["num_attention_heads"],
-              "n_kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-              "vocab_size": config["vocab_size"], "multiple_of": 256, "hidden_dim": config["intermediate_size"],
-              "norm_eps": config.get("rms_norm_eps", 1e-5), "rope_theta": config.get("rope_theta") or 10000.0}
-    check_heads(path, params["dim"], params["n_heads"], params["n_kv_heads"],
-                ("hidden_size", "num_attention_heads", "num_key_value_heads"))
-    if config.get("head_dim") not in (None, params["dim"] // params["n_heads"]):
-        raise UserError(f"{path}: head_dim differs from hidden_size / num_attention_heads, which is not supported")
+        raise UserError(f"{path}: architecture {arch} is not supported; slowllama reads the Llama family "
+                        f"({', '.join(ARCHITECTURES)})")
+    n_heads = config["num_attention_heads"]
+    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"], "n_heads": n_heads,
+              "n_kv_heads": config.get("num_key_value_heads") or n_heads, "vocab_size": config["vocab_size"],
+              "multiple_of": 256, "hidden_dim": config["intermediate_size"],
+              "norm_eps": config.get("rms_norm_eps", 1e-6),  # transformers' default
+              "rope_theta": rope_theta(config), "head_dim": config.get("head_dim") or config["hidden_size"] // n_heads,
+              "qkv_bias": arch == "Qwen2ForCausalLM",
+              "qk_norm": arch == "Qwen3ForCausalLM", "tie_embeddings": bool(config.get("tie_word_embeddings")),
+              "rope_scaling": rope_scaling(path, config), "max_position_embeddings": config.get("max_position_embeddings"),
+              "sliding_window": sliding_window(path, arch, config)}
+    if config.get("head_dim"):  # heads of their own width (Qwen 3)
+        check_heads(path, params["head_dim"] * n_heads, n_heads, params["n_kv_heads"],
+                    ("num_attention_heads * head_dim", "num_attention_heads", "num_key_value_heads"))
+    else:
+        check_heads(path, params["dim"], n_heads, params["n_kv_heads"],
+                    ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    for key in ("attention_bias", "mlp_bias"):  # biases on every projection: not in these models' releases
+        if config.get(key):
+            raise UserError(f"{path}: {key} is not supported")
     return params, config
+
+
+def rope_theta(config):
+    parameters = config.get("rope_parameters") or {}
+    return config.get("rope_theta") or parameters.get("rope_theta") or 10000.0
+
+
+def rope_scaling(path, config):
+    """The rope scaling of config.json (transformers 4's rope_scaling or 5's rope_parameters) as
+    {"rope_type": ..., parameters}, or None; types other than llama3, linear and yarn are refused."""
+    scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None)
+    scaling.pop("rope_theta", None)
+    if kind in (None, "default"):
+        return None
+    if kind not in ("llama3", "linear", "yarn"):
+        raise UserError(f"{path}: rope scaling {kind!r} is not supported; slowllama reads llama3, linear and yarn")
+    needed = {"linear": ("factor",), "yarn": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}[kind]
+    missing = [key for key in needed if not isinstance(scaling.get(key), (int, float))]
+    if missing:
+        raise UserError(f"{path}: rope scaling {kind} needs the number {missing[0]!r}")
+    if kind == "yarn" and not (scaling.get("original_max_position_embeddings") or config.get("max_position_embeddings")):
+        raise UserError(f"{path}: yarn rope scaling needs original_max_position_embeddings or max_position_embeddings")
+    return {"rope_type": kind, **scaling}
+
+
+def sliding_window(path, arch, config):
+    """Mistral's attention window (None: none). Qwen's optional window is off unless use_sliding_window."""
+    if arch.startswith("Qwen"):
+        if config.get("use_sliding_window"):
+            raise UserError(f"{path}: use_sliding_window (Qwen's windowed layers) is not supported")
+        return None
+    window = config.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+        raise UserError(f"{path}: sliding_window must be a positive integer or null, not {window!r}")
+    return window
 
 
 def weight_files(folder):
@@ -142,14 +198,19 @@ def read_module(files, keys, args):
 # --- writing ---
 
 def config_for(args, dtype, source_config=None):
+    """config.json of an export: the source's own where it has one, else one written from the settings."""
     if source_config is not None:
         return source_config
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
-            "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-            "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab_size,
-            "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "max_position_embeddings": 4096,
-            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "max_position_embeddings": args.max_seq_len or 4096, "hidden_act": "silu", "bos_token_id": 1,
+              "eos_token_id": 2, "tie_word_embeddings": args.tied, "attention_bias": False, "mlp_bias": False,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    if args.rope_scaling:
+        config["rope_scaling"] = args.rope_scaling
+    return config
 
 
 def write_model(out_dir, args, entries, modules, config):

@@ -8,6 +8,7 @@ Read this first. Every function works on one module's weights, given as a `box` 
 so autograd's graph keeps activations, never a weight: the weights can be let go after the forward
 and read again for the backward pass. Keys and the rotary layout (adjacent feature pairs) are Meta's.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,13 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     ffn_dim: int | None = None  # the FFN size where it is given rather than derived (Mistral, Hugging Face)
+    explicit_head_dim: int | None = None  # Qwen 3: heads wider than dim / n_heads
+    qkv_bias: bool = False  # Qwen 2: biases on the q, k and v projections
+    qk_norm: bool = False  # Qwen 3: RMSNorm over each head of q and k, before rope
+    tied: bool = False  # the output projection is the embedding table (no output module)
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "yarn", "factor": ..., ...}
+    sliding_window: int | None = None  # Mistral v0.1: attention sees this many positions back
+    max_seq_len: int | None = None  # the context length the model was trained for
 
     @property
     def kv_heads(self):
@@ -33,7 +41,7 @@ class ModelArgs:
 
     @property
     def head_dim(self):
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def hidden_dim(self):
@@ -47,19 +55,26 @@ class ModelArgs:
 
 def module_shapes(args, module):
     """{key: shape} of one module's tensors; keys as in Meta's checkpoints, without the module prefix."""
-    d, hd, hidden = args.dim, args.head_dim, args.hidden_dim
+    d, hd, hidden, q, kv = args.dim, args.head_dim, args.hidden_dim, args.n_heads * args.head_dim, \
+        args.kv_heads * args.head_dim
     if module == "tok_embeddings" or module == "output":
         return {"weight": (args.vocab_size, d)}
     if module == "norm":
         return {"weight": (d,)}
-    return {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.kv_heads * hd, d),
-            "attention.wv.weight": (args.kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
-            "feed_forward.w1.weight": (hidden, d), "feed_forward.w2.weight": (d, hidden),
-            "feed_forward.w3.weight": (hidden, d), "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    shapes = {"attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
+              "attention.wo.weight": (d, q), "feed_forward.w1.weight": (hidden, d),
+              "feed_forward.w2.weight": (d, hidden), "feed_forward.w3.weight": (hidden, d),
+              "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    if args.qkv_bias:
+        shapes.update({"attention.wq.bias": (q,), "attention.wk.bias": (kv,), "attention.wv.bias": (kv,)})
+    if args.qk_norm:
+        shapes.update({"attention.q_norm.weight": (hd,), "attention.k_norm.weight": (hd,)})
+    return shapes
 
 
 def module_names(args):
-    return ["tok_embeddings"] + [f"layers.{i}" for i in range(args.n_layers)] + ["norm", "output"]
+    """The modules in order; a model with tied embeddings has no output module of its own."""
+    return ["tok_embeddings"] + [f"layers.{i}" for i in range(args.n_layers)] + ["norm"] + ["output"] * (not args.tied)
 
 
 def module_of(key):
@@ -119,6 +134,22 @@ class Scale(torch.autograd.Function):
         return dx, None, None
 
 
+class Bias(torch.autograd.Function):
+    """y + b for a bias b looked up in its box at use."""
+
+    @staticmethod
+    def forward(ctx, y, box, key):
+        ctx.box, ctx.key = box, key
+        return (y + box.compute[key]).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.box.trainable:
+            grad = dy.flatten(0, -2).float().sum(0)
+            ctx.box.take_grad(ctx.key, lambda r0, r1, out: grad[r0:r1])
+        return dy, None, None
+
+
 def dropout(x, p, training):
     # F.dropout draws random numbers even at p=0; skipping it keeps the random stream to real masks
     return F.dropout(x, p, True) if training and p > 0 else x
@@ -126,6 +157,9 @@ def dropout(x, p, training):
 
 def linear(box, key, x, training):
     y = Linear.apply(x, box, key)
+    bias = key.removesuffix("weight") + "bias"
+    if bias in box.compute:
+        y = Bias.apply(y, box, bias)
     if key in box.lora:
         a, b, scale, p = box.lora[key]
         x = dropout(x.to(a.dtype), p, training)
@@ -140,11 +174,48 @@ def rms_norm(box, key, x, eps):
 
 # --- rotary position embedding ---
 
+def rope_frequencies(args):
+    """(the angle per position of each feature pair, a factor on cos and sin): 1 / theta^(2i / head_dim),
+    changed by the context-extension scaling the model was trained with, as transformers defines each."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2)[:d // 2].float() / d))
+    s = args.rope_scaling or {}
+    kind, factor = s.get("rope_type"), s.get("factor", 1.0)
+    if kind == "linear":
+        return inv / factor, 1.0
+    if kind == "llama3":  # long wavelengths slowed by factor, short ones kept, a smooth blend between
+        old = s["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv
+        smooth = ((old / wavelength - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+        return (1 - smooth) * inv / factor + smooth * inv, 1.0
+    if kind == "yarn":  # interpolated (slowed) below a band of pairs, extrapolated (kept) above it
+        old = s.get("original_max_position_embeddings") or args.max_seq_len
+
+        def pair(rotations):  # the pair index that turns `rotations` times over the old context
+            return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(args.rope_theta))
+        low, high = pair(s.get("beta_fast") or 32), pair(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        ramp = ((torch.arange(d // 2).float() - low) / (high - low if high > low else 0.001)).clamp(0, 1)
+        return inv / factor * ramp + inv * (1 - ramp), yarn_attention_factor(s, factor)
+    return inv, 1.0
+
+
+def yarn_attention_factor(s, factor):
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if s.get("attention_factor") is not None:
+        return s["attention_factor"]
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+    return mscale(factor)
+
+
 def rope_tables(args, start, length, device):
-    half = args.head_dim // 2
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, 2 * half, 2, device=device)[:half].float() / args.head_dim))
-    angles = torch.outer(torch.arange(start, start + length, device=device).float(), freqs)
-    return angles.cos(), angles.sin()
+    inv, scale = rope_frequencies(args)
+    angles = torch.outer(torch.arange(start, start + length).float(), inv).to(device)
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x, cos, sin):
@@ -162,6 +233,9 @@ def attention(box, x, args, rope, training, cache, start):
     q = linear(box, "attention.wq.weight", x, training).view(B, T, args.n_heads, args.head_dim)
     k = linear(box, "attention.wk.weight", x, training).view(B, T, args.kv_heads, args.head_dim)
     v = linear(box, "attention.wv.weight", x, training).view(B, T, args.kv_heads, args.head_dim)
+    if args.qk_norm:
+        q = rms_norm(box, "attention.q_norm.weight", q, args.norm_eps).to(q.dtype)
+        k = rms_norm(box, "attention.k_norm.weight", k, args.norm_eps).to(k.dtype)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if cache is not None:
         cache_k, cache_v = cache

@@ -133,6 +133,8 @@ def write_offload(model_dir, out, fp):
         first = read_shard(shards[0])
         if "tok_embeddings.weight" not in first:
             raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
+        # without an output.weight the output projection is the embedding table (Llama 3.2 1B, 3B)
+        params = {**params, "tie_embeddings": "output.weight" not in first}
         vocab = params.get("vocab_size", -1)
         args = model_args(params, vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0])
         keys, n_shards = list(first), len(shards)
@@ -203,22 +205,27 @@ def save_llama2(model, out_path, shards=None, dtype=None, out_format=None, log=l
         extras = {}  # rope.freqs and such: not part of Hugging Face's layout
     entries = [(k, shape_of(model.args, k, extras), dtypes[k]) for k, _ in manifest["keys"]
                if k in extras or module_of(k)[0] in model.boxes]
+    names = module_names(model.args)
+    untie = model.args.tied and "output.weight" in model.lora  # a merged output adapter: no longer the table
+    if untie:
+        names.append("output")
+        entries.append(("output.weight", (model.args.vocab_size, model.args.dim), dtypes["tok_embeddings.weight"]))
     check_disk([("export", out_path, sum(math.prod(s) * d.itemsize for _, s, d in entries))], log)
 
     def modules():
-        for name in module_names(model.args):
+        for name in names:
             yield {f"{name}.{k}": t.cpu() for k, t in model.read_weights(name).items()}
         yield extras
 
     start = time.time()
     if out_format == "hf":
         out_path.mkdir(parents=True, exist_ok=True)
-        order = {k: i for i, k in enumerate(f"{n}.{k}" for n in module_names(model.args)
-                                             for k in module_shapes(model.args, n.split(".")[0]))}
+        order = {k: i for i, k in enumerate(f"{n}.{k}" for n in names for k in module_shapes(model.args, n))}
         entries.sort(key=lambda e: order[e[0]])
         source_config = model.offload_dir / "config.json"
         config = hf.config_for(model.args, entries[0][2], json.loads(source_config.read_text())
                                if source_config.exists() and not dtype else None)
+        config = {**config, "tie_word_embeddings": model.args.tied and not untie}
         hf.write_model(out_path, model.args, entries, modules(), config)
         shutil.copyfile(model.offload_dir / "tokenizer.model", out_path / "tokenizer.model")
     else:

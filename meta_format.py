@@ -60,7 +60,8 @@ def read_params(model_dir):
         "n_kv_heads": "a positive integer or null", "vocab_size": "a positive integer or -1",
         "multiple_of": "a positive integer", "ffn_dim_multiplier": "a positive number or null",
         "rope_theta": "a positive number or null", "hidden_dim": "a positive integer",
-        "use_scaled_rope": "true or false"})
+        "use_scaled_rope": "true or false", "rope_scaling_factor": "a positive number or null",
+        "head_dim": "a positive integer or null", "max_seq_len": "a positive integer"})
     check_heads(path, params["dim"], params["n_heads"], params.get("n_kv_heads") or params["n_heads"])
     return params
 
@@ -73,21 +74,40 @@ def check_heads(path, dim, n_heads, kv, names=("dim", "n_heads", "n_kv_heads")):
 
 
 def model_args(params, vocab_size):
+    """ModelArgs of params in Meta's terms (params.json, or what hf_format.read_config makes of config.json)."""
+    scaling = params.get("rope_scaling")
+    if params.get("use_scaled_rope") and not scaling:  # Meta's Llama 3.1 to 3.3
+        # Meta's params.json does not say the factor: 8 as for Llama 3.1, unless rope_scaling_factor is
+        # given (Llama 3.2 1B and 3B were trained with 32, as their Hugging Face config.json says)
+        scaling = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor") or 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": params.get("rope_high_freq_factor") or 4.0,
+                   "original_max_position_embeddings": 8192}
     return ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
                      vocab_size=vocab_size, n_kv_heads=params.get("n_kv_heads"),
                      multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                      norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta") or 10000.0,
-                     ffn_dim=params.get("hidden_dim"))
+                     ffn_dim=params.get("hidden_dim"), explicit_head_dim=params.get("head_dim"),
+                     qkv_bias=bool(params.get("qkv_bias")), qk_norm=bool(params.get("qk_norm")),
+                     tied=bool(params.get("tie_embeddings")), rope_scaling=scaling,
+                     sliding_window=params.get("sliding_window"),
+                     max_seq_len=params.get("max_position_embeddings") or params.get("max_seq_len"))
+
 
 def meta_params(args):
     """params.json for a model read from another layout: its FFN size as Meta's formula gives it, or,
-    where no multiple_of does, as an explicit hidden_dim."""
+    where no multiple_of does, as an explicit hidden_dim; the variants of other families as keys of
+    their own (read back by model_args)."""
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
               "vocab_size": args.vocab_size, "multiple_of": 256, "norm_eps": args.norm_eps,
               "rope_theta": args.rope_theta}
     if model_args(params, args.vocab_size).hidden_dim != args.hidden_dim:
         params["hidden_dim"] = args.hidden_dim
-    return params
+    variants = {"head_dim": args.explicit_head_dim if args.head_dim != args.dim // args.n_heads else None,
+                "qkv_bias": args.qkv_bias, "qk_norm": args.qk_norm, "tie_embeddings": args.tied,
+                "rope_scaling": args.rope_scaling, "sliding_window": args.sliding_window,
+                "max_position_embeddings": args.max_seq_len}
+    return {**params, **{k: v for k, v in variants.items() if v}}
+
 
 def shard_files(model_dir):
     model_dir = Path(model_dir)

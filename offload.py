@@ -68,8 +68,9 @@ class Offload:
 class Blackbox:
     """One module whose weights live in a file: loaded on use and let go after, unless resident."""
 
-    def __init__(self, name, file, shapes, offload):
+    def __init__(self, name, file, shapes, offload, grad_uses=1):
         self.name, self.file, self.shapes, self.offload = name, file, shapes, offload
+        self.grad_uses = grad_uses  # gradients per micro-batch: 2 for a table that is embeddings and output
         self.compute_dtype = offload.compute_dtype
         self.resident = name == "norm"  # the final norm is tiny: always in memory
         self.trainable = False
@@ -201,35 +202,36 @@ class Blackbox:
             self.writing = None
 
 
-def plan_memory(args, boxes, budget, tokens, micro_batches=1, whole_grads=False, keep_activations=True):
-    """Share the memory budget (bytes, the whole process) out; boxes: embeddings, blocks, norm, output.
-    Always needed: a block and the embeddings or output beside it (at the turns of the step both are
-    in memory), the gradient rows being applied (a whole module's gradient when gradients accumulate
-    or wait for clipping: whole_grads), each block's input, the logits and their gradient. Then, in
-    order of what they save: blocks' activations (a quarter of a block's arithmetic each), reading the
-    next module into memory ahead of its use (else the OS reads it ahead), and the last modules staying
-    resident. Sets box.resident; returns (activation bytes kept, prefetch into memory, planned peak)."""
-    layers, norm = boxes[1:-2], boxes[-2]
+def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_batches=1, whole_grads=False,
+                keep_activations=True):
+    """Share the memory budget (bytes, the whole process) out. Always needed: a block and the embeddings
+    or output beside it (at the turns of the step both are in memory), the gradient rows being applied
+    (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
+    one table: whole_grads), each block's input, the logits and their gradient. Then, in order of what
+    they save: blocks' activations (a quarter of a block's arithmetic each), reading the next module
+    into memory ahead of its use (else the OS reads it ahead), and the last modules staying resident.
+    Sets box.resident; returns (activation bytes kept, prefetch into memory, planned peak)."""
+    modules = list(dict.fromkeys([embeddings, *layers, output]))  # the output may be the embeddings
     block = max((box.memory_bytes() for box in layers), default=0)
-    big = max(boxes[0].memory_bytes(), boxes[-1].memory_bytes())
-    trainable = boxes[0].trainable
-    grads = 0 if not trainable else 4 * max(box.numel() for box in boxes) if whole_grads else CHUNK_BYTES
+    big = max(embeddings.memory_bytes(), output.memory_bytes())
+    grads = 0 if not embeddings.trainable else \
+        4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
     all_tokens = tokens * micro_batches  # tokens: of one micro-batch
     inputs = args.n_layers * all_tokens * args.dim * 4
     head = 3 * tokens * args.vocab_size * 4  # logits, log-probabilities, their gradient
     needed = (300 << 20) + block + big + grads + inputs + head  # 300 MB: Python and torch themselves
     prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
-    graphs = args.n_layers * all_tokens * graph_bytes_per_token(args, boxes[0].compute_dtype)
+    graphs = args.n_layers * all_tokens * graph_bytes_per_token(args, embeddings.compute_dtype)
     graph_budget = max(0, min(budget - needed, graphs if keep_activations else 0))
     free = budget - needed - graph_budget
     prefetch_in_memory = free >= prefetch
     free -= prefetch * prefetch_in_memory
     suffix = True  # residents are the last modules: those in use at the turn of the step
-    for box in reversed(boxes):
-        if box is not norm:
-            box.resident = suffix and box.memory_bytes() <= free
-            free -= box.memory_bytes() if box.resident else 0
-            suffix = box.resident
-    peak = needed + graph_budget + prefetch * prefetch_in_memory + \
-        sum(box.memory_bytes() for box in boxes if box.resident and box is not norm)
+    for box in reversed(modules):
+        box.resident = suffix and box.memory_bytes() <= free
+        free -= box.memory_bytes() if box.resident else 0
+        suffix = box.resident
+    norm.resident = True  # tiny, and used at every turn
+    peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.memory_bytes() for box in modules
+                                                                       if box.resident)
     return graph_budget, prefetch_in_memory, peak

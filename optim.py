@@ -34,7 +34,7 @@ class Optimizer:
         """A gradient given as grad_rows(r0, r1, out): its rows r0:r1 (computed into out when out is a
         buffer). parts: how many micro-batches it covers."""
         rows, row_shape = box.shapes[key][0], box.shapes[key][1:]
-        if not self.whole_grads:
+        if not self.whole_grads and box.grad_uses == 1:
             step = max(1, CHUNK_BYTES // (4 * math.prod(row_shape)))
             for r0 in range(0, rows, step):
                 shape = (min(rows, r0 + step) - r0, *row_shape)
@@ -46,7 +46,7 @@ class Optimizer:
         grad = grad_rows(0, rows, None).float()
         box.grads[key] = grad if key not in box.grads else box.grads[key].add_(grad)
         count = self.counts[box.name, key] = self.counts.get((box.name, key), 0) + parts
-        if count < self.micro_batches:
+        if count < self.micro_batches * box.grad_uses:
             return
         del self.counts[box.name, key]
         if self.grad_clip:

@@ -37,7 +37,7 @@ def main():
     prompt = model.tokenizer.encode(a.prompt)
     start = time.time()
     tokens = model.generate(prompt, a.tokens, temperature=a.temperature, top_p=a.top_p,
-                            eos_id=model.tokenizer.eos_id, generator=torch.Generator().manual_seed(a.seed))
+                            stop_ids={model.tokenizer.eos_id}, generator=torch.Generator().manual_seed(a.seed))
     synchronize(model.device)
     seconds = time.time() - start
     print(model.tokenizer.decode(prompt + tokens))
