@@ -21,9 +21,22 @@ DEFAULT_MODEL = HERE / "models" / "tiny"  # made on first use, git-ignored
 DEFAULT_TEXT = HERE / "slowllama.txt"
 
 
+# Llama 2's chat format: [INST] user [/INST] assistant </s>, the system text inside the first [INST]
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ bos_token }}[INST] "
+    "{% if loop.first and system is defined %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+    "{{ message['content'] }} [/INST]"
+    "{% elif message['role'] == 'assistant' %} {{ message['content'] }} {{ eos_token }}{% endif %}"
+    "{% endfor %}")
+
+
 def default_model():
     """A tiny Llama in Meta's format, made on first use: a tokenizer trained on slowllama.txt, random
-    weights, 2 shards, grouped-query attention and ffn_dim_multiplier (the code paths of 70B)."""
+    weights, 2 shards, grouped-query attention and ffn_dim_multiplier (the code paths of 70B), and
+    Llama 2's chat template."""
     DEFAULT_MODEL.parent.mkdir(exist_ok=True)
     with open(DEFAULT_MODEL.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -31,7 +44,11 @@ def default_model():
             params = {"dim": 128, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 32,
                       "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "vocab_size": -1}
             make_model(DEFAULT_MODEL, params, train_tokenizer(DEFAULT_TEXT, 512), n_shards=2, seed=1234)
+        if not (DEFAULT_MODEL / "tokenizer_config.json").exists():
+            (DEFAULT_MODEL / "tokenizer_config.json").write_text(json.dumps(
+                {"bos_token": "<s>", "eos_token": "</s>", "chat_template": LLAMA2_CHAT_TEMPLATE}, indent=1) + "\n")
     return DEFAULT_MODEL
+
 
 def train_tokenizer(text_file, vocab_size, filler_pieces=0):
     """A sentencepiece BPE model trained on a text (deterministic); filler_pieces unused symbols pad the

@@ -7,8 +7,8 @@ there in Meta's format, ready for python test_gen.py out_path.
 """
 model_path = ""  # Meta-format model folder; empty: the built-in default model
 data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a .jsonl file of instructions (README); empty: slowllama.txt
-prompt_template = "[INST] {prompt} [/INST]"  # .jsonl data: the text before each response (Llama 2 chat)
-system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data: put before the prompt when an example has a system text
+prompt_template = ""  # .jsonl prompt/response data: the text before each response; empty: the model's chat template, else Llama 2's "[INST] {prompt} [/INST]"
+system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data with prompt_template: put before the prompt when an example has a system text
 out_path = "out"  # the run's folder: working state in out_path/run, the exported model in out_path
 out_format = ""  # layout of the exported model: meta or hf; empty: the source's
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
@@ -47,6 +47,7 @@ overwrite = 0  # 1: start over even if out_path holds an earlier run
 debug = 0  # 1: show Python tracebacks
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and type(v) in (int, float, str)}
+LLAMA2_PROMPT = "[INST] {prompt} [/INST]"
 
 import json
 import math
@@ -60,6 +61,7 @@ import torch
 
 import hf_format as hf
 from adapters import adapter_state, read_adapter
+from chat import chat_format, encode_conversation
 from blackbox_model import graph_bytes_per_token
 from default_model import DEFAULT_TEXT
 from files import load_tensors, save_tensors, write_json
@@ -67,10 +69,11 @@ from loader import load_llama2, log_line, save_llama2
 from utils import UserError, check_disk, gb, get_rng_state, main_guard, parse_settings, set_rng_state
 
 
-def load_tokens(cfg, tokenizer):
+def load_tokens(cfg, tokenizer, model_dir):
     """(train, val) streams, each (tokens, targets): targets are the tokens, or -1 where no loss is
-    counted (the prompts of instruction data). Text is encoded with BOS and EOS; a .pt stream of token
-    ids is used as it is; a .jsonl file holds instruction examples."""
+    counted (prompts and user turns). Text is encoded with BOS and EOS; a .pt stream of token ids is
+    used as it is; a .jsonl file holds conversations or instruction examples (model_dir: whose chat
+    template renders them)."""
     path = Path(cfg.data_path or DEFAULT_TEXT)
     if not path.is_file():
         raise UserError(f"data_path={path}: file not found")
@@ -89,7 +92,7 @@ def load_tokens(cfg, tokenizer):
         if not text.strip():
             raise UserError(f"data_path={path}: the file is empty")
         if path.suffix == ".jsonl":
-            tokens, targets = encode_instructions(text, path, cfg, tokenizer)
+            tokens, targets = encode_instructions(text, path, cfg, tokenizer, model_dir)
         else:
             tokens = targets = torch.tensor(tokenizer.encode(text, bos=True, eos=True))
     n_val = int(len(tokens) * cfg.val_fraction)
@@ -100,27 +103,49 @@ def load_tokens(cfg, tokenizer):
     return (tokens[:cut], targets[:cut]), (tokens[cut:], targets[cut:])
 
 
-def encode_instructions(text, path, cfg, tokenizer):
-    """Examples {"prompt", "response", optional "system"} one per line, packed one after another: the
-    prompt in its template, then the response and EOS; only the response's tokens count in the loss."""
+def encode_instructions(text, path, cfg, tokenizer, model_dir=None):
+    """One example per line, packed one after another: a conversation {"messages": [{"role", "content"},
+    ...]} in the model's chat format, the loss on its assistant turns (chat.py); or {"prompt",
+    "response", optional "system"}: the prompt in prompt_template (the model's chat template when
+    prompt_template is empty and the model has one), then the response and EOS, the loss on the response."""
+    render, no_chat = None, None
+    try:
+        render = chat_format(model_dir, tokenizer) if model_dir else None
+    except UserError as e:
+        no_chat = e
     tokens, targets = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"data_path={path}: line {number}"
         try:
             example = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"data_path={path}: line {number} is not JSON ({e.msg})")
-        if not isinstance(example, dict) or not all(isinstance(example.get(k), str) for k in ("prompt", "response")):
-            raise UserError(f"data_path={path}: line {number} needs the text fields prompt and response")
+            raise UserError(f"{where} is not JSON ({e.msg})")
+        has_pair = isinstance(example, dict) and all(isinstance(example.get(k), str) for k in ("prompt", "response"))
+        if not isinstance(example, dict) or "messages" not in example and not has_pair:
+            raise UserError(f"{where} needs messages, or the text fields prompt and response")
+        if "messages" in example and render is None:
+            raise no_chat or UserError(f"{where}: conversations need the model's chat format")
+        if "messages" in example or render and not cfg.prompt_template:
+            messages = example.get("messages") or as_messages(example)
+            ids, marks = encode_conversation(tokenizer, render, messages, where)
+            tokens, targets = tokens + ids, targets + marks
+            continue
+        template = cfg.prompt_template or LLAMA2_PROMPT
         system = cfg.system_template.replace("{system}", example["system"]) if example.get("system") else ""
-        prompt = tokenizer.encode(cfg.prompt_template.replace("{prompt}", system + example["prompt"]), bos=True)
+        prompt = tokenizer.encode(template.replace("{prompt}", system + example["prompt"]), bos=True)
         response = tokenizer.encode(example["response"], bos=False, eos=True)
         tokens += prompt + response
         targets += [-1] * len(prompt) + response
     if not tokens:
         raise UserError(f"data_path={path}: no examples")
     return torch.tensor(tokens), torch.tensor(targets)
+
+
+def as_messages(example):
+    system = [{"role": "system", "content": example["system"]}] if example.get("system") else []
+    return system + [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
 
 
 def get_batch(stream, cfg, generator):
@@ -171,7 +196,7 @@ def evaluate(model, cfg, val, step):
                         torch.stack([targets[s + 1:s + n + 1] for s in starts]))
         parts.append(f"val loss {loss.item():.4f}")
     prompt_ids = model.tokenizer.encode(cfg.prompt)
-    completion = model.generate(prompt_ids, cfg.gen_tokens, stop_ids={model.tokenizer.eos_id})
+    completion = model.generate(prompt_ids, cfg.gen_tokens, stop_ids=model.tokenizer.stop_ids)
     print(f"step {step}: {' | '.join(parts + [repr(model.tokenizer.decode(prompt_ids + completion))])}",
           flush=True)
     model.train()
@@ -293,7 +318,7 @@ def main():
     model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=cfg.device,
                         compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout)
     model.check_window(cfg.seq_len)
-    train_tokens, val_tokens = load_tokens(cfg, model.tokenizer)
+    train_tokens, val_tokens = load_tokens(cfg, model.tokenizer, model.offload_dir)
     check_disk(disk_needs(model, cfg), log_line)
     out, run_dir, previous = prepare_out_path(cfg, model)
 

@@ -197,7 +197,7 @@ def read_module(files, keys, args):
 
 # --- writing ---
 
-def config_for(args, dtype, source_config=None):
+def config_for(args, dtype, source_config=None, bos_id=1, eos_id=2):
     """config.json of an export: the source's own where it has one, else one written from the settings."""
     if source_config is not None:
         return source_config
@@ -205,8 +205,8 @@ def config_for(args, dtype, source_config=None):
               "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-              "max_position_embeddings": args.max_seq_len or 4096, "hidden_act": "silu", "bos_token_id": 1,
-              "eos_token_id": 2, "tie_word_embeddings": args.tied, "attention_bias": False, "mlp_bias": False,
+              "max_position_embeddings": args.max_seq_len or 4096, "hidden_act": "silu", "bos_token_id": bos_id,
+              "eos_token_id": eos_id, "tie_word_embeddings": args.tied, "attention_bias": False, "mlp_bias": False,
               "torch_dtype": str(dtype).removeprefix("torch.")}
     if args.rope_scaling:
         config["rope_scaling"] = args.rope_scaling
@@ -251,6 +251,10 @@ def write_model(out_dir, args, entries, modules, config):
         total = sum(math.prod(s) * d.itemsize for _, s, d in entries)
         write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / "model.safetensors.index.json")
     write_json(config, out_dir / "config.json")
+
+
+def sentencepiece_tokenizer_config(out_dir):
+    """tokenizer_config.json for a sentencepiece tokenizer.model that came without one (Meta's folders)."""
     write_json({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                 "add_bos_token": True, "add_eos_token": False}, out_dir / "tokenizer_config.json")
 

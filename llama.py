@@ -197,7 +197,7 @@ def rope_frequencies(args):
         if s.get("truncate", True):
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, d - 1)
-        ramp = ((torch.arange(d // 2).float() - low) / (high - low if high > low else 0.001)).clamp(0, 1)
+        ramp = ((torch.arange(d // 2).float() - low) / (high - low if high != low else 0.001)).clamp(0, 1)
         return inv / factor * ramp + inv * (1 - ramp), yarn_attention_factor(s, factor)
     return inv, 1.0
 

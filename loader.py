@@ -23,7 +23,7 @@ from files import fsync_path, load_tensors, save_tensors, write_json, write_tens
 from llama import module_names, module_of, module_shapes
 from meta_format import (meta_params, model_args, read_meta_module, read_params, read_shard, shard_files,
                          write_checkpoint)
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer, tokenizer_files
 from utils import (UserError, check_device, check_disk, choose_compute_dtype, dtype_name, gb, main_guard, parse_dtype,
                    progress, total_ram_bytes)
 
@@ -50,11 +50,11 @@ def fingerprint(model_dir):
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model folder not found")
     result = {}
-    for name in ("config.json" if hf.is_hf_folder(model_dir) else "params.json", "tokenizer.model"):
-        path = model_dir / name
-        if not path.is_file():
-            raise UserError(f"{path}: not found")
-        result[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    config = model_dir / ("config.json" if hf.is_hf_folder(model_dir) else "params.json")
+    if not config.is_file():
+        raise UserError(f"{config}: not found")
+    for path in [config, *tokenizer_files(model_dir)]:
+        result[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     for f in source_files(model_dir):
         st = f.stat()
         result[f.name] = [st.st_size, st.st_mtime_ns]
@@ -147,9 +147,9 @@ def write_offload(model_dir, out, fp):
         del first
         read_module = lambda name: read_meta_module(model_dir, shards, args, name)
         shutil.copyfile(model_dir / "params.json", out / "params.json")
-    tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    if tokenizer.n_words != args.vocab_size:
-        raise UserError(f"{model_dir / 'tokenizer.model'}: {tokenizer.n_words} tokens, but the model has "
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.n_words > args.vocab_size:  # fewer is fine: Qwen pads its embedding rows
+        raise UserError(f"{tokenizer.path}: {tokenizer.n_words} tokens, but the model has "
                         f"{args.vocab_size} embedding rows; use the tokenizer that came with these weights")
     dtypes = {k: dtype_name(t.dtype) for k, t in extras.items()}
     for name in progress(module_names(args), "converting", unit="module"):
@@ -161,7 +161,8 @@ def write_offload(model_dir, out, fp):
             dtypes[f"{name}.{key}"] = dtype_name(tensors[f"{name}.{key}"].dtype)
         write_tensors({k.removeprefix(f"{name}."): t for k, t in tensors.items()}, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
-    shutil.copyfile(model_dir / "tokenizer.model", out / "tokenizer.model")
+    for f in tokenizer_files(model_dir):
+        shutil.copyfile(f, out / f.name)
     keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])]
     manifest = {"format": FORMAT, "source": str(model_dir), "fingerprint": fp, "params": params,
                 "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": "hf" if config else "meta",
@@ -184,7 +185,7 @@ def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float
     args = model_args(manifest["params"], manifest["vocab_size"])
     storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
     budget = total_ram_bytes() // 2 if memory_budget is None else int(memory_budget)
-    return Transformer(args, folder, manifest, Tokenizer(folder / "tokenizer.model"), storage, device,
+    return Transformer(args, folder, manifest, load_tokenizer(folder), storage, device,
                        compute_dtype, budget, dropout, prefetch, evict_before_read)
 
 
@@ -224,13 +225,19 @@ def save_llama2(model, out_path, shards=None, dtype=None, out_format=None, log=l
         entries.sort(key=lambda e: order[e[0]])
         source_config = model.offload_dir / "config.json"
         config = hf.config_for(model.args, entries[0][2], json.loads(source_config.read_text())
-                               if source_config.exists() and not dtype else None)
+                               if source_config.exists() and not dtype else None, model.tokenizer.bos_id,
+                               sorted(model.tokenizer.stop_ids) if len(model.tokenizer.stop_ids) > 1 else
+                               model.tokenizer.eos_id)
         config = {**config, "tie_word_embeddings": model.args.tied and not untie}
         hf.write_model(out_path, model.args, entries, modules(), config)
-        shutil.copyfile(model.offload_dir / "tokenizer.model", out_path / "tokenizer.model")
+        if model.tokenizer.kind == "sentencepiece":
+            hf.sentencepiece_tokenizer_config(out_path)
     else:
         write_checkpoint(out_path, entries, modules(), len(model.boxes) + 1, n_shards,
-                         model.offload_dir / "params.json", model.offload_dir / "tokenizer.model")
+                         model.offload_dir / "params.json", model.tokenizer.path)
+    for f in tokenizer_files(model.offload_dir):  # after write_model: the source's tokenizer_config.json wins
+        if f != model.tokenizer.path or out_format == "hf":  # write_checkpoint copied that one
+            shutil.copyfile(f, out_path / f.name)
     log(f"wrote {out_path} ({out_format} layout) in {time.time() - start:.1f} s")
 
 def shape_of(args, key, extras):
@@ -243,7 +250,8 @@ def shape_of(args, key, extras):
 def main():
     parser = argparse.ArgumentParser(description="Convert a Llama model folder and export it again.")
     parser.add_argument("src", help="model folder: Meta's (params.json, consolidated.NN.pth, tokenizer.model) "
-                                    "or Hugging Face's (config.json, *.safetensors or *.bin, tokenizer.model)")
+                                    "or Hugging Face's (config.json, *.safetensors or *.bin, tokenizer.json "
+                                    "or tokenizer.model)")
     parser.add_argument("dst", help="folder to write the model to")
     parser.add_argument("--shards", type=int, default=None, help="shard count (default: the source's)")
     parser.add_argument("--dtype", default=None, help="dtype of the written weights (default: the source's)")

@@ -2,6 +2,10 @@
 
 Independent of the offloaded model (its own rotary embedding in complex numbers, explicitly repeated
 key/value heads, nn.Linear layers): the tests and bench.py compare the offloaded step against it.
+Also the variants of other families, told by the weights given (Meta's keys, Meta's rotary layout):
+biases on q, k and v (Qwen 2), RMSNorm over each head of q and k before rope (Qwen 3), heads of their
+own width (params' head_dim), the output projection tied to the embedding table (no output.weight),
+and rope frequencies with the factor on cos and sin given by the caller (rope scaling).
 """
 import json
 import math
@@ -37,10 +41,10 @@ class RMSNorm(nn.Module):
 
 
 class LoraLinear(nn.Linear):
-    """nn.Linear without bias, plus an optional low-rank adapter: W x + scale * B A dropout(x)."""
+    """nn.Linear (without bias unless told), plus an optional low-rank adapter: W x + b + scale * B A dropout(x)."""
 
-    def __init__(self, n_in, n_out):
-        super().__init__(n_in, n_out, bias=False)
+    def __init__(self, n_in, n_out, bias=False):
+        super().__init__(n_in, n_out, bias=bias)
         self.lora_a = self.lora_b = None
         self.scale = self.lora_dropout = 0.0
 
@@ -53,16 +57,19 @@ class LoraLinear(nn.Linear):
 
 
 class Block(nn.Module):
-    def __init__(self, p, hidden):
+    def __init__(self, p, hidden, head_dim, qkv_bias=False, qk_norm=False):
         super().__init__()
         dim, heads = p["dim"], p["n_heads"]
-        self.heads, self.kv_heads, self.head_dim = heads, p.get("n_kv_heads") or heads, dim // heads
-        self.wq = LoraLinear(dim, heads * self.head_dim)
-        self.wk = LoraLinear(dim, self.kv_heads * self.head_dim)
-        self.wv = LoraLinear(dim, self.kv_heads * self.head_dim)
-        self.wo = LoraLinear(heads * self.head_dim, dim)
+        self.heads, self.kv_heads, self.head_dim = heads, p.get("n_kv_heads") or heads, head_dim
+        self.wq = LoraLinear(dim, heads * head_dim, bias=qkv_bias)
+        self.wk = LoraLinear(dim, self.kv_heads * head_dim, bias=qkv_bias)
+        self.wv = LoraLinear(dim, self.kv_heads * head_dim, bias=qkv_bias)
+        self.wo = LoraLinear(heads * head_dim, dim)
         self.w1, self.w2, self.w3 = LoraLinear(dim, hidden), LoraLinear(hidden, dim), LoraLinear(dim, hidden)
         self.attention_norm, self.ffn_norm = RMSNorm(dim, p["norm_eps"]), RMSNorm(dim, p["norm_eps"])
+        # Qwen 3: one RMSNorm weight of head_dim shared by every head of q (and one by every head of k)
+        self.q_norm, self.k_norm = (RMSNorm(head_dim, p["norm_eps"]), RMSNorm(head_dim, p["norm_eps"])) \
+            if qk_norm else (None, None)
         self.dropout = 0.0
 
     def forward(self, x, freqs_cis):
@@ -71,6 +78,8 @@ class Block(nn.Module):
         q = self.wq(xn).view(B, T, self.heads, self.head_dim)
         k = self.wk(xn).view(B, T, self.kv_heads, self.head_dim)
         v = self.wv(xn).view(B, T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:  # over the features of each head, after the bias, before rope
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, freqs_cis), rotate(k, freqs_cis)
         repeat = self.heads // self.kv_heads  # grouped-query attention: each kv head serves `repeat` heads
         k, v = k.repeat_interleave(repeat, dim=2), v.repeat_interleave(repeat, dim=2)
@@ -93,27 +102,48 @@ def rotate(x, freqs_cis):
 
 
 class Reference(nn.Module):
-    def __init__(self, weights, params, dropout=0.0):
+    """The model of weights {Meta key: tensor} and params (params.json's keys, or an object with
+    ModelArgs' names). The variants follow the weights: q/k/v biases where layers.0.attention.wq.bias is
+    given, q/k norms where layers.0.attention.q_norm.weight is, the output tied to the embedding table
+    (one parameter) where output.weight is not. rope: (inverse frequency of each feature pair, factor on
+    cos and sin), by default 1 / theta^(2i / head_dim) and 1."""
+
+    def __init__(self, weights, params, dropout=0.0, rope=None):
         super().__init__()
+        params = params if isinstance(params, dict) else settings_of(params)
         dim, vocab = params["dim"], weights["tok_embeddings.weight"].shape[0]
-        hidden = int(2 * 4 * dim / 3)
-        if params.get("ffn_dim_multiplier"):
-            hidden = int(params["ffn_dim_multiplier"] * hidden)
-        hidden = params["multiple_of"] * math.ceil(hidden / params["multiple_of"])
+        hidden = params.get("hidden_dim")
+        if not hidden:  # Meta's formula
+            hidden = int(2 * 4 * dim / 3)
+            if params.get("ffn_dim_multiplier"):
+                hidden = int(params["ffn_dim_multiplier"] * hidden)
+            hidden = params["multiple_of"] * math.ceil(hidden / params["multiple_of"])
+        head_dim = params.get("head_dim") or dim // params["n_heads"]
+        qkv_bias = bool(params.get("qkv_bias")) or "layers.0.attention.wq.bias" in weights
+        qk_norm = bool(params.get("qk_norm")) or "layers.0.attention.q_norm.weight" in weights
+        self.tied = bool(params.get("tie_embeddings")) or "output.weight" not in weights
         self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(Block(params, hidden) for _ in range(params["n_layers"]))
+        self.layers = nn.ModuleList(Block(params, hidden, head_dim, qkv_bias, qk_norm)
+                                    for _ in range(params["n_layers"]))
         self.norm, self.output = RMSNorm(dim, params["norm_eps"]), LoraLinear(dim, vocab)
-        theta, head_dim = params.get("rope_theta") or 10000.0, dim // params["n_heads"]
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+        if self.tied:  # one parameter, used twice: its gradient is the sum of both uses
+            self.output.weight = self.tok_embeddings.weight
+        if rope is None:
+            theta = params.get("rope_theta") or 10000.0
+            rope = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)), 1.0
+        self.inv_freq, self.attention_factor = torch.as_tensor(rope[0], dtype=torch.float32), float(rope[1])
+        assert self.inv_freq.shape == (head_dim // 2,), (self.inv_freq.shape, head_dim)
         for layer in self.layers:
             layer.dropout = dropout
         with torch.no_grad():
-            for name, p in self.named_parameters():
+            for name, p in self.named_parameters():  # a tied table is named once: tok_embeddings.weight
                 p.copy_(weights[meta_key(name)])
 
     def forward(self, tokens):
         T = tokens.shape[1]
-        freqs_cis = torch.polar(torch.ones(T, len(self.inv_freq)), torch.outer(torch.arange(T).float(), self.inv_freq))
+        # e^(i pos inv_freq), scaled by the attention factor (cos and sin both multiplied by it)
+        freqs_cis = torch.polar(torch.full((T, len(self.inv_freq)), self.attention_factor),
+                                torch.outer(torch.arange(T).float(), self.inv_freq))
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, freqs_cis.to(h.device))
@@ -125,11 +155,20 @@ def meta_key(name):
     parts = name.split(".")
     if parts[-1] in ("lora_a", "lora_b"):
         parts = parts[:-1]
-    if parts[0] == "layers" and parts[2] in ("wq", "wk", "wv", "wo"):
+    if parts[0] == "layers" and parts[2] in ("wq", "wk", "wv", "wo", "q_norm", "k_norm"):
         parts.insert(2, "attention")
     elif parts[0] == "layers" and parts[2] in ("w1", "w2", "w3"):
         parts.insert(2, "feed_forward")
     return ".".join(parts)
+
+
+def settings_of(args):
+    """params.json's keys of an object with ModelArgs' attribute names (dim, explicit_head_dim, ffn_dim ...)."""
+    names = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads", "n_kv_heads": "n_kv_heads",
+             "norm_eps": "norm_eps", "rope_theta": "rope_theta", "multiple_of": "multiple_of",
+             "ffn_dim_multiplier": "ffn_dim_multiplier", "hidden_dim": "ffn_dim", "head_dim": "explicit_head_dim",
+             "qkv_bias": "qkv_bias", "qk_norm": "qk_norm", "tie_embeddings": "tied"}
+    return {key: getattr(args, attr, None) for key, attr in names.items()}
 
 
 def add_adapters(model, adapters, alpha, dropout):

@@ -171,4 +171,4 @@ def test_bad_instruction_lines_are_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "no response"}\n')
     rc, _, err = run("finetune.py", f"--data_path={tmp_path}/bad.jsonl", f"--out_path={tmp_path}/out",
                      f"--offload_path={tmp_path}/off")
-    assert rc != 0 and "line 2 needs the text fields prompt and response" in err and "Traceback" not in err
+    assert rc != 0 and "line 2 needs messages, or the text fields prompt and response" in err and "Traceback" not in err
