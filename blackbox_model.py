@@ -129,7 +129,7 @@ class Transformer:
                 else:  # A like nn.Linear's default initialisation of a (rank x in) weight
                     a = (torch.rand(rank, shape[1], generator=generator) * 2 - 1) / math.sqrt(shape[1])
                     b = torch.zeros(shape[0], rank)
-                a, b = (t.to(self.device, torch.float32).requires_grad_() for t in (a, b))
+                a, b = (t.detach().to(self.device, torch.float32).clone().requires_grad_() for t in (a, b))
                 self.lora[name] = (a, b)
                 box.lora[key] = (a, b, alpha / rank, dropout)
 

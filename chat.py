@@ -29,7 +29,15 @@ def template_of(folder):
 
 
 def tokenizer_config(folder):
-    path = Path(folder) / "tokenizer_config.json"
+    return json_object(Path(folder) / "tokenizer_config.json")
+
+
+def special_tokens_map(folder):
+    return json_object(Path(folder) / "special_tokens_map.json")
+
+
+def json_object(path):
+    """The JSON object of an optional file: {} when it is absent (or not an object)."""
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -49,11 +57,18 @@ def chat_format(folder, tokenizer):
     has no chat format."""
     template = template_of(folder)
     if template is not None:
-        config = tokenizer_config(folder)
+        config = {**special_tokens_map(folder), **tokenizer_config(folder)}  # as tokenizer.py reads them
         special = {k: token_text(config.get(k)) or "" for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         compiled = compile_template(template)
-        return lambda messages, add_generation_prompt=False: compiled.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **special)
+
+        def render(messages, add_generation_prompt=False):
+            import jinja2
+            try:
+                return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                       documents=None, **special)
+            except jinja2.exceptions.TemplateError as e:  # raise_exception(...) of the template, or its own bug
+                raise UserError(f"the model's chat template refuses this conversation: {e}")
+        return render
     if "<|start_header_id|>" in tokenizer.special_tokens:
         return meta_llama3
     raise UserError(f"{folder}: the model has no chat template (chat_template.jinja or tokenizer_config.json's "
@@ -62,16 +77,32 @@ def chat_format(folder, tokenizer):
 
 def compile_template(template):
     """The template compiled as transformers compiles chat templates: a sandbox, blocks trimmed,
-    loop controls, tojson, raise_exception and strftime_now."""
+    loop controls, {% generation %} blocks (rendered as their content), tojson, raise_exception and
+    strftime_now."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        """{% generation %}...{% endgeneration %}: transformers marks the assistant's text with it."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_content"), [], [], body).set_lineno(lineno)
+
+        def _content(self, caller):
+            return caller()
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda value, indent=None, ensure_ascii=False, separators=None, sort_keys=False: \
-        json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, "jinja2.ext.loopcontrols"])
+    # transformers' own tojson, its arguments in its order: no HTML escaping, ensure_ascii off
+    env.filters["tojson"] = lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+        json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
@@ -110,6 +141,7 @@ def encode_conversation(tokenizer, render, messages, where):
     end-of-turn token that closes it. Each turn is the text its message adds to the rendering of the
     conversation before it (with the generation prompt before an assistant turn)."""
     check_messages(messages, where)
+    render = with_where(render, where)
     ends = set(tokenizer.stop_ids) | {tokenizer.eos_id}
     ids, targets, done = [], [], ""
     for i, message in enumerate(messages):
@@ -126,6 +158,15 @@ def encode_conversation(tokenizer, render, messages, where):
         end = next((j for j, t in enumerate(turn) if t in ends), len(turn) - 1)
         targets += turn[:end + 1] + [-1] * (len(turn) - end - 1)
     return ids, targets
+
+
+def with_where(render, where):
+    def rendered(messages, add_generation_prompt=False):
+        try:
+            return render(messages, add_generation_prompt=add_generation_prompt)
+        except UserError as e:
+            raise UserError(f"{where}: {e}")
+    return rendered
 
 
 def piece(tokenizer, done, rendered, where):

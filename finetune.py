@@ -126,9 +126,9 @@ def encode_instructions(text, path, cfg, tokenizer, model_dir=None):
         if not isinstance(example, dict) or "messages" not in example and not has_pair:
             raise UserError(f"{where} needs messages, or the text fields prompt and response")
         if "messages" in example and render is None:
-            raise no_chat or UserError(f"{where}: conversations need the model's chat format")
+            raise UserError(f"{where}: conversations need the model's chat format{f' ({no_chat})' if no_chat else ''}")
         if "messages" in example or render and not cfg.prompt_template:
-            messages = example.get("messages") or as_messages(example)
+            messages = example["messages"] if "messages" in example else as_messages(example)
             ids, marks = encode_conversation(tokenizer, render, messages, where)
             tokens, targets = tokens + ids, targets + marks
             continue

@@ -189,16 +189,26 @@ def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float
                        compute_dtype, budget, dropout, prefetch, evict_before_read)
 
 
-def save_llama2(model, out_path, shards=None, dtype=None, out_format=None, log=log_line):
+def save_llama2(model, out_path, shards=None, dtype=None, out_format=None, log=log_line, gguf_type=None):
     """Write the model in Meta's format (out_format="meta": the source's shard count and dtypes unless
-    told otherwise) or Hugging Face's ("hf"); by default in the source's layout. Streams module by module."""
+    told otherwise), Hugging Face's ("hf") or as out_path/model.gguf ("gguf", gguf_type f16 by default:
+    gguf_format.py); by default in the source's layout. Streams module by module."""
     manifest, out_path = model.manifest, Path(out_path).resolve()
     for protected in (Path(manifest["source"]), model.offload_dir.resolve()):
         if out_path == protected or protected in out_path.parents:
             raise UserError(f"{out_path}: is (inside) {protected}, which is never written to")
     out_format = out_format or manifest.get("layout", "meta")
+    if out_format == "gguf":  # one file for llama.cpp, Ollama and LM Studio
+        if shards or dtype:
+            raise UserError("shards and dtype are for the meta and hf layouts; a GGUF's is gguf_type "
+                            "(f16, bf16, q8_0, f32)")
+        import gguf_format
+        gguf_format.write_model(model, out_path, gguf_type or "f16", log)
+        return
+    if gguf_type:
+        raise UserError(f"gguf_type={gguf_type!r} is for out_format=gguf, not {out_format}")
     if out_format not in ("meta", "hf"):
-        raise UserError(f"out_format={out_format!r}: use meta or hf")
+        raise UserError(f"out_format={out_format!r}: use meta, hf or gguf")
     n_shards = shards or manifest["n_shards"]
     dtypes = {k: parse_dtype(dtype) if dtype else parse_dtype(d) for k, d in manifest["keys"]}
     extras = load_tensors(model.offload_dir / "extras.pt", mmap=False)
@@ -255,7 +265,10 @@ def main():
     parser.add_argument("dst", help="folder to write the model to")
     parser.add_argument("--shards", type=int, default=None, help="shard count (default: the source's)")
     parser.add_argument("--dtype", default=None, help="dtype of the written weights (default: the source's)")
-    parser.add_argument("--out_format", default=None, help="meta or hf (default: the source's layout)")
+    parser.add_argument("--out_format", default=None, help="meta, hf or gguf (DST/model.gguf for llama.cpp, "
+                                                            "Ollama, LM Studio; default: the source's layout)")
+    parser.add_argument("--gguf_type", default=None, help="with --out_format gguf: f16 (default), bf16, q8_0 or "
+                                                           "f32 (norms and biases always f32)")
     parser.add_argument("--offload_path", default=None, help="where offload folders live")
     parser.add_argument("--debug", default="0")
     a = parser.parse_args()
@@ -263,8 +276,13 @@ def main():
         raise UserError(f"--shards={a.shards}: must be at least 1")
     if Path(a.dst).resolve() == Path(a.src).resolve():
         raise UserError(f"{a.dst}: the destination is the source folder, which is never written to")
+    if a.gguf_type is not None and a.out_format != "gguf":
+        raise UserError(f"--gguf_type={a.gguf_type} is for --out_format gguf")
+    if a.out_format == "gguf":  # checked before the conversion: the type, and that gguf is installed
+        import gguf_format
+        gguf_format.check_type(a.gguf_type or "f16")
     model = load_llama2(a.src, offload_path=a.offload_path)
-    save_llama2(model, a.dst, shards=a.shards, dtype=a.dtype, out_format=a.out_format)
+    save_llama2(model, a.dst, shards=a.shards, dtype=a.dtype, out_format=a.out_format, gguf_type=a.gguf_type)
     model.close()
 
 

@@ -3,6 +3,7 @@ training targets, chat generation (test_gen.py --chat) and conversations as trai
 The templates are written out here and the expected renderings built with plain Python, the expected
 ids by encoding the plain pieces with the tokenizer libraries themselves and putting the special ids in."""
 import base64
+import itertools
 import json
 import math
 import re
@@ -13,8 +14,9 @@ import torch
 
 import chat
 import finetune
+import loader
 from chat import chat_format, encode_conversation, encode_rendered
-from conftest import TINY, run
+from conftest import ROOT, TINY, run
 from default_model import LLAMA2_CHAT_TEMPLATE, default_model, make_model
 from test_tokenizer import META_FIRST, PATTERN, hf_folder, hf_json, meta_folder, ranks, write_json  # noqa: F401
 from tokenizer import load_tokenizer
@@ -27,8 +29,9 @@ LLAMA3_TEMPLATE = (
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
-# Qwen2.5-Instruct's template without its tools branch: indented, whitespace-controlled, a newline after the
-# last tag that trim_blocks removes, and a default system message
+# Qwen2.5-Instruct's template without its tools branch, and two tags without "-": the newlines after them
+# and the indentation before them are left out only as transformers compiles templates (trim_blocks,
+# lstrip_blocks); a default system message
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 CHATML_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
@@ -36,14 +39,27 @@ CHATML_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
     {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
 {%- endif %}
 {%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+    {% if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
         {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
     {%- endif %}
-{%- endfor %}
+{% endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
+
+# what else transformers gives templates: loop controls, namespace, tojson (its arguments in its order, no
+# escaping), {% generation %} blocks
+FEATURES_TEMPLATE = """{%- set ns = namespace(n=0) %}
+{%- for m in messages %}
+    {%- if m.role == 'system' %}{% continue %}{% endif %}
+    {%- set ns.n = ns.n + 1 %}
+    {%- if m.role == 'assistant' %}{% generation %}<a>{{ m.content }}</a>{% endgeneration %}
+    {%- else %}<u>{{ m | tojson }}|{{ m.content | tojson(true) }}|{{ m | tojson(indent=1, sort_keys=true) }}</u>
+    {%- endif %}
+    {%- if ns.n == 3 %}{% break %}{% endif %}
+{%- endfor %}
+{{- ns.n }}"""
 
 # Llama 2's template as Meta's HF repositories have it: roles must alternate, else raise_exception
 LLAMA2_STRICT_TEMPLATE = (
@@ -81,6 +97,8 @@ CONVERSATIONS = [
      user("12345 and 678?"), assistant("They're numbers; the thing is 12 and 345.")],
 ]
 
+FEATURES_MESSAGES = [system("s"), user("café <b>"), assistant("ok"), user("x"), assistant("never")]
+
 
 class Special(str):
     """A special token in an expected rendering: its id, not its characters, once encoded."""
@@ -106,8 +124,10 @@ def expect(segments, encode_plain, special_ids):
 
 def llama3_segments(messages, generation_prompt=False, bos=True):
     """Meta's header format, each content stripped (the template's trim, Meta's strip())."""
-    header = lambda role: [(Special("<|start_header_id|>"), False), (role, False), (Special("<|end_header_id|>"), False),
-                           ("\n\n", False)]
+    def header(role):
+        return [(Special("<|start_header_id|>"), False), (role, False), (Special("<|end_header_id|>"), False),
+                ("\n\n", False)]
+
     segments = [(Special("<|begin_of_text|>"), False)] * bos
     for m in messages:
         mine = m["role"] == "assistant"
@@ -202,7 +222,6 @@ def test_the_templates_render_as_written_out_here(fmt):
         prompt_text, prompt_ids, _, _ = expect(fmt.segments(messages[:-1], True), fmt.encode, fmt.specials)
         assert render(messages[:-1], add_generation_prompt=True) == prompt_text
         assert encode_rendered(fmt.tok, prompt_text) == prompt_ids
-    assert fmt.tok.bos_id is None or fmt.tok.bos_id not in encode_rendered(fmt.tok, "no template token here")
 
 
 def test_conversation_targets_are_the_assistant_turns(fmt):
@@ -217,8 +236,7 @@ def test_conversation_targets_are_the_assistant_turns(fmt):
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
         assert sum(t != -1 for t in targets) == sum(len(fmt.encode(content(c))) + 1 for c in replies)
         assert all(t in (-1, i) for t, i in zip(targets, ids))
-        runs = [r for r in re.split(r"-1(?:,-1)*", ",".join(map(str, targets))) if r.strip(",")]
-        runs = [[int(t) for t in r.strip(",").split(",")] for r in runs]
+        runs = [list(run_) for learned, run_ in itertools.groupby(targets, lambda t: t != -1) if learned]
         assert len(runs) == len(replies) and all(r[-1] == ends and ends not in r[:-1] for r in runs)
         if fmt.exact_decode:
             assert [fmt.tok.decode(r) for r in runs] == replies
@@ -237,7 +255,8 @@ def test_meta_llama3_folder_without_a_template_uses_the_header_format(meta_folde
     special = {name: len(ranks) + k for k, name in enumerate(META_FIRST)}
 
     def header(role):
-        return [special["<|start_header_id|>"], *plain.encode(role), special["<|end_header_id|>"], *plain.encode("\n\n")]
+        return [special["<|start_header_id|>"], *plain.encode(role), special["<|end_header_id|>"],
+                *plain.encode("\n\n")]
 
     messages = [system("  Be brief, the garden is big.\n"), user("\tthe thing in the garden, 12345?  "),
                 assistant("\nthe thing  is 123, they're 45 "), user("café crème brûlée à la française")]
@@ -259,7 +278,8 @@ def test_meta_llama3_folder_without_a_template_uses_the_header_format(meta_folde
 
 def test_which_template_a_folder_has(tmp_path, hf_json, tokenizer_bytes):
     folder = hf_folder(tmp_path / "m", hf_json, False, {"eos_token": "<|eot_id|>", "chat_template": [
-        {"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "DEFAULT {{ messages[0].content }}"}]})
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "DEFAULT {{ messages[0].content }}"}]})
     tok = load_tokenizer(folder)
     assert chat_format(folder, tok)([user("hi")]) == "DEFAULT hi"  # named templates: the default one
     (folder / "chat_template.jinja").write_text("FILE {{ eos_token }}")
@@ -272,6 +292,14 @@ def test_which_template_a_folder_has(tmp_path, hf_json, tokenizer_bytes):
     (tmp_path / "sp" / "tokenizer.model").write_bytes(tokenizer_bytes)
     with pytest.raises(UserError, match="not a chat model"):
         chat_format(tmp_path / "sp", load_tokenizer(tmp_path / "sp"))
+
+
+def test_templates_get_what_transformers_gives_them(chatml):
+    write_json(chatml.folder / "tokenizer_config.json", {"chat_template": FEATURES_TEMPLATE})
+    first = '{"role": "user", "content": "café <b>"}|"caf\\u00e9 <b>"|{\n "content": "café <b>",\n "role": "user"\n}'
+    second = '{"role": "user", "content": "x"}|"x"|{\n "content": "x",\n "role": "user"\n}'
+    want = f"<u>{first}</u><a>ok</a><u>{second}</u>3"  # the system message skipped, the loop left after 3
+    assert chat_format(chatml.folder, chatml.tok)(FEATURES_MESSAGES) == want
 
 
 def test_special_tokens_map_gives_the_template_its_tokens(tmp_path, tokenizer_bytes):
@@ -297,9 +325,10 @@ def test_a_template_refusing_a_conversation_is_one_clear_error(tmp_path, tokeniz
 
 # --- generation: python test_gen.py MODEL cpu --chat ---
 
-def test_chat_generation_prints_the_reply_up_to_the_stop_token(load, tmp_path, ranks, tokenizer_bytes):
-    """A tiny Meta-layout Llama 3 (tiktoken tokenizer.model, no template): its output row of <|eot_id|>
-    made 1.25 times the row of the third token it would reply, so that it stops about there."""
+def test_chat_generation_prints_the_reply_up_to_the_stop_token(tmp_path, ranks, tokenizer_bytes):
+    """A tiny Meta-layout Llama 3 (tiktoken tokenizer.model, no template), its output rows edited: zero for
+    the special tokens and the tokens that are not printable ASCII (the reply is plain text), and the row
+    of <|eot_id|> 1.25 times the row of the fourth token it would reply, so that it stops about there."""
     import tiktoken
     folder = make_model(tmp_path / "llama3", {**TINY, "vocab_size": len(ranks) + 256}, tokenizer_bytes, 1, seed=3)
     (folder / "tokenizer.model").write_text(ranks_text(ranks))
@@ -311,30 +340,52 @@ def test_chat_generation_prints_the_reply_up_to_the_stop_token(load, tmp_path, r
         prompt += [special["<|start_header_id|>"], *plain.encode(role), special["<|end_header_id|>"],
                    *plain.encode("\n\n")]
         prompt += [*plain.encode(text), eot] if text else []
-    before = load(folder, offload_path=tmp_path / "off0").generate(prompt, 12)
     shard = folder / "consolidated.00.pth"
     weights = torch.load(shard, weights_only=True)
-    weights["output.weight"][eot] = weights["output.weight"][before[2]].float() * 1.25
+    printable = {rank for token, rank in ranks.items() if all(32 <= b < 127 for b in token)}
+    weights["output.weight"][[i for i in range(len(ranks) + 256) if i not in printable]] = 0
     torch.save(weights, shard)
-    model = load(folder, offload_path=tmp_path / "off")
+    model = loader.load_llama2(folder, offload_path=tmp_path / "off", log=lambda *a: None)
+    before = model.generate(prompt, 12)
+    model.close()
+    assert set(before) <= printable
+    weights["output.weight"][eot] = weights["output.weight"][before[3]].float() * 1.25
+    torch.save(weights, shard)
+    model = loader.load_llama2(folder, offload_path=tmp_path / "off", log=lambda *a: None)
     stops = model.tokenizer.stop_ids
     assert stops == {special[s] for s in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")}
     after = model.generate(prompt, 12)  # no stop ids: what the model makes on past the stop
     cut = next(k for k, t in enumerate(after) if t in stops)
-    assert 1 <= cut <= 8 and model.tokenizer.decode(after[cut + 1:]).strip()  # something to print, something to leave
+    reply = model.tokenizer.decode(after[:cut])
+    assert 2 <= cut <= 8 and len(reply.strip()) >= 2 and model.tokenizer.decode(after[cut + 1:]).strip()
     model.close()
     rc, out, err = run("test_gen.py", folder, "cpu", "--chat", "--prompt", question, "--system", sys_text,
                        "--tokens", 12, "--compute_dtype", "float32", "--offload_path", tmp_path / "off")
     assert rc == 0, err
-    reply = model.tokenizer.decode(after[:cut])
     assert re.fullmatch(re.escape(f"{question}\n{reply}\n") + rf"[\d.]+ ms per token \({cut + 1} tokens\)\n", out), \
         (out, after, cut)
 
 
-def test_chat_generation_needs_a_chat_model(make, tmp_path):
-    rc, _, err = run("test_gen.py", make(), "cpu", "--chat", "--prompt", "hi", "--offload_path", tmp_path / "off")
+# Mistral Instruct v0.1's template: no system role
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template,message", [(None, "not a chat model"), (
+    MISTRAL_TEMPLATE, "the model's chat template refuses this conversation: Conversation roles must alternate")])
+def test_chat_generation_needs_a_chat_format_that_takes_the_messages(make, tmp_path, template, message):
+    folder = make()
+    if template:
+        write_json(folder / "tokenizer_config.json",
+                   {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+    rc, _, err = run("test_gen.py", folder, "cpu", "--chat", "--prompt", "hi", "--system", "be brief",
+                     "--offload_path", tmp_path / "off")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc != 0 and "Traceback" not in err and len(errors) == 1 and "not a chat model" in errors[0], err
+    assert rc != 0 and "Traceback" not in err and len(errors) == 1 and message in errors[0], err
 
 
 # --- training data ---
@@ -374,7 +425,7 @@ def test_prompt_response_lines_use_the_models_template(fmt, tmp_path):
     tokens, targets = finetune.encode_instructions(data.read_text(), data, settings(), fmt.tok, fmt.folder)
     want_ids, want_targets = [], []
     for p in pairs:
-        messages = [system(p["system"])] * ("system" in p) + [user(p["prompt"]), assistant(p["response"])]
+        messages = ([system(p["system"])] if "system" in p else []) + [user(p["prompt"]), assistant(p["response"])]
         _, ids, marks, _ = expect(fmt.segments(messages), fmt.encode, fmt.specials)
         want_ids, want_targets = want_ids + ids, want_targets + marks
     assert tokens.tolist() == want_ids and targets.tolist() == want_targets
@@ -402,7 +453,7 @@ def test_prompt_response_lines_without_a_chat_template_use_llama2s_inst(make, tm
 
 
 def test_the_bundled_chat_data_learns_only_the_replies(llama2):
-    path = finetune.Path(finetune.__file__).parent / "test_data" / "chat.jsonl"
+    path = ROOT / "test_data" / "chat.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     tokens, targets = finetune.encode_instructions(path.read_text(), path, settings(), llama2.tok, llama2.folder)
     replies = [m["content"] for line in lines for m in line["messages"] if m["role"] == "assistant"]
@@ -421,7 +472,8 @@ GOOD = json.dumps({"messages": [user("hi"), assistant("hello there")]})
 BAD_LINES = [
     ("no messages", json.dumps({"text": "hello"}), "needs messages, or the text fields prompt and response"),
     ("prompt without response", json.dumps({"prompt": "hello"}), "needs messages, or the text fields prompt"),
-    ("unknown role", json.dumps({"messages": [user("hi"), {"role": "tool", "content": "x"}]}), "message 2 has role 'tool'"),
+    ("unknown role", json.dumps({"messages": [user("hi"), {"role": "tool", "content": "x"}]}),
+     "message 2 has role 'tool'"),
     ("content not a string", json.dumps({"messages": [{"role": "user", "content": ["hi"]}]}), "message 1 needs a role"),
     ("content missing", json.dumps({"messages": [{"role": "user"}]}), "message 1 needs a role"),
     ("messages not a list", json.dumps({"messages": "hi"}), "messages must be a non-empty list"),
@@ -477,15 +529,17 @@ def test_rendering_equals_transformers_apply_chat_template(chatml, tmp_path, hf_
     raw = Tokenizer.from_str(hf_json[True])
     raw.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>"])
     llama3_hf = hf_folder(tmp_path / "llama3_hf", {True: raw.to_str()}, True,
-                          {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE})
+                          {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                           "chat_template": LLAMA3_TEMPLATE})
     llama2_hf = hf_folder(tmp_path / "llama2_hf", hf_json, False,
                           {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
                            "chat_template": LLAMA2_STRICT_TEMPLATE})
-    for folder in (chatml.folder, llama3_hf, llama2_hf):
+    features = hf_folder(tmp_path / "features", hf_json, False, {"chat_template": FEATURES_TEMPLATE})
+    for folder in (chatml.folder, llama3_hf, llama2_hf, features):
         reference = transformers.AutoTokenizer.from_pretrained(str(folder))
         tok = load_tokenizer(folder)
         render = chat_format(folder, tok)
-        for messages in CONVERSATIONS:
+        for messages in CONVERSATIONS + [FEATURES_MESSAGES]:
             for generation_prompt, part in ((False, messages), (True, messages[:-1])):
                 text = reference.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
                 assert render(part, add_generation_prompt=generation_prompt) == text

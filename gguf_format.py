@@ -1,0 +1,558 @@
+"""GGUF out: the model (and a LoRA adapter) as llama.cpp, Ollama and LM Studio load it.
+
+write_model streams a model into DST/model.gguf with the gguf package (gguf-py, from the llama.cpp
+repository): every tensor is announced first (name, shape, type), the header, the metadata and the
+tensor infos are written, then the tensor data module by module, so the export holds about one
+module in memory, as the other layouts do. The file is written under a temporary name and renamed
+into place. Metadata and tensor names follow llama.cpp's convert_hf_to_gguf.py:
+
+- architectures: "llama" (Llama 2 / 3.x, CodeLlama, TinyLlama, SmolLM2, Mistral), "qwen2" (q/k/v
+  biases) and "qwen3" (q/k norms). llama's tensors keep Meta's interleaved rotary layout, the one
+  slowllama holds its weights in; qwen2 and qwen3 rotate the two halves of each head (NEOX), so
+  their q/k rows (and biases, norms) go out in Hugging Face's order;
+- types: f16 (default), bf16, q8_0, f32 for the matrices; 1-D tensors (norms, biases) always f32;
+  q8_0 needs rows of a multiple of 32 values, other matrices fall back to f16 (said in the log);
+- llama3 rope scaling as the rope_freqs tensor of per-pair factors, linear and yarn as rope.scaling keys;
+- the tokenizer: sentencepiece as tokenizer.ggml.model "llama" (pieces, scores, types); byte-level
+  BPE (tokenizer.json, Meta's Llama 3 tiktoken file) as "gpt2" with merges and a pre-tokenizer
+  name llama.cpp knows; special token ids, add_bos, the chat template.
+
+write_adapter writes a LoRA adapter as a GGUF adapter (llama-cli --lora, Ollama's ADAPTER).
+"""
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from chat import template_of
+from files import published
+from hf_format import permuted_heads, to_hf_rows
+from llama import module_names, module_shapes
+from tokenizer import LLAMA3_PATTERN, read_optional, read_ranks
+from utils import UserError, check_disk, gb, progress
+
+TYPES = ("f16", "bf16", "q8_0", "f32")
+MODEL_FILE, ADAPTER_FILE = "model.gguf", "adapter.gguf"
+F16_MAX = 65504.0
+Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 values in 34 bytes (an f16 scale, 32 int8)
+QUANTIZE_CHUNK = 1 << 22  # values quantized at a time (bounds the temporary arrays)
+
+BLOCK_NAMES = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
+               "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
+               "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
+               "feed_forward.w3.weight": "ffn_up.weight", "attention_norm.weight": "attn_norm.weight",
+               "ffn_norm.weight": "ffn_norm.weight", "attention.wq.bias": "attn_q.bias",
+               "attention.wk.bias": "attn_k.bias", "attention.wv.bias": "attn_v.bias",
+               "attention.q_norm.weight": "attn_q_norm.weight", "attention.k_norm.weight": "attn_k_norm.weight"}
+TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "output.weight": "output.weight"}
+
+# pre-tokenizers of byte-level BPE tokenizers, by the regular expression that splits text before the
+# merges, and the names llama.cpp gives them (llama-vocab.cpp)
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PRE = {LLAMA3_PATTERN: "llama-bpe", QWEN2_PATTERN: "qwen2"}
+# token types (gguf.TokenType, the same numbers as sentencepiece's piece types)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# Meta's Llama 3 chat format (chat.meta_llama3) as a template, for Meta's folders, which have none
+LLAMA3_TEMPLATE = ("{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
+                   "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def gguf():
+    try:
+        import gguf as module
+    except ImportError:
+        raise UserError("GGUF export needs the gguf package: pip install gguf")
+    return module
+
+
+def check_type(name):
+    """The GGML type of a --gguf_type name; a UserError for anything else."""
+    if name not in TYPES:
+        raise UserError(f"gguf_type={name!r} is not supported; use {', '.join(TYPES)}")
+    return getattr(gguf().GGMLQuantizationType, name.upper())
+
+
+def file_type(name):
+    return {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[name]  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16 ...
+
+
+def gguf_key(key):
+    """GGUF's name of a Meta key: layers.3.attention.wq.weight -> blk.3.attn_q.weight."""
+    if key in TOP_NAMES:
+        return TOP_NAMES[key]
+    _, layer, local = key.split(".", 2)
+    return f"blk.{layer}.{BLOCK_NAMES[local]}"
+
+
+def architecture(args):
+    """llama, qwen2 or qwen3 for the model's settings; a UserError for what GGUF cannot express."""
+    if args.qkv_bias and args.qk_norm:
+        raise UserError("GGUF export: a model with both q/k/v biases and q/k norms is no architecture llama.cpp "
+                        "has (qwen2 has the biases, qwen3 the norms)")
+    arch = "qwen2" if args.qkv_bias else "qwen3" if args.qk_norm else "llama"
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "llama3" and arch != "llama":
+        raise UserError(f"GGUF export: llama3 rope scaling on a {arch} model cannot be expressed (llama.cpp reads "
+                        "the rope_freqs factors for the llama architecture only)")
+    if kind == "yarn" and (scaling.get("mscale") or scaling.get("mscale_all_dim") or scaling.get("truncate") is False):
+        raise UserError("GGUF export: yarn rope scaling with mscale, mscale_all_dim or truncate=false cannot be "
+                        "expressed in GGUF's rope.scaling keys")
+    return arch
+
+
+def tensor_type(name, shape, qtype, log):
+    """The GGML type a tensor is written in: 1-D tensors in f32 (as llama.cpp's converter writes norms
+    and biases), q8_0 only for rows of whole blocks (else f16)."""
+    types = gguf().GGMLQuantizationType
+    if len(shape) <= 1:
+        return types.F32
+    if qtype == types.Q8_0 and shape[-1] % Q8_BLOCK:
+        log(f"{name}: rows of {shape[-1]} values are not whole q8_0 blocks of {Q8_BLOCK}; written as f16")
+        return types.F16
+    return qtype
+
+
+def nbytes_of(shape, ggml_type):
+    types = gguf().GGMLQuantizationType
+    n = math.prod(shape)
+    if ggml_type == types.Q8_0:
+        return n // Q8_BLOCK * Q8_BYTES
+    return n * {types.F32: 4, types.F16: 2, types.BF16: 2}[ggml_type]
+
+
+def encode(t, ggml_type, name, log):
+    """The bytes of a tensor in a GGML type, as a numpy array (q8_0 quantized a chunk of rows at a time,
+    with gguf's own quantizer, bit-exact with ggml's)."""
+    g = gguf()
+    types = g.GGMLQuantizationType
+    if ggml_type == types.F32:
+        return t.float().contiguous().numpy()
+    if ggml_type == types.BF16:
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    if ggml_type == types.F16:
+        if t.dtype != torch.float16 and bool(t.abs().amax() > F16_MAX):
+            log(f"{name}: values beyond f16's range ({F16_MAX}) clamped; use --gguf_type bf16 for this model")
+            t = t.float().clamp(-F16_MAX, F16_MAX)
+        return t.to(torch.float16).contiguous().numpy()
+    import numpy as np
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty((rows.shape[0], rows.shape[1] // Q8_BLOCK * Q8_BYTES), dtype=np.uint8)
+    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
+    for r in range(0, rows.shape[0], step):
+        out[r:r + step] = g.quants.quantize(rows[r:r + step].float().numpy(), types.Q8_0)
+    return out
+
+
+def rope_factors(args):
+    """llama3 rope scaling as llama.cpp takes it: per feature pair, the factor its frequency is divided
+    by (1: kept, factor: slowed, a blend between), from the definition of the scaling."""
+    s, d = args.rope_scaling, args.head_dim
+    old, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"],
+                              s["factor"])
+    factors = []
+    for i in range(d // 2):
+        wavelength = 2 * math.pi * args.rope_theta ** (2 * i / d)
+        if wavelength < old / high:
+            factors.append(1.0)
+        elif wavelength > old / low:
+            factors.append(float(factor))
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
+
+
+# --- the tokenizer as GGUF metadata ---
+
+def byte_alphabet():
+    """GPT-2's byte-level alphabet: the character each byte is written as in a byte-level vocabulary."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in shown]
+    return {**{b: chr(b) for b in shown}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def vocabulary(model):
+    """The tokenizer's GGUF metadata as a dict, its token list padded to the embedding rows."""
+    tok, folder, n = model.tokenizer, model.offload_dir, model.args.vocab_size
+    if tok.kind == "sentencepiece":
+        vocab = sentencepiece_vocab(tok.sp, tok.path)
+    elif tok.kind == "tiktoken":
+        vocab = tiktoken_vocab(tok)
+    else:
+        vocab = tokenizer_json_vocab(tok, folder)
+    tokens, types = vocab["tokens"], vocab["types"]
+    if len(tokens) > n:
+        raise UserError(f"{tok.path}: {len(tokens)} tokens, but the model has {n} embedding rows")
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), n)]  # rows no token names, as llama.cpp's converter
+    types += [UNUSED] * (n - len(types))
+    if vocab.get("scores") is not None:
+        vocab["scores"] += [-10000.0] * (n - len(vocab["scores"]))
+    config = {**read_optional(folder / "special_tokens_map.json"), **read_optional(folder / "tokenizer_config.json")}
+    ids = {text: i for i, text in enumerate(tokens)}
+    vocab["bos"] = tok.bos_id if tok.bos_id is not None else read_optional(folder / "config.json").get("bos_token_id")
+    vocab["add_bos"] = tok.bos_id is not None
+    vocab["eos"] = tok.eos_id
+    vocab.setdefault("pad", ids.get(token_text(config.get("pad_token"))))
+    for key, names in (("eot", ("<|eot_id|>", "<|im_end|>")), ("eom", ("<|eom_id|>",))):
+        found = [ids[name] for name in names if name in ids and ids[name] in tok.stop_ids and ids[name] != tok.eos_id]
+        vocab[key] = found[0] if found else None
+    template = template_of(folder)
+    if template is None and "<|start_header_id|>" in tok.special_tokens:
+        template = LLAMA3_TEMPLATE  # Meta's folders: the format chat.py renders for them
+    vocab["chat_template"] = template
+    return vocab
+
+
+def token_text(value):
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+def sentencepiece_vocab(sp, path):
+    """tokenizer.ggml.model "llama": the pieces, their scores and types (sentencepiece's own: normal,
+    unknown, control, user-defined, unused, byte), as llama.cpp's converter writes them."""
+    n = sp.vocab_size()
+    types = piece_types(Path(path).read_bytes(), n)
+    if types is None:  # not readable here: the flags sentencepiece gives (user-defined pieces as normal)
+        types = [UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else UNUSED if sp.is_unused(i)
+                 else BYTE if sp.is_byte(i) else NORMAL for i in range(n)]
+    return {"model": "llama", "pre": "default", "tokens": [sp.id_to_piece(i) for i in range(n)],
+            "scores": [sp.get_score(i) for i in range(n)], "types": types,
+            "unk": sp.unk_id() if sp.unk_id() >= 0 else None, "pad": sp.pad_id() if sp.pad_id() >= 0 else None,
+            "add_space_prefix": add_dummy_prefix(Path(path).read_bytes())}
+
+
+def proto_fields(data):
+    """(field number, wire type, value) of a protobuf message: varints as ints, the rest as bytes."""
+    i = 0
+    while i < len(data):
+        key, i = varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(data, i)
+        elif wire == 2:
+            size, i = varint(data, i)
+            value, i = data[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = data[i:i + size], i + size
+        else:
+            raise ValueError(f"wire type {wire}")
+        yield field, wire, value
+
+
+def varint(data, i):
+    value = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def piece_types(model_bytes, n):
+    """Each piece's type from a sentencepiece model (ModelProto: field 1 the pieces, each with its
+    type in field 3, NORMAL when absent); None when the file does not read as expected."""
+    try:
+        types = [next((v for f, w, v in proto_fields(piece) if f == 3 and w == 0), NORMAL)
+                 for f, w, piece in proto_fields(model_bytes) if f == 1 and w == 2]
+    except (ValueError, IndexError):
+        return None
+    return types if len(types) == n and all(NORMAL <= t <= BYTE for t in types) else None
+
+
+def add_dummy_prefix(model_bytes):
+    """normalizer_spec.add_dummy_prefix of a sentencepiece model (field 3, then 3; true when absent)."""
+    try:
+        for f, w, spec in proto_fields(model_bytes):
+            if f == 3 and w == 2:
+                return bool(next((v for g, x, v in proto_fields(spec) if g == 3 and x == 0), 1))
+    except (ValueError, IndexError):
+        pass
+    return True
+
+
+def tiktoken_vocab(tok):
+    """Meta's Llama 3 tokenizer.model as tokenizer.ggml.model "gpt2": the ranks' byte strings in GPT-2's
+    byte alphabet, then Meta's special tokens; the merges recovered from the ranks (each token of two
+    or more bytes is the merge of the two parts byte-pair encoding with the ranks below its own makes)."""
+    ranks = read_ranks(tok.path)
+    alphabet = byte_alphabet()
+    spell = lambda b: "".join(alphabet[x] for x in b)  # noqa: E731
+    ordered = sorted(ranks, key=ranks.get)
+    merges = []
+    for token in ordered:
+        if len(token) > 1:
+            parts = bpe_parts(ranks, token, ranks[token])
+            if len(parts) != 2:
+                raise UserError(f"{tok.path}: token {token!r} is not the merge of two tokens of lower rank; "
+                                "not a byte-pair vocabulary GGUF can describe")
+            merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    specials = sorted(tok.special_tokens, key=tok.special_tokens.get)
+    return {"model": "gpt2", "pre": "llama-bpe", "tokens": [spell(t) for t in ordered] + specials,
+            "types": [NORMAL] * len(ordered) + [CONTROL] * len(specials), "merges": merges, "unk": None}
+
+
+def bpe_parts(ranks, token, max_rank):
+    """The parts byte-pair encoding makes of token with the merges of rank below max_rank."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            break
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_json_vocab(tok, folder):
+    """tokenizer.json: byte-level BPE as "gpt2" with its merges; a sentencepiece-style BPE (Llama 2's,
+    Mistral's) from the sentencepiece tokenizer.model beside it, with tokenizer.json's added tokens."""
+    import json
+    spec = json.loads(tok.path.read_text())
+    model = spec.get("model") or {}
+    added = {t.get("id"): t for t in spec.get("added_tokens") or []}
+    if not is_byte_level(spec):
+        sp_path = Path(folder) / "tokenizer.model"
+        if model.get("type") == "BPE" and sp_path.is_file() and not is_ranks(sp_path):
+            from tokenizer import Tokenizer
+            vocab = sentencepiece_vocab(Tokenizer(sp_path).sp, sp_path)
+            for i, t in sorted(added.items()):
+                if i < len(vocab["tokens"]):
+                    vocab["tokens"][i] = t["content"]
+                    vocab["types"][i] = CONTROL if t.get("special") else USER_DEFINED
+            return vocab
+        raise UserError(f"{tok.path}: a {model.get('type')} tokenizer that is not byte-level; GGUF export reads such "
+                        "a vocabulary from its sentencepiece tokenizer.model, which this model folder lacks")
+    if model.get("type") != "BPE":
+        raise UserError(f"{tok.path}: a byte-level {model.get('type')} tokenizer; GGUF's gpt2 tokenizer is BPE")
+    pre = pre_tokenizer_name(spec, tok.path)
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(tok.n_words):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(added[i]["content"])
+            types.append(CONTROL if added[i].get("special") or looks_special(added[i]["content"]) else USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    unk = model.get("unk_token")
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges,
+            "unk": vocab.get(unk) if unk else None}
+
+
+def is_ranks(path):
+    from tokenizer import is_ranks_file
+    return is_ranks_file(path)
+
+
+def looks_special(text):
+    return text.startswith("<|") and text.endswith("|>")
+
+
+def parts_of(spec):
+    if not spec:
+        return []
+    return [p for s in spec["pretokenizers"] for p in parts_of(s)] if spec.get("type") == "Sequence" else [spec]
+
+
+def is_byte_level(spec):
+    return any(p.get("type") == "ByteLevel" for p in parts_of(spec.get("pre_tokenizer"))) or \
+        (spec.get("decoder") or {}).get("type") == "ByteLevel"
+
+
+def pre_tokenizer_name(spec, path):
+    """The name llama.cpp knows for a byte-level tokenizer.json's pre-tokenizer (how text is split
+    before the merges), from its structure: Llama 3's and Qwen 2's regular expressions, SmolLM's
+    digits and GPT-2's; anything else is refused, as the runtime would split text differently."""
+    parts = parts_of(spec.get("pre_tokenizer"))
+    kinds = [p.get("type") for p in parts]
+    last = parts[-1] if parts else {}
+    if kinds and kinds[-1] == "ByteLevel" and not last.get("add_prefix_space"):
+        regex = last.get("use_regex", True)
+        if kinds == ["ByteLevel"] and regex:
+            return "gpt-2"
+        if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and regex:
+            return "smollm"
+        if kinds == ["Split", "ByteLevel"] and not regex and not parts[0].get("invert") and \
+                str(parts[0].get("behavior")).lower() == "isolated":
+            name = SPLIT_PRE.get((parts[0].get("pattern") or {}).get("Regex"))
+            if name:
+                return name
+    raise UserError(f"{path}: its pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not one llama.cpp knows "
+                    "by name (Llama 3's, Qwen 2's, SmolLM's, GPT-2's); a GGUF runtime would split text differently")
+
+
+# --- writing ---
+
+def write_metadata(writer, arch, args, vocab, type_name, name):
+    """general.*, the architecture's hyperparameters and the tokenizer, under GGUF's key names."""
+    g = gguf()
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_file_type(file_type(type_name))
+    writer.add_quantization_version(g.GGML_QUANT_VERSION)
+    writer.add_context_length(context_length(args))
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.kv_heads)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_vocab_size(args.vocab_size)
+    if args.head_dim != args.dim // args.n_heads:
+        writer.add_key_length(args.head_dim)
+        writer.add_value_length(args.head_dim)
+    s = args.rope_scaling or {}
+    if s.get("rope_type") in ("linear", "yarn"):  # llama3: the rope_freqs tensor
+        writer.add_string(f"{arch}.rope.scaling.type", s["rope_type"])
+        writer.add_float32(f"{arch}.rope.scaling.factor", float(s["factor"]))
+    if s.get("rope_type") == "yarn":
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length",
+                          int(s.get("original_max_position_embeddings") or args.max_seq_len))
+        for key, gguf_name in (("attention_factor", "yarn_attn_factor"), ("beta_fast", "yarn_beta_fast"),
+                               ("beta_slow", "yarn_beta_slow")):
+            if s.get(key) is not None:
+                writer.add_float32(f"{arch}.rope.scaling.{gguf_name}", float(s[key]))
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    if vocab.get("scores") is not None:
+        writer.add_token_scores(vocab["scores"])
+    writer.add_token_types(vocab["types"])
+    if vocab.get("merges"):
+        writer.add_token_merges(vocab["merges"])
+    for key in ("bos", "eos", "unk", "pad", "eot", "eom"):
+        if vocab.get(key) is not None:
+            gguf_name = {"unk": "unknown", "pad": "padding"}.get(key, key)
+            writer.add_uint32(f"tokenizer.ggml.{gguf_name}_token_id", int(vocab[key]))
+    writer.add_bool("tokenizer.ggml.add_bos_token", vocab["add_bos"])
+    writer.add_bool("tokenizer.ggml.add_eos_token", False)
+    if vocab.get("add_space_prefix") is not None:
+        writer.add_bool("tokenizer.ggml.add_space_prefix", vocab["add_space_prefix"])
+    if vocab.get("chat_template"):
+        writer.add_chat_template(vocab["chat_template"])
+
+
+def context_length(args):
+    """The context the model was trained for; Meta's params.json does not say it: Llama 3.1 to 3.3 (llama3
+    rope scaling) have 131072, Llama 2 4096."""
+    if args.max_seq_len:
+        return args.max_seq_len
+    return 131072 if (args.rope_scaling or {}).get("rope_type") == "llama3" else 4096
+
+
+def write_model(model, out_dir, type_name="f16", log=print):
+    """Stream the model (LoRA adapters merged) into out_dir/model.gguf. Returns its path."""
+    g = gguf()
+    qtype = check_type(type_name)
+    args, out_dir = model.args, Path(out_dir)
+    arch = architecture(args)
+    vocab = vocabulary(model)
+    if args.sliding_window:
+        log(f"note: llama.cpp's llama architecture has no sliding window; the model's window of "
+            f"{args.sliding_window} positions is not in the file (as llama.cpp's own converter leaves it)")
+    names = module_names(args)
+    if args.tied and "output.weight" in model.lora:  # a merged output adapter: no longer the table
+        names.append("output")
+    entries = []  # (module, key in the module or None, GGUF name, shape, GGML type)
+    if (args.rope_scaling or {}).get("rope_type") == "llama3":
+        entries.append((None, None, "rope_freqs.weight", (args.head_dim // 2,), g.GGMLQuantizationType.F32))
+    for name in names:
+        for key, shape in module_shapes(args, name.split(".")[0]).items():
+            gname = gguf_key(f"{name}.{key}")
+            entries.append((name, key, gname, tuple(shape), tensor_type(gname, shape, qtype, log)))
+    total = sum(nbytes_of(e[3], e[4]) for e in entries)
+    check_disk([("GGUF export", out_dir, total)], log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, start = out_dir / MODEL_FILE, time.time()
+    with published(path) as tmp:
+        writer = g.GGUFWriter(tmp, arch)
+        try:
+            write_metadata(writer, arch, args, vocab, type_name, Path(model.manifest["source"]).name)
+            for _, _, gname, shape, ggml_type in entries:
+                plain = ggml_type in (g.GGMLQuantizationType.F32, g.GGMLQuantizationType.F16)
+                writer.add_tensor_info(gname, shape, np_dtype(ggml_type), nbytes_of(shape, ggml_type),
+                                       raw_dtype=None if plain else ggml_type)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            if entries[0][0] is None:
+                writer.write_tensor_data(rope_factors(args).numpy())
+            for name in progress(names, "writing GGUF", unit="module"):
+                weights = model.read_weights(name)
+                for module, key, gname, shape, ggml_type in entries:
+                    if module == name:
+                        t, heads = weights[key].cpu(), permuted_heads(f"{name}.{key}", args)
+                        if arch != "llama" and heads:  # NEOX: Hugging Face's half-split row order
+                            t = to_hf_rows(t, heads)
+                        writer.write_tensor_data(encode(t, ggml_type, gname, log))
+                del weights
+        finally:
+            writer.close()
+    log(f"wrote {path} ({arch}, {type_name}, {gb(total)}) in {time.time() - start:.1f} s")
+    return path
+
+
+def np_dtype(ggml_type):
+    """The numpy dtype add_tensor_info derives f32 and f16 from; other types go as raw_dtype with
+    their shape in values (any dtype but uint8, which would mean a shape in bytes)."""
+    import numpy as np
+    return np.dtype(np.float16 if ggml_type == gguf().GGMLQuantizationType.F16 else np.float32)
+
+
+def write_adapter(model, path, alpha, log=print):
+    """A LoRA run's adapter as a GGUF LoRA adapter (general.type adapter, adapter.lora.alpha, tensors
+    <weight>.lora_a (rank x in) and .lora_b (out x rank), f32), for the GGUF of the base model:
+    llama-cli -m base.gguf --lora adapter.gguf, Ollama's ADAPTER. B's q/k rows in the base file's
+    layout: as they are for llama (Meta's), half-split for qwen2/qwen3. Returns the path, or None
+    when the adapter cannot apply to the base model's GGUF (an output adapter of a tied model)."""
+    g = gguf()
+    args, path = model.args, Path(path)
+    arch = architecture(args)
+    if args.tied and "output.weight" in model.lora:
+        log(f"{path.name} not written: the base model's GGUF has no output tensor for the output adapter to "
+            f"apply to (tied embeddings); {MODEL_FILE} holds the adapter merged")
+        return None
+    tensors = []
+    for key, (a, b) in model.lora.items():
+        b = b.detach().cpu().float()
+        if arch != "llama" and key.startswith("layers.") and permuted_heads(key, args):
+            b = to_hf_rows(b, permuted_heads(key, args))
+        tensors += [(gguf_key(key) + ".lora_a", a.detach().cpu().float().contiguous()),
+                    (gguf_key(key) + ".lora_b", b.contiguous())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with published(path) as tmp:
+        writer = g.GGUFWriter(tmp, arch)
+        try:
+            writer.add_type("adapter")
+            writer.add_name(Path(model.manifest["source"]).name)
+            writer.add_string("adapter.type", "lora")
+            writer.add_float32("adapter.lora.alpha", float(alpha))
+            for name, t in tensors:
+                writer.add_tensor(name, t.numpy())
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    log(f"wrote {path} (LoRA adapter, {len(tensors) // 2} weights, alpha {alpha})")
+    return path
