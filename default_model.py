@@ -78,7 +78,8 @@ def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch
 
         def module(name):
             shapes = module_shapes(args, name.split(".")[0])
-            return {f"{name}.{k}": torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.02
+            # in the file's dtype at once: a 405B block is 13 GB in float32
+            return {f"{name}.{k}": (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator).mul_(0.02)).to(dtype)
                     for k, s in shapes.items()}
 
         names = ["tok_embeddings", "norm", "output"] + [f"layers.{i}" for i in range(args.n_layers)]
