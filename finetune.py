@@ -10,7 +10,7 @@ data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a
 prompt_template = ""  # .jsonl prompt/response data: the text before each response; empty: the model's chat template, else Llama 2's "[INST] {prompt} [/INST]"
 system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data with prompt_template: put before the prompt when an example has a system text
 out_path = "out"  # the run's folder: working state in out_path/run, the exported model in out_path
-out_format = ""  # layout of the exported model: meta or hf; empty: the source's
+out_format = ""  # layout of the exported model: meta, hf or gguf (out_path/model.gguf for llama.cpp, Ollama, LM Studio, f16; gguf:q8_0, gguf:bf16, gguf:f32 for other types; LoRA runs add adapter.gguf); empty: the source's
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
 device = "cpu"  # cpu, cuda or mps
 compute_dtype = "auto"  # auto: bfloat16 matmuls (fp32 master weights) where the device has native bf16, else float32
@@ -44,6 +44,8 @@ gen_tokens = 24  # tokens to generate for the completion
 save_period = 10  # commit the run every this many steps (and at the end, and on Ctrl-C)
 resume = 0  # 1: continue the run in out_path from its last committed step
 overwrite = 0  # 1: start over even if out_path holds an earlier run
+plan = 0  # 1: measure this machine for a few seconds, print the run's time, memory and disk writes, exit (plan.py)
+plan_mb = 512  # --plan=1: MB of the temporary file the disk is measured with
 debug = 0  # 1: show Python tracebacks
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and type(v) in (int, float, str)}
@@ -61,11 +63,12 @@ import torch
 
 import hf_format as hf
 from adapters import adapter_state, read_adapter
-from chat import chat_format, encode_conversation
 from blackbox_model import graph_bytes_per_token
+from chat import chat_format, encode_conversation
 from default_model import DEFAULT_TEXT
 from files import load_tensors, save_tensors, write_json
 from loader import load_llama2, log_line, save_llama2
+from report import RunLog
 from utils import UserError, check_disk, gb, get_rng_state, main_guard, parse_settings, set_rng_state
 
 
@@ -185,21 +188,25 @@ def learning_rate(cfg, step):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
-def evaluate(model, cfg, val, step):
+def evaluate(model, cfg, val, step, say=print):
+    """The validation loss (where data is held out) and a greedy completion of prompt: printed, and
+    returned as {val_loss, perplexity, completion} (the loss and perplexity only with validation data)."""
     model.eval()
-    parts = []
+    parts, result = [], {}
     tokens, targets = val
     if len(tokens) > 1:
         n = min(cfg.seq_len, len(tokens) - 1)
         starts = list(range(0, len(tokens) - n, n))[:8 * cfg.batch_size]
         _, loss = model(torch.stack([tokens[s:s + n] for s in starts]),
                         torch.stack([targets[s + 1:s + n + 1] for s in starts]))
+        result.update(val_loss=loss.item(), perplexity=math.exp(min(loss.item(), 700)))
         parts.append(f"val loss {loss.item():.4f}")
     prompt_ids = model.tokenizer.encode(cfg.prompt)
     completion = model.generate(prompt_ids, cfg.gen_tokens, stop_ids=model.tokenizer.stop_ids)
-    print(f"step {step}: {' | '.join(parts + [repr(model.tokenizer.decode(prompt_ids + completion))])}",
-          flush=True)
+    result["completion"] = model.tokenizer.decode(prompt_ids + completion)
+    say(f"step {step}: {' | '.join(parts + [repr(result['completion'])])}")
     model.train()
+    return result
 
 
 # --- the run folder: committed steps ---
@@ -311,8 +318,14 @@ def main():
     for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.out_format.partition(":")[0] not in ("", "meta", "hf", "gguf"):
+        raise UserError(f"--out_format={cfg.out_format}: use meta, hf or gguf (gguf:q8_0, gguf:bf16, gguf:f32)")
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"--val_fraction={cfg.val_fraction}: must be in [0, 1)")
+    if cfg.plan:  # nothing is written: plan.py
+        from plan import plan as make_plan
+        make_plan(cfg, disk_needs)
+        return
     torch.manual_seed(cfg.seed)
     budget = None if cfg.memory_budget < 0 else cfg.memory_budget * 2**30
     model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=cfg.device,
@@ -330,10 +343,11 @@ def main():
              f"activations of {min(model.args.n_layers, model.graph_budget // graph)} blocks kept)")
 
     stop = StopRequest()
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    run_log = RunLog(cfg, out, model, step)
     model.train()
     if step == 0 and cfg.eval_period:
-        evaluate(model, cfg, val_tokens, step)
+        eval_start = time.time()
+        run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
     start, first_step = time.time(), step
     while step < cfg.iters:
         batches = [get_batch(train_tokens, cfg, data_rng) for _ in range(cfg.grad_accum)]
@@ -346,27 +360,36 @@ def main():
         step += 1
         elapsed = time.time() - step_start
         left = (time.time() - start) / (step - first_step) * (cfg.iters - step)
-        print(f"step {step}/{cfg.iters} | loss {loss:.4f} | {tokens_per_step / elapsed:.0f} tok/s | "
-              f"{elapsed:.2f} s/step | {left:.0f} s left", flush=True)
+        run_log.step(model, step, loss, learning_rate(cfg, step), elapsed, left)
         if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.iters:
-            evaluate(model, cfg, val_tokens, step)
+            eval_start = time.time()
+            run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
         if step % cfg.save_period == 0 or step == cfg.iters or stop.requested:
             commit(model, cfg, run_dir, step, data_rng)
         if stop.requested:
+            run_log.close()
             print(f"stopped at step {step}; continue with: python finetune.py {' '.join(sys.argv[1:])} --resume=1",
                   file=sys.stderr)
             model.close()
             sys.exit(130)
+    run_log.close_bar()
     if cfg.eval_period:
-        evaluate(model, cfg, val_tokens, step)
+        eval_start = time.time()
+        run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
     model.eval()
     if cfg.mode == "lora":
         save_tensors({**lora_state(model, cfg), "step": step}, out / "adapter.pt")
         hf.write_peft(out / "peft", model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
                       base_name=model.manifest["source"])
-    save_llama2(model, out, out_format=cfg.out_format or None)
+    out_format, _, gguf_type = cfg.out_format.partition(":")  # gguf:q8_0: GGUF of type q8_0
+    save_llama2(model, out, out_format=out_format or None, gguf_type=gguf_type or None)
+    if cfg.mode == "lora" and out_format == "gguf":  # the adapter alone, for the base model's GGUF
+        import gguf_format
+        gguf_format.write_adapter(model, out / gguf_format.ADAPTER_FILE, cfg.lora_alpha, log_line)
     model.close()
-    print(f"done: python test_gen.py {cfg.out_path}")
+    run_log.finish(cfg)
+    print(f"done: {out / 'model.gguf'} (README: Ollama, llama.cpp)" if out_format == "gguf" else
+          f"done: python test_gen.py {cfg.out_path}")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,18 @@ def check_disk(needs, log=print):
                             f"({', '.join(whats)}); free some space or choose another folder")
 
 
+def mem_available_bytes():
+    """RAM that can be had now without swapping (MemAvailable: free memory and the page cache that can
+    be dropped); half the RAM where /proc/meminfo is missing."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return total_ram_bytes() // 2
+
+
 # --- progress: a bar on a terminal, a few plain lines otherwise ---
 
 def progress(items, desc, total=None, unit="it"):

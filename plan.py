@@ -1,0 +1,376 @@
+"""python finetune.py --plan=1 [settings]: what a run will cost on this machine, before anything is written.
+
+Measures this machine for a few seconds (the disk where the step's files live: a temporary file of
+--plan_mb MB written with fsync, read back from the page cache and, after evicting it, from the disk,
+overwritten with O_DIRECT, then deleted; the device's matmul rate at the model's block shapes) and
+prints, for the model and the settings given: seconds per step, the memory plan, the time for the run,
+the disk space and the bytes the run will write. Then it exits.
+
+Writes nothing: not out_path, not the offload folder. The model's shapes come from the offload folder
+when the model is already converted, else straight from the source folder (params.json or config.json
+and the first shard's tensor headers, memory-mapped): the plan never converts. The memory plan is the
+one training makes (model.setup_training, in a temporary folder that is removed). The built-in default
+model is the only exception: it is made in models/ on first use, as every command does.
+
+The model of a step: full fine-tuning keeps each module's fp32 working copy (with AdamW, weights and
+two moments) in out_path/run; a step reads each module that is not resident about twice (the forward
+pass, then the backward pass; the last block and the embeddings once) and writes it once. LoRA reads the
+frozen base (the offload's files, in the source's dtype) about twice and writes nothing. Arithmetic: 6
+FLOPs per matmul parameter per token, 2 in the forward pass and 4 in the backward (LoRA: 4, 2 and 2:
+no weight gradients). Reading ahead and writing behind overlap with the arithmetic, so each pass takes
+the slower of its arithmetic and its disk traffic (step_seconds); the forward pass, with a third of the
+arithmetic and half of the reads, is the first to wait for the disk. On the CPU the arithmetic uses
+every core, and the I/O's memory copies (page cache to module buffers and back) take their time from
+it: they are counted with the arithmetic.
+
+Warm or cold: the files a step reads were written (or read) one step before. When they fit in the page
+cache, i.e. in the RAM the run leaves free (MemAvailable now minus the run's planned peak), the reads
+come from memory and the writes drain to the disk in the background, through the whole step, at the
+streaming write speed: "warm". When they do not, every read comes from the disk, once the file's
+writes have reached it: "cold", at the fsync'd write speed (as bench.py --cold, which flushes and
+evicts every file before reading it: the worst case). The plan prints both and counts the run at the
+one that applies.
+
+Measured against bench.py on a 2-core VM (7B shape cut to 8 blocks, SGD, fp32, 2 x 128 tokens,
+memory_budget 2.4): within about 30% warm and cold while the machine's load stayed the same between
+the plan and the run; the figures move with the machine's load and the disk's state, as the runs do.
+"""
+import json
+import math
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import hf_format as hf
+from blackbox_model import Transformer
+from default_model import default_model
+from files import evict_from_page_cache
+from llama import module_shapes
+from loader import FORMAT, fingerprint, offload_dir_for, read_manifest, source_files
+from meta_format import model_args, read_params, read_shard, shard_files
+from utils import (UserError, check_device, choose_compute_dtype, dtype_name, gb, mem_available_bytes, parse_dtype,
+                   synchronize, total_ram_bytes)
+
+# --- the model without converting it ---
+
+def planning_model(cfg, log=lambda *a: None):
+    """(model, converted): a Transformer with the run's shapes and memory budget, made from the offload
+    folder's manifest when the model is converted already, else from the source folder (nothing written)."""
+    device = check_device(cfg.device)
+    compute_dtype = choose_compute_dtype(cfg.compute_dtype, device, log)
+    source = Path(cfg.model_path or default_model()).resolve()
+    fp = fingerprint(source)  # also: the folder and its config exist
+    folder = offload_dir_for(source, cfg.offload_path or None)
+    manifest = read_manifest(folder)
+    converted = bool(manifest and manifest.get("format") == FORMAT and manifest.get("fingerprint") == fp)
+    if converted:
+        args = model_args(manifest["params"], manifest["vocab_size"])
+        storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
+    elif hf.is_hf_folder(source):
+        params, config = hf.read_config(source)
+        args = model_args(params, params["vocab_size"])
+        storage = parse_dtype(config.get("torch_dtype") or "bfloat16")
+    else:
+        params, shards = read_params(source), shard_files(source)
+        first = read_shard(shards[0])  # memory-mapped: only the headers are read
+        if "tok_embeddings.weight" not in first:
+            raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
+        params = {**params, "tie_embeddings": "output.weight" not in first}
+        vocab = params.get("vocab_size", -1)
+        args = model_args(params, vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0])
+        storage = first["tok_embeddings.weight"].dtype
+        del first
+    budget = total_ram_bytes() // 2 if cfg.memory_budget < 0 else int(cfg.memory_budget * 2**30)
+    manifest = {"source": str(source), "fingerprint": fp}
+    model = Transformer(args, folder, manifest, None, storage, device, compute_dtype, budget, cfg.dropout)
+    model.source_bytes = 0 if converted else sum(f.stat().st_size for f in source_files(source))
+    return model, converted
+
+
+def plan_memory(model, cfg):
+    """The memory plan training makes (setup_training), in a temporary run folder that is removed."""
+    if cfg.mode == "lora":
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="slowllama-plan-") as tmp:
+        model.setup_training(tmp, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
+                             micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
+                             tokens_per_step=cfg.batch_size * cfg.seq_len, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, weight_decay=cfg.weight_decay)
+    model.offload.run_dir = None
+
+
+# --- measuring this machine ---
+
+def existing(folder):
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return folder
+
+
+def disk_speeds(folder, nbytes):
+    """Bytes/s of a temporary file of nbytes in folder, removed after: write (written, then fsync: what
+    reaches the disk when each write must be on it before it is read back), cache_read (read back from
+    the page cache), disk_read (from the disk, after evicting it), stream_write (overwritten in place
+    with O_DIRECT: what the background writeback of a run sustains, without a flush after each file;
+    the fsync figure where O_DIRECT is not supported). Reads go into one buffer, as module reads do."""
+    path = existing(folder) / f".slowllama-plan-{os.getpid()}.tmp"
+    size = min(nbytes, 32 << 20)
+    chunk = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+    chunk.write(np.random.default_rng(0).bytes(size))
+    view = memoryview(chunk)
+    speeds = {}
+    try:
+        start = time.perf_counter()
+        with open(path, "wb", buffering=0) as f:
+            written = 0
+            while written < nbytes:
+                written += f.write(view[:nbytes - written])
+            os.fsync(f.fileno())
+        speeds["write"] = nbytes / (time.perf_counter() - start)
+        for key in ("cache_read", "disk_read"):
+            if key == "disk_read":
+                evict_from_page_cache(path)
+            start = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(view):
+                    pass
+            speeds[key] = nbytes / (time.perf_counter() - start)
+        speeds["stream_write"] = speeds["write"]
+        try:
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_DIRECT", 0))
+        except OSError:
+            fd = None
+        if fd is not None and hasattr(os, "O_DIRECT"):
+            try:
+                start, written = time.perf_counter(), 0
+                while written < nbytes:
+                    written += os.write(fd, view[:nbytes - written])
+                os.fdatasync(fd)
+                speeds["stream_write"] = max(speeds["write"], nbytes / (time.perf_counter() - start))
+            except OSError:  # O_DIRECT refused (the file system, the alignment): the fsync figure
+                pass
+            finally:
+                os.close(fd)
+        elif fd is not None:
+            os.close(fd)
+    finally:
+        view.release()
+        chunk.close()
+        path.unlink(missing_ok=True)
+    return speeds
+
+
+def matmul_params(args):
+    """Parameters of the matmuls a token passes through: every block's matrices and the output."""
+    block = sum(math.prod(s) for s in module_shapes(args, "layers").values() if len(s) == 2)
+    return args.n_layers * block + args.vocab_size * args.dim
+
+
+def matmul_rate(args, tokens, dtype, device, seconds=2.0):
+    """FLOP/s of the step's three matmul kinds (y = x W^T, dx = dy W, dW = dy^T x) at the model's block
+    shapes for micro-batches of tokens, in the compute dtype: rounds over the shapes for about seconds."""
+    shapes = [s for s in module_shapes(args, "layers").values() if len(s) == 2]
+    flops, spent, rounds = 0, 0.0, 0
+    while rounds == 0 or spent < seconds:
+        for n_out, n_in in shapes:
+            w = torch.randn(n_out, n_in, device=device).to(dtype)
+            x, dy = torch.randn(tokens, n_in, device=device).to(dtype), torch.randn(tokens, n_out, device=device).to(dtype)
+            for f in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x):
+                if rounds == 0:  # warm-up: the first call of a shape and kind
+                    f()
+                synchronize(device)
+                start = time.perf_counter()
+                f()
+                synchronize(device)
+                spent += time.perf_counter() - start
+                flops += 2 * tokens * n_in * n_out
+            del w, x, dy
+        rounds += 1
+    return flops / spent
+
+
+# --- the figures ---
+
+def step_traffic(model, cfg):
+    """(bytes read by the forward pass, by the backward pass, bytes written) of one step, from the memory
+    plan (modules that stay resident move nothing). The forward pass reads each streamed file once: the
+    step's working set, and what each of an evaluation's passes reads."""
+    full = cfg.mode == "full"
+    unit = 4 * (1 + model.optimizer.states) if full else model.storage_dtype.itemsize  # bytes per parameter
+    size = lambda box: 0 if box.resident else box.numel() * unit
+    ends = list(dict.fromkeys([model.embeddings, model.output]))  # one table when tied
+    forward = sum(map(size, ends)) + sum(map(size, model.layers))
+    backward = sum(map(size, model.layers[:-1]))  # the last block is kept from the forward pass
+    writes = forward if full else 0  # each changed module once, the embeddings and output included
+    if full and cfg.grad_clip:  # gradients wait on disk for the norm; a third pass applies them
+        grads = sum(0 if box.resident else 4 * box.numel() for box in model.boxes.values())
+        backward, writes = backward + forward + grads, writes + grads
+    return forward, backward, writes
+
+
+def step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, warm, copies_share_cpu):
+    """Seconds a step takes: in each pass, the slower of its arithmetic and its disk traffic (reading
+    ahead and writing behind overlap with the arithmetic). The forward pass has forward_share of the
+    arithmetic (2 of 6 FLOPs per parameter and token; 2 of 4 for LoRA) and reads every streamed module;
+    the backward pass reads them again and writes them.
+    copies_share_cpu (device cpu): the arithmetic uses every core, so the memory copies of the I/O
+    (from the page cache into the module buffers, into the page cache when writing) take their time
+    from it: they are added to the arithmetic, at the page-cache speed.
+    Warm: reads come from the page cache, and the writes drain to the disk in the background through
+    both passes (the page cache holds them): the step is at least writes / stream_write speed.
+    Cold: the disk serves the reads too, and a file is read back only once its writes are on the disk
+    (bench.py --cold flushes each file before reading it): the backward pass's disk time is its reads
+    and its writes at the fsync'd write speed, one after the other."""
+    cache = speeds["cache_read"]
+    forward_s = compute_s * forward_share + (reads_forward / cache if copies_share_cpu else 0)
+    backward_s = compute_s * (1 - forward_share) + ((reads_backward + writes) / cache if copies_share_cpu else 0)
+    if warm:
+        passes = max(forward_s, reads_forward / cache) + max(backward_s, reads_backward / cache)
+        return max(passes, writes / speeds["stream_write"])
+    return max(forward_s, reads_forward / speeds["disk_read"]) + \
+        max(backward_s, reads_backward / speeds["disk_read"] + writes / speeds["write"])
+
+
+def n_evaluations(cfg, first_step):
+    if not cfg.eval_period:
+        return 0
+    return (first_step == 0) + sum(1 for s in range(first_step + 1, cfg.iters) if s % cfg.eval_period == 0) + 1
+
+
+def duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 72 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def tb(nbytes):
+    return f"{nbytes / 1e12:.1f} TB" if nbytes >= 1e12 else gb(nbytes)
+
+
+def plan(cfg, disk_needs, out=print):
+    """Measure, compute and print the plan of a run; returns its figures (also printed last as JSON)."""
+    if cfg.plan_mb < 1:
+        raise UserError(f"--plan_mb={cfg.plan_mb}: must be at least 1")
+    model, converted = planning_model(cfg)
+    try:
+        plan_memory(model, cfg)
+    finally:
+        model.close()
+    first_step = 0
+    state_file = Path(cfg.out_path) / "run" / "state.json"
+    if cfg.resume and state_file.is_file():
+        first_step = json.loads(state_file.read_text()).get("step", 0)
+    steps = max(0, cfg.iters - first_step)
+    full = cfg.mode == "full"
+    traffic_dir = Path(cfg.out_path) if full else model.offload_dir
+    speeds = disk_speeds(traffic_dir, cfg.plan_mb << 20)
+    tokens = cfg.batch_size * cfg.seq_len
+    rate = matmul_rate(model.args, tokens, model.compute_dtype, model.device)
+    tokens_per_step = tokens * cfg.grad_accum
+    flops = (6 if full else 4) * matmul_params(model.args) * tokens_per_step
+    compute_s = flops / rate
+    reads_forward, reads_backward, writes = step_traffic(model, cfg)
+    reads, working_set = reads_forward + reads_backward, reads_forward
+    cache_room = mem_available_bytes() - model.peak_estimate
+    forward_share = 2 / (6 if full else 4)
+    copies_share_cpu = model.device.type == "cpu"
+    warm_step_s, cold_step_s = (step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds,
+                                             warm, copies_share_cpu) for warm in (True, False))
+    warm = working_set <= cache_room
+    step_s = warm_step_s if warm else cold_step_s
+    n_evals = n_evaluations(cfg, first_step)
+    passes = cfg.gen_tokens + (cfg.val_fraction > 0)  # each generated token streams the whole model once
+    eval_s = passes * working_set / speeds["cache_read" if warm else "disk_read"]
+    total_s = steps * step_s + n_evals * eval_s
+    needs = disk_needs(model, cfg)
+    if not converted:
+        needs = [("offload (conversion, once)", model.offload_dir.parent, model.source_bytes)] + needs
+    n_commits = steps // cfg.save_period + 1
+    resident_writes = sum(box.numel() * 4 * (1 + model.optimizer.states) for box in model.boxes.values()
+                          if box.resident) if full else 0
+    run_writes = steps * writes + n_commits * resident_writes + sum(n for what, _, n in needs if what != "run folder")
+    n_resident = sum(box.resident for box in model.boxes.values())
+    n_params = sum(box.numel() for box in model.boxes.values())
+
+    figures = {"params": n_params, "mode": cfg.mode, "optimizer": model.optimizer.kind,
+               "compute_dtype": dtype_name(model.compute_dtype), "tokens_per_step": tokens_per_step,
+               "steps": steps, "disk_folder": str(existing(traffic_dir)), "probe_bytes": cfg.plan_mb << 20,
+               "write_bps": speeds["write"], "stream_write_bps": speeds["stream_write"],
+               "disk_read_bps": speeds["disk_read"], "copies_share_cpu": copies_share_cpu,
+               "cache_read_bps": speeds["cache_read"], "matmul_flops": rate, "matmul_params": matmul_params(model.args),
+               "flops_per_step": flops,
+               "compute_s": compute_s, "forward_share": forward_share, "read_bytes_per_step": reads,
+               "forward_read_bytes": reads_forward, "backward_read_bytes": reads_backward,
+               "write_bytes_per_step": writes, "working_set_bytes": working_set, "cache_room_bytes": cache_room,
+               "warm": warm, "warm_step_s": warm_step_s, "cold_step_s": cold_step_s, "step_s": step_s,
+               "evaluations": n_evals,
+               "eval_s": eval_s, "total_s": total_s, "peak_ram_bytes": model.peak_estimate,
+               "resident_modules": n_resident, "modules": len(model.boxes), "converted": converted,
+               "disk_space_bytes": sum(n for _, _, n in needs), "run_write_bytes": run_writes}
+
+    source = Path(model.manifest["source"])
+    count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.1f} M"
+    out(f"plan: {source.name} ({count} parameters, {model.args.n_layers} blocks), mode={cfg.mode}, "
+        f"optimizer={figures['optimizer']}, compute {figures['compute_dtype']} on {model.device.type}, "
+        f"{tokens_per_step} tokens a step (batch_size {cfg.batch_size} x seq_len {cfg.seq_len} x grad_accum "
+        f"{cfg.grad_accum}), {steps} steps{f' (from step {first_step})' if first_step else ''}")
+    out(f"measured: disk in {figures['disk_folder']} (a {gb(figures['probe_bytes'])} file, deleted): write "
+        f"{speeds['write'] / 1e9:.2f} GB/s with fsync, {speeds['stream_write'] / 1e9:.2f} GB/s streaming (O_DIRECT); "
+        f"read {speeds['disk_read'] / 1e9:.2f} GB/s from the disk, {speeds['cache_read'] / 1e9:.2f} GB/s from the page "
+        f"cache; matmul {rate / 1e9:.1f} GFLOP/s ({figures['compute_dtype']}, the block shapes at {tokens} tokens)")
+    streamed = "the run folder (the fp32 working copy" + (" and AdamW moments" if model.optimizer.states else "") \
+        + ")" if full else "the offload folder (the frozen base)"
+    out(f"memory: about {gb(model.peak_estimate)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
+        f"{n_resident} of {len(model.boxes)} modules stay in memory"
+        + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed"))
+    out(f"per step: {flops / 1e12:.2f} TFLOP ({6 if full else 4} per matmul parameter per token) = {compute_s:.1f} s "
+        f"of arithmetic ({forward_share * compute_s:.1f} s forward, {(1 - forward_share) * compute_s:.1f} s backward); "
+        f"reads {gb(reads_forward)} forward + {gb(reads_backward)} backward = {gb(reads)}, writes {gb(writes)}")
+    cr, dr, wr, sw = speeds["cache_read"], speeds["disk_read"], speeds["write"], speeds["stream_write"]
+    fwd_s = forward_share * compute_s + (reads_forward / cr if copies_share_cpu else 0)
+    bwd_s = (1 - forward_share) * compute_s + ((reads_backward + writes) / cr if copies_share_cpu else 0)
+    if copies_share_cpu:
+        out(f"  on the CPU the I/O's memory copies take time from the arithmetic: forward {fwd_s:.1f} s "
+            f"(+ {gb(reads_forward)} / {cr / 1e9:.2f} GB/s), backward {bwd_s:.1f} s "
+            f"(+ {gb(reads_backward + writes)} / {cr / 1e9:.2f} GB/s)")
+    warm_passes = max(fwd_s, reads_forward / cr) + max(bwd_s, reads_backward / cr)
+    out(f"  warm (reads from the page cache): forward {max(fwd_s, reads_forward / cr):.1f} s + backward "
+        f"{max(bwd_s, reads_backward / cr):.1f} s = {warm_passes:.1f} s; the writes drain to the disk meanwhile: "
+        f"{gb(writes)} / {sw / 1e9:.2f} GB/s = {writes / sw:.1f} s -> {warm_step_s:.1f} s/step")
+    out(f"  cold (reads from the disk):       forward max({fwd_s:.1f} s, {gb(reads_forward)} / {dr / 1e9:.2f} GB/s = "
+        f"{reads_forward / dr:.1f} s) + backward max({bwd_s:.1f} s, {gb(reads_backward)} / {dr / 1e9:.2f} GB/s + "
+        f"{gb(writes)} / {wr / 1e9:.2f} GB/s = {reads_backward / dr + writes / wr:.1f} s) -> {cold_step_s:.1f} s/step")
+    fit = f"the {gb(working_set)} the step reads {'fit' if warm else 'do not fit'} in the page cache " \
+          f"({gb(max(0, cache_room))} of RAM free beside the run's peak)"
+    bound = "arithmetic" if step_s <= (fwd_s + bwd_s) * 1.001 else "disk"
+    out(f"  this run: {'warm' if warm else 'cold'}: {fit}; {bound}-bound, {step_s:.1f} s/step, "
+        f"{tokens_per_step / step_s:.1f} tokens/s")
+    out(f"time: {steps} steps x {step_s:.1f} s = {duration(steps * step_s)}"
+        + (f", {n_evals} evaluations x {eval_s:.0f} s ({passes} passes over the model each)" if n_evals else "")
+        + f"; about {duration(total_s)} in all")
+    disks = {}  # st_dev -> [a folder on it, bytes needed]
+    for _, where, n in needs:
+        folder = existing(where)
+        disks.setdefault(os.stat(folder).st_dev, [folder, 0])[1] += n
+    out("disk space: " + ", ".join(f"{what} {gb(n)} ({where})" for what, where, n in needs) + "; free: "
+        + ", ".join(f"{gb(shutil.disk_usage(folder).free)} on the disk of {folder}" for folder, _ in disks.values()))
+    for folder, need in disks.values():
+        if need > shutil.disk_usage(folder).free:
+            out(f"  not enough: the disk of {folder} needs {gb(need)}; the run would be refused there")
+    out(f"SSD: the run writes {tb(run_writes)}"
+        + (f" ({tb(steps * writes)} over {steps} steps: {gb(writes)} a step, the working copy rewritten)"
+           if full else " (LoRA writes no weights during steps: adapters and checkpoints only)")
+        + ("" if converted else "; the conversion's share is written once per model"))
+    out(json.dumps(figures))
+    return figures

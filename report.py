@@ -1,0 +1,165 @@
+"""The record of a fine-tuning run: out_path/metrics.jsonl (a line per step and per evaluation,
+matching the committed run), out_path/loss.png, out_path/report.md, and the progress shown while
+it runs (a tqdm bar on a terminal, a line per step otherwise)."""
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from files import write_text
+from plot import draw_run, read_metrics, smooth, smoothing_window
+from utils import gb, proc_io
+
+IO_KEYS = ("rchar", "wchar", "read_bytes", "write_bytes")
+
+
+class RunLog:
+    """out_path/metrics.jsonl holds one JSON object a line, each flushed as it is written:
+    {"kind": "run", "step", the model and settings} where a run starts or resumes; per step {"kind":
+    "train", "step", "loss", "lr", "tokens" (trained so far), "tokens_per_s", "seconds" (the step's),
+    "elapsed" (seconds of the run so far, across resumes), "time", "grad_norm" (the global gradient norm,
+    where grad_clip makes it known)}; per evaluation {"kind": "eval", "step", "val_loss" and "perplexity"
+    (with validation data), "completion", "seconds", ...}. Where /proc/self/io exists every record also
+    has this process's bytes since the record before: rchar / wchar (all read()/write() calls, the page
+    cache included), read_bytes / write_bytes (what the disk served / was given). On resume the records
+    after the committed step are dropped, so the file always matches the committed run.
+    out_path/loss.png is drawn from it at each evaluation and at the end; report.md sums it up at the end.
+    Progress: one tqdm bar on a terminal, else the line per step."""
+
+    def __init__(self, cfg, out, model, step):
+        self.cfg, self.out, self.path = cfg, out, out / "metrics.jsonl"
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        final_eval_again = step >= cfg.iters  # a finished run resumed: its final evaluation runs again
+        self.records = [r for r in read_metrics(self.path) if step and r["step"] <= step
+                        and not (final_eval_again and r.get("kind") == "eval" and r["step"] == step)]
+        write_text("".join(json.dumps(r) + "\n" for r in self.records), self.path)
+        self.file = open(self.path, "a")
+        self.has_io = Path("/proc/self/io").exists()
+        self.io_mark, self.start = proc_io(), time.time()
+        self.elapsed_before = max((r.get("elapsed", 0.0) for r in self.records), default=0.0)
+        self.tokens = max((r.get("tokens", 0) for r in self.records if r.get("kind") == "train"), default=0)
+        self.bar, self.plot_failed = None, False
+        self.write({"kind": "run", "step": step, "model": Path(model.manifest["source"]).name,
+                    "source": model.manifest["source"], "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
+                    "resumed": bool(step), **{k: getattr(cfg, k) for k in (
+                        "mode", "optimizer", "lr", "batch_size", "seq_len", "grad_accum", "iters", "lora_rank",
+                        "lora_targets", "grad_clip", "data_path", "device")}})
+        if sys.stdout.isatty() and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.iters, initial=step, unit="step", dynamic_ncols=True, desc="training")
+
+    def write(self, record):
+        now = time.time()
+        record.setdefault("elapsed", round(self.elapsed_before + now - self.start, 3))
+        record.setdefault("time", round(now, 3))
+        if self.has_io:
+            io = proc_io()
+            record.update({key: io[key] - self.io_mark[key] for key in IO_KEYS})
+            self.io_mark = io
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def say(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def step(self, model, step, loss, lr, seconds, left):
+        self.tokens += self.tokens_per_step
+        record = {"kind": "train", "step": step, "loss": loss, "lr": lr, "tokens": self.tokens,
+                  "tokens_per_s": round(self.tokens_per_step / seconds, 3), "seconds": round(seconds, 4)}
+        norms = model.optimizer.grad_norms
+        if norms:  # per-weight norms, kept when grad_clip is set: the global norm is their norm
+            record["grad_norm"] = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
+        self.write(record)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {self.tokens_per_step / seconds:.0f} tok/s", refresh=True)
+        else:
+            print(f"step {step}/{self.cfg.iters} | loss {loss:.4f} | {self.tokens_per_step / seconds:.0f} tok/s | "
+                  f"{seconds:.2f} s/step | {left:.0f} s left", flush=True)
+
+    def evaluation(self, step, result, seconds):
+        self.write({"kind": "eval", "step": step, **result, "seconds": round(seconds, 3)})
+        self.plot()
+
+    def plot(self):
+        """out_path/loss.png; without matplotlib the run goes on, saying so once."""
+        try:
+            draw_run(self.out, label=f"out_path={self.cfg.out_path}")
+        except Exception as e:  # a picture is not worth a run: it goes on
+            if not self.plot_failed:
+                hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
+                self.say(f"loss.png not drawn: {type(e).__name__}: {e}{hint}")
+            self.plot_failed = True
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self):
+        self.close_bar()
+        self.file.close()
+
+    def finish(self, cfg):
+        """At the end of a run: loss.png, and a short report, printed and written as out_path/report.md."""
+        self.close()
+        self.plot()
+        text = self.report(cfg)
+        write_text(text, self.out / "report.md")
+        print(text.rstrip("\n"), flush=True)
+
+    def report(self, cfg):
+        train = [r for r in self.records if r.get("kind") == "train"]
+        evals = [r for r in self.records if r.get("kind") == "eval"]
+        out = Path(cfg.out_path)
+        tail = proc_io()  # the export's bytes, after the last record
+        io = {key: sum(r.get(key, 0) for r in self.records) + (tail[key] - self.io_mark[key]) * self.has_io
+              for key in IO_KEYS}
+        step_s = sum(r["seconds"] for r in train)
+        run = [r for r in self.records if r.get("kind") == "run"][-1]
+        lines = [f"# slowllama run: {out}", "",
+                 f"{run['model']}, mode={cfg.mode}, optimizer={cfg.optimizer}, lr={cfg.lr:g}, "
+                 f"{cfg.batch_size}x{cfg.seq_len}{f'x{cfg.grad_accum}' if cfg.grad_accum > 1 else ''} tokens a step, "
+                 f"compute {run['compute_dtype']} on {cfg.device}", ""]
+        if train:
+            elapsed = max(r.get("elapsed", 0.0) for r in self.records)
+            tail_mean = smooth([r["loss"] for r in train], smoothing_window(len(train)))[-1]
+            lines += [f"- trained: {len(train)} steps, {train[-1]['tokens']:,} tokens in {fmt_seconds(elapsed)} "
+                      f"({fmt_seconds(step_s)} in steps: {train[-1]['tokens'] / max(step_s, 1e-9):.1f} tokens/s on average)",
+                      f"- loss: {train[0]['loss']:.4f} -> {train[-1]['loss']:.4f} (step {train[0]['step']} -> "
+                      f"{train[-1]['step']}; the mean of the last {smoothing_window(len(train)) // 2 + 1}: {tail_mean:.4f})"]
+        with_val = [r for r in evals if "val_loss" in r]
+        if with_val:
+            lines.append(f"- val loss: {with_val[0]['val_loss']:.4f} -> {with_val[-1]['val_loss']:.4f} (step "
+                         f"{with_val[0]['step']} -> {with_val[-1]['step']}; perplexity {with_val[0]['perplexity']:.1f} "
+                         f"-> {with_val[-1]['perplexity']:.1f})")
+        if evals:
+            lines.append(f"- last completion: {evals[-1]['completion']!r}")
+        if self.has_io:
+            lines.append(f"- bytes: read {gb(io['rchar'])} and wrote {gb(io['wchar'])} (read()/write(), the page cache "
+                         f"included); the disk served {gb(io['read_bytes'])} and was given {gb(io['write_bytes'])}")
+        skip = {"run", "metrics.jsonl", "loss.png", "report.md"}
+        exported = sorted(f.name for f in out.iterdir() if f.name not in skip and not f.name.startswith("."))
+        lines += [f"- model: {out}/ ({', '.join(exported)})",
+                  f"- loss plot: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}",
+                  f"- run it: python test_gen.py {out}   (a chat: python test_gen.py {out} --chat)"]
+        if cfg.mode == "lora":
+            lines.append(f"- the adapter alone: {out / 'adapter.pt'} (python test_gen.py MODEL --lora "
+                         f"{out / 'adapter.pt'}), for PEFT: {out / 'peft'}")
+        return "\n".join(lines) + "\n"
+
+
+def fmt_seconds(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
