@@ -31,9 +31,11 @@ writes have reached it: "cold", at the fsync'd write speed (as bench.py --cold, 
 evicts every file before reading it: the worst case). The plan prints both and counts the run at the
 one that applies.
 
-Measured against bench.py on a 2-core VM (7B shape cut to 8 blocks, SGD, fp32, 2 x 128 tokens,
-memory_budget 2.4): within about 30% warm and cold while the machine's load stayed the same between
-the plan and the run; the figures move with the machine's load and the disk's state, as the runs do.
+Measured against bench.py on a 2-core VM with a shared virtual disk (7B shape cut to 8 blocks, SGD,
+fp32, 2 x 128 tokens, memory_budget 2.4; a plan just before each bench run): warm, 2-18% under the
+measured step time in four runs; cold, 17-20% over in an 8-step run on a quiet machine, -33% to +54% in
+others, where the machine's load or its disk changed between the plan and the run (cold steps wait on
+flushes, whose speed moves with everything else that writes to the disk).
 """
 import json
 import math
