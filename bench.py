@@ -25,6 +25,7 @@ import loader
 from files import FILE_BYTES, evict_from_page_cache
 from llama import module_names, module_shapes
 from meta_format import model_args
+from plan import matmul_params, matmul_rate
 from utils import UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, parse_dtype, peak_rss_mb, proc_io
 
 HERE = Path(__file__).resolve().parent
@@ -70,30 +71,6 @@ def make_batches(vocab, batch_size, seq_len, n):
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g) for _ in range(n)]
     return [(w[:, :-1], w[:, 1:]) for w in windows]
-
-
-def matmul_params(args):
-    block = sum(math.prod(s) for s in module_shapes(args, "layers").values() if len(s) == 2)
-    return args.n_layers * block + args.vocab_size * args.dim  # the output projection; embeddings are a lookup
-
-
-def gemm_gflops(args, tokens, dtype, repeats=3):
-    """GFLOP/s of the step's three matmul kinds (y = x W^T, dx = dy W, dW = dy^T x) on this model's shapes."""
-    flops, seconds = 0, 0.0
-    for key, shape in module_shapes(args, "layers").items():
-        if len(shape) != 2:
-            continue
-        n_out, n_in = shape
-        w, x, dy = torch.randn(n_out, n_in, dtype=dtype), torch.randn(tokens, n_in, dtype=dtype), \
-            torch.randn(tokens, n_out, dtype=dtype)
-        for f in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x):
-            f()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                f()
-            seconds += time.perf_counter() - start
-            flops += 2 * tokens * n_in * n_out * repeats
-    return flops / seconds / 1e9
 
 
 def disk_read_gbps(path):
@@ -264,7 +241,7 @@ def run(a, source, offload_root, run_dir):
               "peak_rss_mb": round(peak_rss_mb()), "planned_peak_mb": round(model.peak_estimate / 2**20),
               **{f"{key}_per_step": value for key, value in io.items()}, "min_bytes_per_step": min_bytes,
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
-              "gemm_gflops": round(gemm_gflops(model.args, tokens, parse_dtype(a.compute_dtype)), 1),
+              "gemm_gflops": round(matmul_rate(model.args, tokens, parse_dtype(a.compute_dtype), model.device, 1.0) / 1e9, 1),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.cold:
         result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)

@@ -48,8 +48,9 @@ def json_object(path):
 
 
 def token_text(value):
-    """A special token as tokenizer_config.json gives it: a string, or {"content": string}."""
-    return value.get("content") if isinstance(value, dict) else value
+    """A special token as tokenizer_config.json gives it (a string, or {"content": string}), or None."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
 
 
 def chat_format(folder, tokenizer):

@@ -5,7 +5,7 @@ the chat template. Names and types follow llama.cpp's convert_hf_to_gguf.py and 
 
 from pathlib import Path
 
-from chat import template_of
+from chat import template_of, token_text
 from tokenizer import LLAMA3_PATTERN, read_optional, read_ranks
 from utils import UserError
 
@@ -71,11 +71,6 @@ def vocabulary(model):
         template = LLAMA3_TEMPLATE  # Meta's folders: the format chat.py renders for them
     vocab["chat_template"] = template
     return vocab
-
-
-def token_text(value):
-    value = value.get("content") if isinstance(value, dict) else value
-    return value if isinstance(value, str) else None
 
 
 def sentencepiece_vocab(sp, path):
