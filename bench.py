@@ -92,18 +92,19 @@ def io_counters():
 
 
 def run_steps(model, batches, lr):
-    """Step times, and {IO_KEYS: bytes} per timed step."""
+    """Step times, {IO_KEYS: bytes} per timed step and {Offload.seconds: s} per timed step."""
     times = []
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
             model.offload.wait()
-            before = io_counters()
+            before, seconds = io_counters(), dict(model.offload.seconds)
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
     model.offload.wait()  # the last step's writes are done
-    after = io_counters()
-    return times[1:], {key: (b - a) // (len(batches) - 1) for key, a, b in zip(IO_KEYS, before, after)}
+    after, n = io_counters(), len(batches) - 1
+    return times[1:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
+        {key: round((model.offload.seconds[key] - s) / n, 2) for key, s in seconds.items()}
 
 
 def reference_child(a):
@@ -226,13 +227,14 @@ def run(a, source, offload_root, run_dir):
                              tokens_per_step=tokens)
         model.train()
         batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
-        times, io = run_steps(model, batches, 1e-4)
+        times, io, seconds = run_steps(model, batches, 1e-4)
     finally:
         model.close()  # no write into the run folder is left when it is removed
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
     flops = (6 if a.mode == "full" else 4) * n * tokens
+    gemm = matmul_rate(model.args, tokens, parse_dtype(a.compute_dtype), model.device, 1.0)  # FLOP/s, probed now
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
               "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
@@ -240,8 +242,10 @@ def run(a, source, offload_root, run_dir):
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
               "peak_rss_mb": round(peak_rss_mb()), "planned_peak_mb": round(model.peak_estimate / 2**20),
               **{f"{key}_per_step": value for key, value in io.items()}, "min_bytes_per_step": min_bytes,
+              **{f"{key}_s": value for key, value in seconds.items()},
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
-              "gemm_gflops": round(matmul_rate(model.args, tokens, parse_dtype(a.compute_dtype), model.device, 1.0) / 1e9, 1),
+              "gemm_gflops": round(gemm / 1e9, 1), "matmul_s": round(flops / gemm, 2),
+              "matmul_share": round(flops / gemm / step_s, 2),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.cold:
         result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)

@@ -243,6 +243,8 @@ class Transformer:
                 box.write()
         for box in self.boxes.values():
             box.wait_write()
+            if box.mapped:  # changes made through a mapping reach the file (msync)
+                box.mapping.flush()
         for file in o.written:  # on the disk before a manifest names them
             fsync_path(file)
         o.written = set()

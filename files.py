@@ -1,6 +1,6 @@
 """Files: every write goes to a temporary name, is flushed and renamed into place (or, for module
 files being trained, overwrites a slot no committed state names); module files in the safetensors
-layout, read into reusable buffers; checkpoints of plain tensors, never unpickled objects."""
+layout, mapped from the OS's page cache or read into reusable buffers; checkpoints of plain tensors, never unpickled objects."""
 import contextlib
 import json
 import math
@@ -92,52 +92,83 @@ def write_tensors(tensors, path, in_place=False):
             os.remove(tmp)
 
 
+def read_header(f, path):
+    """({name: (dtype, shape, start, end)}, where the data starts) of an open module file."""
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size)) if 2 <= size < 1 << 26 else None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a module file (bad header)")
+    header.pop("__metadata__", None)
+    stored = {name: (ST_TORCH[h["dtype"]], h["shape"], *h["data_offsets"]) for name, h in header.items()}
+    for name, (kind, shape, start, end) in stored.items():
+        if end - start != math.prod(shape) * kind.itemsize:
+            raise UserError(f"{path}: tensor {name} does not match its shape")
+    return stored, 8 + size
+
+
+@contextlib.contextmanager
+def module_file(path, mode="rb"):
+    """An open module file; a missing or damaged one is a UserError."""
+    try:
+        with open(path, mode) as f:
+            yield f
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a module file ({e})")
+
+
 def read_tensors(path, buffer_for=None, dtype=None):
     """({name: tensor}, buffer) of a file written by write_tensors: all tensors are views of one uint8
     buffer (buffer_for(nbytes) may hand out a recycled one). With dtype, tensors of another dtype are
     converted one at a time on the way in (no second copy of the whole file in memory). A damaged
     file is a UserError."""
-    try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if 2 <= size < 1 << 26 else None
-            if not isinstance(header, dict):
-                raise UserError(f"{path}: not a module file (bad header)")
-            header.pop("__metadata__", None)
-            stored = {name: (ST_TORCH[h["dtype"]], h["shape"], *h["data_offsets"]) for name, h in header.items()}
-            for name, (kind, shape, start, end) in stored.items():
-                if end - start != math.prod(shape) * kind.itemsize:
-                    raise UserError(f"{path}: tensor {name} does not match its shape")
-            wanted = {name: dtype or kind for name, (kind, *_) in stored.items()}
-            nbytes = sum(math.prod(shape) * wanted[name].itemsize for name, (_, shape, *_) in stored.items())
-            buffer = buffer_for(nbytes) if buffer_for else torch.empty(nbytes, dtype=torch.uint8)
-            tensors, offset, data_start = {}, 0, 8 + size
-            order = sorted(stored.items(), key=lambda item: (-wanted[item[0]].itemsize, item[1][2]))
-            for name, (kind, shape, start, end) in order:  # wider first: every tensor aligned to its type
-                out = buffer[offset:offset + math.prod(shape) * wanted[name].itemsize]
-                offset += len(out)
-                f.seek(data_start + start)
-                if kind == wanted[name]:
-                    read_into(f, out, path)
-                else:  # converted straight from the OS's page cache, a mapped window at a time
-                    converted = out.view(wanted[name])
-                    for first in range(0, end - start, WINDOW_BYTES):
-                        begin = data_start + start + first
-                        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-                        length = min(WINDOW_BYTES, end - start - first)
-                        with mmap.mmap(f.fileno(), begin - aligned + length, offset=aligned,
-                                       access=mmap.ACCESS_COPY) as window:
-                            piece = torch.frombuffer(window, dtype=torch.uint8)[begin - aligned:]
-                            done = first // kind.itemsize
-                            converted[done:done + length // kind.itemsize].copy_(piece.view(kind))
-                            del piece
-                tensors[name] = out.view(wanted[name]).view(shape)
-                FILE_BYTES["read"] += end - start
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a module file ({e})")
+    with module_file(path) as f:
+        stored, data_start = read_header(f, path)
+        wanted = {name: dtype or kind for name, (kind, *_) in stored.items()}
+        nbytes = sum(math.prod(shape) * wanted[name].itemsize for name, (_, shape, *_) in stored.items())
+        buffer = buffer_for(nbytes) if buffer_for else torch.empty(nbytes, dtype=torch.uint8)
+        tensors, offset = {}, 0
+        order = sorted(stored.items(), key=lambda item: (-wanted[item[0]].itemsize, item[1][2]))
+        for name, (kind, shape, start, end) in order:  # wider first: every tensor aligned to its type
+            out = buffer[offset:offset + math.prod(shape) * wanted[name].itemsize]
+            offset += len(out)
+            f.seek(data_start + start)
+            if kind == wanted[name]:
+                read_into(f, out, path)
+            else:  # converted straight from the OS's page cache, a mapped window at a time
+                converted = out.view(wanted[name])
+                for first in range(0, end - start, WINDOW_BYTES):
+                    begin = data_start + start + first
+                    aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+                    length = min(WINDOW_BYTES, end - start - first)
+                    with mmap.mmap(f.fileno(), begin - aligned + length, offset=aligned,
+                                   access=mmap.ACCESS_COPY) as window:
+                        piece = torch.frombuffer(window, dtype=torch.uint8)[begin - aligned:]
+                        done = first // kind.itemsize
+                        converted[done:done + length // kind.itemsize].copy_(piece.view(kind))
+                        del piece
+            tensors[name] = out.view(wanted[name]).view(shape)
+            FILE_BYTES["read"] += end - start
     return tensors, buffer
+
+
+def map_tensors(path, dtype, writable):
+    """({name: tensor}, the mapping) with every tensor a view of the file's pages in the OS's page
+    cache: nothing is copied, and with writable changes to the tensors go straight into the file
+    (else they stay in this process). None when a tensor is stored in another dtype than dtype, or
+    not aligned to it (then read_tensors converts or copies)."""
+    with module_file(path, "r+b" if writable else "rb") as f:
+        stored, data_start = read_header(f, path)
+        if any(kind != dtype or (data_start + start) % kind.itemsize for kind, _, start, _ in stored.values()):
+            return None
+        size = data_start + max((end for *_, end in stored.values()), default=0)
+        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
+    data = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping open while a view lives
+    tensors = {name: data[data_start + start:data_start + end].view(kind).view(shape)
+               for name, (kind, shape, start, end) in stored.items()}
+    FILE_BYTES["read"] += size - data_start
+    return tensors, mapping
 
 
 def read_into(f, buffer, path):

@@ -7,11 +7,12 @@ by the background writer when training changed it. The memory plan decides what 
 """
 import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from files import evict_from_page_cache, read_ahead, read_tensors, write_tensors
+from files import FILE_BYTES, evict_from_page_cache, map_tensors, read_ahead, read_tensors, write_tensors
 from llama import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
@@ -29,6 +30,15 @@ class Offload:
         self.io = ThreadPoolExecutor(max_workers=1)
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
         self.run_dir, self.committed, self.written = None, set(), set()  # of a training run
+        self.seconds = dict.fromkeys(("wait_read", "wait_write", "reading", "writing"), 0.0)  # where time went
+
+    def timed(self, what, fn, *args):
+        """fn(*args), its seconds added to self.seconds[what]."""
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[what] += time.perf_counter() - start
 
     def take_buffer(self, nbytes):
         """A buffer of nbytes for a module file: a recycled one when there is one (fresh memory costs a
@@ -82,6 +92,8 @@ class Blackbox:
         self.lora = {}  # key -> (A, B, scale, dropout) adapter applied on top of the weight
         self.reading = self.writing = None  # futures of the background reader and writer
         self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
+        self.mapping = None  # or the file's pages the weights are views of (mmap)
+        self.mapped = False  # the mapping is shared: changes to the weights go straight into self.file
         self.compute_buffer = None  # the memory of the compute-dtype copies, likewise
         self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
         self.grad_file = None
@@ -112,7 +124,7 @@ class Blackbox:
             if o.evict_before_read and not self.reading_ahead:
                 o.io.submit(evict_from_page_cache, self.file)
             if into_memory:
-                self.reading, self.reading_ahead = o.io.submit(self._read), False
+                self.reading, self.reading_ahead = o.io.submit(o.timed, "reading", self._read), False
             elif not self.reading_ahead:
                 o.io.submit(read_ahead, self.file)
                 self.reading_ahead = True
@@ -120,7 +132,8 @@ class Blackbox:
     def load(self):
         if self.weights is None:
             self.prefetch()
-            self.weights, self.compute, self.optim, grads, self.buffer, self.compute_buffer = self.reading.result()
+            self.weights, self.compute, self.optim, grads, self.buffer, self.compute_buffer, self.mapping, \
+                self.mapped = self.offload.timed("wait_read", self.reading.result)
             self.grads.update(grads)
         elif self.stale:  # updated since its compute-dtype copies were made
             for key, copy in self.compute.items():
@@ -130,9 +143,21 @@ class Blackbox:
         return self
 
     def _read(self):
-        """(weights, compute copies, optimizer state, pending gradients, their buffers): in the I/O thread."""
+        """(weights, compute copies, optimizer state, pending gradients, their buffers, the mapping,
+        whether it is shared): in the I/O thread. On the CPU a file stored in the wanted dtype is mapped,
+        not copied: shared when it is the working copy being trained (then updates go straight into it),
+        unless the module stays resident (its memory is written once, at a commit: the OS would write a
+        shared mapping's changes to the disk every few seconds)."""
         o = self.offload
-        data, buffer = read_tensors(self.file, o.take_buffer, torch.float32 if self.trainable else o.compute_dtype)
+        dtype = torch.float32 if self.trainable else o.compute_dtype
+        shared = self.trainable and not self.resident and self.file.parent == o.run_dir and \
+            self.file.name not in o.committed
+        mapped = map_tensors(self.file, dtype, shared) if o.device.type == "cpu" else None
+        if mapped is None:  # converted on the way in, or bound for another device
+            data, buffer = read_tensors(self.file, o.take_buffer, dtype)
+            mapping, shared = None, False
+        else:
+            (data, mapping), buffer = mapped, None
         weights = {k: data[k].to(o.device) for k in self.shapes}
         optim = {}
         for name, t in data.items():
@@ -147,7 +172,7 @@ class Blackbox:
             grads = {k: t.to(o.device) for k, t in read_tensors(self.grad_file)[0].items()}
             self.grad_file.unlink()
             self.grad_file = None
-        return weights, compute, optim, grads, buffer, compute_buffer
+        return weights, compute, optim, grads, buffer, compute_buffer, mapping, shared
 
     def _compute_copies(self, weights):
         """(weights in the compute dtype for the matmuls, the buffer the copies live in): copies of
@@ -172,33 +197,73 @@ class Blackbox:
     def release(self, keep=False):
         """Done with this module for now: write it back if it changed, and let it go unless kept."""
         o = self.offload
-        if self.dirty and not self.resident:
+        if self.dirty and not self.resident and not self.mapped:
             self.write()
         if not (self.resident or keep):
             if self.grads:  # gradient clipping: the gradients wait on disk for the global norm
                 self.grad_file = o.run_dir / f"{self.name}.grad.safetensors"
-                self.writing = o.io.submit(write_tensors, self.grads, self.grad_file)
+                self.writing = o.io.submit(o.timed, "writing", write_tensors, self.grads, self.grad_file)
                 self.grads = {}
             buffers = [b for b in (self.buffer, self.compute_buffer) if b is not None]
-            o.io.submit(o.give_buffers, buffers)  # once any pending write of them is done
-            self.weights = self.compute = self.buffer = self.compute_buffer = None
-            self.optim = {}
+            if buffers:
+                o.io.submit(o.give_buffers, buffers)  # once any pending write of them is done
+            self.weights = self.compute = self.buffer = self.compute_buffer = self.mapping = None
+            self.optim, self.mapped, self.dirty = {}, False, False  # a mapping closes once no view of it is left
 
-    def write(self):
-        """Write the weights (and optimizer state) to the run folder in the background. Each module has
-        two slot files: the last committed state is in one, newer states overwrite the other. A kill
-        mid-write tears only a slot that no committed manifest names."""
+    def slot(self):
+        """The file the next state goes to. Each module has two slot files in the run folder: the last
+        committed state is in one, newer states overwrite the other, so a kill mid-write tears only
+        a slot that no committed manifest names."""
         o = self.offload
         slots = [o.run_dir / f"{self.name}.{slot}.safetensors" for slot in (0, 1)]
-        self.file = slots[1] if slots[0].name in o.committed else slots[0]
+        return slots[1] if slots[0].name in o.committed else slots[0]
+
+    def prepare_update(self, states):
+        """Before the weights change: the optimizer state is there (states: the fp32 tensors per weight,
+        made as zeros the first time), and on the CPU the weights are views of a shared mapping of the
+        slot file, so updates go straight into its pages (the OS writes them to the disk in the
+        background: no copy and no write of the module afterwards). The first update after the module
+        was read from elsewhere or its file was committed copies the module into the slot first."""
+        o = self.offload
+        for key, weight in self.weights.items():
+            if states and key not in self.optim:
+                self.optim[key] = {"step": torch.tensor(0.0), **{s: torch.zeros_like(weight) for s in states}}
+        if not self.dirty and self.mapped and self.file.name in o.committed:
+            self.mapped = False  # committed since it was mapped: copy it to the other slot
+        if not self.dirty and o.device.type == "cpu" and not self.mapped and not self.resident:
+            self.wait_write()
+            self.file = self.slot()
+            write_tensors(self.state(), self.file, in_place=True)
+            tensors, self.mapping = map_tensors(self.file, torch.float32, True)
+            for key in self.weights:
+                if self.compute[key] is self.weights[key]:
+                    self.compute[key] = tensors[key]
+                self.weights[key] = tensors[key]
+            self.optim = {key: {s: tensors[f"{key}:{s}"] for s in state} for key, state in self.optim.items()}
+            self.buffer, self.mapped = None, True
+            o.written.add(self.file)
+        elif not self.dirty and self.mapped:
+            FILE_BYTES["written"] += sum(t.numel() * 4 for t in self.state().values())  # by the OS, later
+        self.dirty = True
+
+    def state(self):
+        """{name: tensor} as stored: the weights and, as "key:state", their optimizer state."""
+        return {**self.weights, **{f"{k}:{s}": t for k, state in self.optim.items() for s, t in state.items()}}
+
+    def write(self):
+        """Write the weights (and optimizer state) to the slot file in the background, unless they are
+        views of it already."""
+        o = self.offload
         self.dirty = False
-        data = {**self.weights, **{f"{k}:{s}": t for k, state in self.optim.items() for s, t in state.items()}}
-        self.writing = o.io.submit(write_tensors, data, self.file, True)
+        if self.mapped:
+            return
+        self.file = self.slot()
+        self.writing = o.io.submit(o.timed, "writing", write_tensors, self.state(), self.file, True)
         o.written.add(self.file)
 
     def wait_write(self):
         if self.writing is not None:
-            self.writing.result()
+            self.offload.timed("wait_write", self.writing.result)
             self.writing = None
 
 

@@ -69,15 +69,13 @@ class Optimizer:
         if self.clip_coef is not None:
             grad.mul_(self.clip_coef)
         box.wait_write()  # a background write may still be reading these tensors
+        box.prepare_update(("exp_avg", "exp_avg_sq") if self.kind == "adamw" else ())
         full = box.weights[key]
         weight = full[r0:r0 + len(grad)]
         if self.kind == "sgd":
             weight.add_(grad, alpha=-self.lr)
         else:
-            state = box.optim.get(key)
-            if state is None:
-                state = box.optim[key] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(full),
-                                          "exp_avg_sq": torch.zeros_like(full)}
+            state = box.optim[key]
             opt = torch.optim.AdamW([weight], lr=self.lr, **self.settings)
             opt.state[weight] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][r0:r0 + len(grad)],
                                  "exp_avg_sq": state["exp_avg_sq"][r0:r0 + len(grad)]}
@@ -85,9 +83,8 @@ class Optimizer:
             opt.step()
             weight.grad = None
             if r0 + len(grad) == len(full):  # the last rows: the step count moves on
-                state["step"] = opt.state[weight]["step"]
+                state["step"].copy_(opt.state[weight]["step"])
         box.stale |= box.compute[key] is not full  # the copy is made again if the module is used again
-        box.dirty = True
 
     def apply_clipped(self, loaded_boxes):
         """Gradient clipping: the global norm is known after the whole backward pass; update each
