@@ -153,17 +153,26 @@ def read_tensors(path, buffer_for=None, dtype=None):
     return tensors, buffer
 
 
-def map_tensors(path, dtype, writable):
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault a mapping's pages in now (reading them from the disk if needed)
+
+
+def map_tensors(path, dtype, writable, populate=False):
     """({name: tensor}, the mapping) with every tensor a view of the file's pages in the OS's page
     cache: nothing is copied, and with writable changes to the tensors go straight into the file
     (else they stay in this process). None when a tensor is stored in another dtype than dtype, or
-    not aligned to it (then read_tensors converts or copies)."""
+    not aligned to it (then read_tensors converts or copies). populate: have the pages in memory and
+    mapped before returning (else the first use of each page reads it)."""
     with module_file(path, "r+b" if writable else "rb") as f:
         stored, data_start = read_header(f, path)
         if any(kind != dtype or (data_start + start) % kind.itemsize for kind, _, start, _ in stored.values()):
             return None
         size = data_start + max((end for *_, end in stored.values()), default=0)
         mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)
+    if populate and hasattr(mapping, "madvise"):
+        try:
+            mapping.madvise(MADV_POPULATE_READ)
+        except OSError:  # an older kernel, or not Linux: ask for the pages to be read ahead instead
+            mapping.madvise(mmap.MADV_WILLNEED)
     data = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping open while a view lives
     tensors = {name: data[data_start + start:data_start + end].view(kind).view(shape)
                for name, (kind, shape, start, end) in stored.items()}

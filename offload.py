@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from files import FILE_BYTES, evict_from_page_cache, map_tensors, read_ahead, read_tensors, write_tensors
+from files import FILE_BYTES, WINDOW_BYTES, evict_from_page_cache, map_tensors, read_ahead, read_tensors, write_tensors
 from llama import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
@@ -152,7 +152,7 @@ class Blackbox:
         dtype = torch.float32 if self.trainable else o.compute_dtype
         shared = self.trainable and not self.resident and self.file.parent == o.run_dir and \
             self.file.name not in o.committed
-        mapped = map_tensors(self.file, dtype, shared) if o.device.type == "cpu" else None
+        mapped = map_tensors(self.file, dtype, shared, populate=True) if o.device.type == "cpu" else None
         if mapped is None:  # converted on the way in, or bound for another device
             data, buffer = read_tensors(self.file, o.take_buffer, dtype)
             mapping, shared = None, False
@@ -272,7 +272,8 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     """Share the memory budget (bytes, the whole process) out. Always needed: a block and the embeddings
     or output beside it (at the turns of the step both are in memory), the gradient rows being applied
     (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
-    one table: whole_grads), each block's input, the logits and their gradient. Then, in order of what
+    one table: whole_grads), each block's input, the logits and their gradient, the block being computed.
+    Then, in order of what
     they save: blocks' activations (a quarter of a block's arithmetic each), reading the next module
     into memory ahead of its use (else the OS reads it ahead), and the last modules staying resident.
     Sets box.resident; returns (activation bytes kept, prefetch into memory, planned peak)."""
@@ -283,8 +284,10 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
         4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
     all_tokens = tokens * micro_batches  # tokens: of one micro-batch
     inputs = args.n_layers * all_tokens * args.dim * 4
-    head = 3 * tokens * args.vocab_size * 4  # logits, log-probabilities, their gradient
-    needed = (300 << 20) + block + big + grads + inputs + head  # 300 MB: Python and torch themselves
+    head = 4 * tokens * args.vocab_size * 4  # logits, log-probabilities and the gradients of both
+    working = tokens * graph_bytes_per_token(args, embeddings.compute_dtype) + WINDOW_BYTES  # the block being
+    # computed (its activations and their gradients) and the window a converting read maps
+    needed = (300 << 20) + block + big + grads + inputs + head + working  # 300 MB: Python and torch themselves
     prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
     graphs = args.n_layers * all_tokens * graph_bytes_per_token(args, embeddings.compute_dtype)
     graph_budget = max(0, min(budget - needed, graphs if keep_activations else 0))
