@@ -109,6 +109,7 @@ class Linear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         w = ctx.box.compute[ctx.key]
         dx = (dy @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        del w  # the update may move the weights into a mapped file: the old memory is freed at once
         if x is not None:  # dW = dy^T x, handed over as row blocks (the weight may be updated at once)
             dy, x = dy.flatten(0, -2), x.flatten(0, -2)
             ctx.box.take_grad(ctx.key, lambda r0, r1, out: torch.mm(dy[:, r0:r1].t(), x, out=out))
