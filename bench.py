@@ -214,12 +214,15 @@ def main():
 
 def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
+    args = model_args(shape_params(a.shape, a.layers), SHAPES[a.shape].get("vocab_size", VOCAB))
+    tokens = a.batch_size * a.seq_len
+    # FLOP/s of the step's matmuls, probed before the model takes its memory (not counted in its peak)
+    gemm = matmul_rate(args, tokens, parse_dtype(a.compute_dtype), torch.device("cpu"), 1.0)
     start = time.perf_counter()
     model = loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
                                memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
                                prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
     convert_s = time.perf_counter() - start
-    tokens = a.batch_size * a.seq_len
     try:
         if a.mode == "lora":
             model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
@@ -234,7 +237,6 @@ def run(a, source, offload_root, run_dir):
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
     flops = (6 if a.mode == "full" else 4) * n * tokens
-    gemm = matmul_rate(model.args, tokens, parse_dtype(a.compute_dtype), model.device, 1.0)  # FLOP/s, probed now
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
               "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,

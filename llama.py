@@ -85,10 +85,11 @@ def module_of(key):
 
 
 def graph_bytes_per_token(args, dtype):
-    """What autograd keeps of one block per token (its inputs to matmuls, attention, SwiGLU), with
-    a tenth more for what allocations round up to (measured: 7B shape, 256 tokens, about 88 MB)."""
+    """What autograd keeps of one block per token: the residual stream and the norms' inputs in fp32,
+    the inputs to matmuls, attention and SwiGLU in the compute dtype, and a tenth more for what
+    allocations round up to (measured: 7B shape, 256 tokens, fp32, about 88 MB)."""
     attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
-    return (5 * args.dim + attention + 4 * args.hidden_dim) * torch.finfo(dtype).bits // 8 * 11 // 10
+    return (5 * args.dim * 4 + (attention + 4 * args.hidden_dim) * torch.finfo(dtype).bits // 8) * 11 // 10
 
 
 # --- matmuls and norms whose weights are looked up at use ---

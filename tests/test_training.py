@@ -214,3 +214,27 @@ def test_bf16_compute_follows_fp32_and_is_identical_under_any_budget(make, load,
     assert all(torch.equal(resident[1][k], streamed[1][k]) for k in resident[1])
     assert resident[0] == pytest.approx(fp32[0], rel=2e-3)
     assert_updates_match(resident[1], fp32[1], read_meta_folder(src)[0], rtol=0.05)
+
+
+@pytest.mark.parametrize("budget", [0, None])  # every module streamed (mapped, updated in place) / resident
+def test_a_committed_slot_is_never_written_again(make, load, tmp_path, budget):
+    src = make(seed=26)
+    steps = make_batches(3)
+    model = load(src, memory_budget=budget)
+    model.setup_training(tmp_path / "run", mode="full", optimizer="adamw", tokens_per_step=24)
+    model.train()
+    model.train_step(steps[0], 1e-3)
+    committed = model.flush()
+    model.offload.committed = set(committed.values())
+    saved = {name: (tmp_path / "run" / file).read_bytes() for name, file in committed.items()}
+    for batches in steps[1:]:
+        model.train_step(batches, 1e-3)
+    files = model.flush()
+    for name, file in committed.items():
+        assert (tmp_path / "run" / file).read_bytes() == saved[name], name
+        assert files[name] != file  # the newer state went to the other slot
+        on_disk = safetensors.torch.load_file(tmp_path / "run" / files[name])
+        for key, weight in model.read_weights(name).items():
+            assert torch.equal(on_disk[key], weight), (name, key)
+    _, want, initial = reference(src, steps, "adamw", 1e-3)
+    assert_updates_match(weights_of(model), want, initial)
