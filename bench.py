@@ -49,8 +49,12 @@ def shape_params(shape, layers):
     return {"norm_eps": 1e-5, "vocab_size": -1, **SHAPES[shape], "n_layers": layers}
 
 
+def shape_args(shape, layers):
+    return model_args(shape_params(shape, layers), SHAPES[shape].get("vocab_size", VOCAB))
+
+
 def n_params(shape, layers):
-    args = model_args(shape_params(shape, layers), SHAPES[shape].get("vocab_size", VOCAB))
+    args = shape_args(shape, layers)
     return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name.split(".")[0]).values())
 
 
@@ -214,7 +218,7 @@ def main():
 
 def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
-    args = model_args(shape_params(a.shape, a.layers), SHAPES[a.shape].get("vocab_size", VOCAB))
+    args = shape_args(a.shape, a.layers)
     tokens = a.batch_size * a.seq_len
     # FLOP/s of the step's matmuls, probed before the model takes its memory (not counted in its peak)
     gemm = matmul_rate(args, tokens, parse_dtype(a.compute_dtype), torch.device("cpu"), 1.0)

@@ -224,14 +224,16 @@ class Blackbox:
         slot file, so updates go straight into its pages (the OS writes them to the disk in the
         background: no copy and no write of the module afterwards). The first update after the module
         was read from elsewhere or its file was committed copies the module into the slot first."""
+        if self.dirty:  # prepared at its first update since it was read or written
+            return
+        self.dirty = True
         o = self.offload
         for key, weight in self.weights.items():
             if states and key not in self.optim:
                 self.optim[key] = {"step": torch.tensor(0.0), **{s: torch.zeros_like(weight) for s in states}}
-        if not self.dirty and self.mapped and self.file.name in o.committed:
-            self.mapped = False  # committed since it was mapped: copy it to the other slot
-        if not self.dirty and o.device.type == "cpu" and not self.mapped and not self.resident:
-            self.wait_write()
+        if self.mapped and self.file.name not in o.committed:
+            FILE_BYTES["written"] += sum(t.numel() * 4 for t in self.state().values())  # by the OS, later
+        elif o.device.type == "cpu" and not self.resident:  # into the slot, then mapped
             self.file = self.slot()
             write_tensors(self.state(), self.file, in_place=True)
             tensors, self.mapping = map_tensors(self.file, torch.float32, True)
@@ -242,9 +244,6 @@ class Blackbox:
             self.optim = {key: {s: tensors[f"{key}:{s}"] for s in state} for key, state in self.optim.items()}
             self.buffer, self.mapped = None, True
             o.written.add(self.file)
-        elif not self.dirty and self.mapped:
-            FILE_BYTES["written"] += sum(t.numel() * 4 for t in self.state().values())  # by the OS, later
-        self.dirty = True
 
     def state(self):
         """{name: tensor} as stored: the weights and, as "key:state", their optimizer state."""
