@@ -17,6 +17,7 @@ from llama import (block_forward, embed, graph_bytes_per_token, head, loss_sum, 
                    rope_tables, sample)
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
+from parallel import Group
 from utils import UserError, get_rng_state, return_freed_memory_to_os, set_rng_state
 
 
@@ -37,7 +38,7 @@ class Transformer:
         self.output = self.boxes.get("output", self.embeddings)  # tied: the embedding table is the output
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         return_freed_memory_to_os()
-        self.training, self.mode, self.optimizer, self.lora = False, None, None, {}
+        self.training, self.mode, self.optimizer, self.lora, self.group = False, None, None, {}, Group()
         self.plan()
 
     def train(self, on=True):
@@ -136,17 +137,21 @@ class Transformer:
     # --- training ---
 
     def setup_training(self, run_dir, mode="full", optimizer="sgd", grad_clip=0.0, micro_batches=1,
-                       keep_activations=True, tokens_per_step=0, files=None, committed=(), **optim_settings):
+                       keep_activations=True, tokens_per_step=0, files=None, committed=(), group=None,
+                       **optim_settings):
         """Prepare a run: full fine-tuning keeps an fp32 working copy of every module in run_dir.
         tokens_per_step (of one micro-batch) sizes the memory plan; files and committed name the
-        module files of a resumed run."""
+        module files of a resumed run; group: this process's place in a parallel run (parallel.py)."""
         o = self.offload
         o.run_dir, o.committed = Path(run_dir), set(committed)
+        self.group = group or Group()
+        o.share, o.writes = (self.group.local_rank, self.group.local_world), self.group.local_rank == 0
+        o.tag = f".rank{self.group.rank}" if self.group.world > 1 else ""
         o.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode, self.keep_activations = mode, keep_activations
         adapters = [t for pair in self.lora.values() for t in pair] if mode == "lora" else ()
         self.optimizer = Optimizer(optimizer if mode == "full" else "adamw", self.device, self.compute_dtype,
-                                   micro_batches, grad_clip, adapters, **optim_settings)
+                                   micro_batches, grad_clip, adapters, self.group, **optim_settings)
         for name, box in self.boxes.items():
             box.trainable, box.optimizer = mode == "full", self.optimizer
             box.weights = box.compute = None
@@ -163,7 +168,8 @@ class Transformer:
         opt.start_step(lr)
         xs = [x.to(self.device) for x, _ in batches]
         ys = [y.to(self.device) for _, y in batches]
-        n_targets = max(1, sum(int((y != -1).sum()) for y in ys))
+        n_targets = self.group.sum(torch.tensor(sum(int((y != -1).sum()) for y in ys)))  # of every process
+        n_targets = max(1, int(n_targets))
         rope = rope_tables(self.args, 0, xs[0].shape[1], self.device)
         graph_bytes = xs[0].numel() * graph_bytes_per_token(self.args, self.compute_dtype)
         kept_bytes, saved = 0, []  # saved[i][j]: (input, RNG state, output with its graph or None)
@@ -217,10 +223,16 @@ class Transformer:
             opt.take(next(backward), "weight", self.embedding_grad(xs, grads), parts=len(xs))
             next(backward, None)
         set_rng_state(rng_after_forward, self.device)
+        for box in self.boxes.values():  # the final norm is never let go: its summed gradient is applied here
+            opt.finish(box)
         if full and opt.grad_clip:
             opt.apply_clipped(stream(list(self.boxes.values())[::-1], keep=[self.embeddings]))
         if not full:
             opt.step_adapters()
+        if self.group.world > 1:  # the others read what this process wrote once this step is done everywhere
+            for box in self.boxes.values():
+                box.wait_write()
+            loss = self.group.sum(torch.tensor(loss, dtype=torch.float64)).item()
         return loss
 
     def embedding_grad(self, xs, grads):

@@ -72,15 +72,20 @@ def safetensors_header(entries):
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def write_tensors(tensors, path, in_place=False):
+def write_tensors(tensors, path, in_place=False, part=(0, 1)):
     """A safetensors file (8-byte header size, JSON header, the tensors' bytes back to back), written to
     a temporary name and renamed into place, or with in_place over the file's old bytes (whose memory
-    the OS then reuses: several times faster than a new file). Wider dtypes first: all aligned."""
+    the OS then reuses: several times faster than a new file). Wider dtypes first: all aligned.
+    part=(i, n), in place: only the i-th of n parts of every tensor's rows (processes sharing the file
+    write the others; the header and the size are the same from each)."""
     items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+    header = safetensors_header([(name, t.shape, t.dtype) for name, t in items])
     tmp = path if in_place else f"{path}.tmp{os.getpid()}"
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
-            f.write(safetensors_header([(name, t.shape, t.dtype) for name, t in items]))
+            if part != (0, 1):
+                return write_part(f, header, items, part)
+            f.write(header)
             for _, t in items:
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
                 FILE_BYTES["written"] += t.numel() * t.element_size()
@@ -90,6 +95,24 @@ def write_tensors(tensors, path, in_place=False):
     finally:
         if not in_place and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_part(f, header, items, part):
+    """write_tensors' part of the rows, each written at its place in the file (a 0-d tensor is one row)."""
+    i, n = part
+    offset = len(header)
+    os.ftruncate(f.fileno(), offset + sum(t.numel() * t.element_size() for _, t in items))
+    os.pwrite(f.fileno(), header, 0)
+    for _, t in items:
+        rows = t.reshape(len(t) if t.dim() else 1, -1)
+        r0, r1 = len(rows) * i // n, len(rows) * (i + 1) // n
+        row_bytes = rows.shape[1] * t.element_size()
+        data = rows[r0:r1].detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
+        done = 0
+        while done < len(data):
+            done += os.pwrite(f.fileno(), data[done:], offset + r0 * row_bytes + done)
+        FILE_BYTES["written"] += len(data)
+        offset += t.numel() * t.element_size()
 
 
 def read_header(f, path):

@@ -4,6 +4,8 @@ python finetune.py [--name=value ...]   (the settings below; with none, the buil
 learns the bundled slowllama.txt). The run lives in out_path: run/ holds the working weights,
 optimizer state and committed steps (continue with --resume=1); at the end the model is exported
 there in Meta's format, ready for python test_gen.py out_path.
+torchrun --nproc_per_node=N finetune.py [--name=value ...]: N processes (GPUs, or CPU processes) train
+one model, each on batch_size of every step's N x batch_size rows (parallel.py; README).
 """
 model_path = ""  # Meta-format model folder; empty: the built-in default model
 data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a .jsonl file of instructions (README); empty: slowllama.txt
@@ -46,6 +48,7 @@ resume = 0  # 1: continue the run in out_path from its last committed step
 overwrite = 0  # 1: start over even if out_path holds an earlier run
 plan = 0  # 1: measure this machine for a few seconds, print the run's time, memory and disk writes, exit (plan.py)
 plan_mb = 512  # --plan=1: MB of the temporary file the disk is measured with
+dist_timeout = 7200  # torchrun: seconds a process waits for the others (an evaluation on the first one) before stopping
 debug = 0  # 1: show Python tracebacks
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and type(v) in (int, float, str)}
@@ -62,6 +65,7 @@ from pathlib import Path
 import torch
 
 import hf_format as hf
+import parallel
 from adapters import adapter_state, read_adapter
 from blackbox_model import graph_bytes_per_token
 from chat import chat_format, encode_conversation
@@ -69,7 +73,7 @@ from default_model import DEFAULT_TEXT
 from files import load_tensors, save_tensors, write_json
 from loader import load_llama2, log_line, save_llama2
 from report import RunLog
-from utils import UserError, check_disk, gb, get_rng_state, main_guard, parse_settings, set_rng_state
+from utils import UserError, check_disk, gb, get_rng_state, main_guard, parse_settings, set_rng_state, total_ram_bytes
 
 
 def load_tokens(cfg, tokenizer, model_dir):
@@ -151,11 +155,14 @@ def as_messages(example):
     return system + [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
 
 
-def get_batch(stream, cfg, generator):
+def get_batch(stream, cfg, generator, part=(0, 1)):
     """batch_size random windows of seq_len+1 tokens: x the first seq_len tokens, y the targets of the
-    last seq_len."""
+    last seq_len. part=(i, n): n x batch_size windows are drawn (the same on every process of a
+    parallel run), process i takes the i-th batch_size of them."""
     tokens, targets = stream
-    starts = torch.randint(0, len(tokens) - cfg.seq_len, (cfg.batch_size,), generator=generator).tolist()
+    i, n = part
+    starts = torch.randint(0, len(tokens) - cfg.seq_len, (n * cfg.batch_size,), generator=generator).tolist()
+    starts = starts[i * cfg.batch_size:(i + 1) * cfg.batch_size]
     x = torch.stack([tokens[s:s + cfg.seq_len] for s in starts])
     y = torch.stack([targets[s + 1:s + cfg.seq_len + 1] for s in starts])
     return x, y
@@ -212,18 +219,27 @@ def evaluate(model, cfg, val, step, say=print):
 # --- the run folder: committed steps ---
 
 def commit(model, cfg, run_dir, step, data_rng):
-    """Make the current state the run's last committed step: flush everything, then rename a manifest."""
+    """Make the current state the run's last committed step: flush everything, then rename a manifest.
+    In a parallel run every process flushes, then the machine's first one writes the checkpoint (with
+    every process's random state) and the manifest, then all go on: all commit the step, or none."""
+    group = model.group
     files = model.flush()
     checkpoint = f"checkpoint.{step:06d}.pt"
-    state = {"step": step, "rng": get_rng_state(model.device), "data_rng": data_rng.get_state()}
-    if cfg.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
-        state.update(lora_state(model, cfg), optimizer=model.optimizer.adapter_optimizer.state_dict())
-    save_tensors(state, run_dir / checkpoint)
-    manifest = {"step": step, "files": files, "checkpoint": checkpoint, "model": model.manifest["fingerprint"],
-                "source": model.manifest["source"], "mode": cfg.mode}
-    write_json(manifest, run_dir / "state.json")  # the commit: one rename
+    rngs = group.gather(get_rng_state(model.device))  # once every process has flushed
+    group.check_same(model.optimizer.checksums, step)
+    if group.local_rank == 0:
+        state = {"step": step, "rng": rngs[group.rank], "data_rng": data_rng.get_state()}
+        if group.world > 1:
+            state["rngs"] = rngs
+        if cfg.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
+            state.update(lora_state(model, cfg), optimizer=model.optimizer.adapter_optimizer.state_dict())
+        save_tensors(state, run_dir / checkpoint)
+        manifest = {"step": step, "files": files, "checkpoint": checkpoint, "model": model.manifest["fingerprint"],
+                    "source": model.manifest["source"], "mode": cfg.mode, "processes": group.world}
+        write_json(manifest, run_dir / "state.json")  # the commit: one rename
+        clean_run_dir(run_dir, set(files.values()) | {checkpoint})
+    group.barrier()
     model.offload.committed = set(files.values()) | {checkpoint}
-    clean_run_dir(run_dir, model.offload.committed)
 
 
 def lora_state(model, cfg):
@@ -247,12 +263,14 @@ def read_run(run_dir):
         raise UserError(f"{run_dir / 'state.json'}: cannot be read ({e}); start over with --overwrite=1")
 
 
-def prepare_out_path(cfg, model):
-    """The run folder, checked: never inside the source model, and an earlier run kept unless asked."""
+def prepare_out_path(cfg, model, group):
+    """The run folder, checked: never inside the source model, never used by another run at the same
+    time (a lock), and an earlier run kept unless asked."""
     out = Path(cfg.out_path).resolve()
     source = Path(model.manifest["source"])
     if out == source or source in out.parents:
         raise UserError(f"out_path={cfg.out_path} is (inside) model_path {source}, which is never written to")
+    parallel.lock_run_folder(group, out)
     run_dir = out / "run"
     previous = read_run(run_dir) if run_dir.exists() else None
     if cfg.resume:
@@ -263,13 +281,20 @@ def prepare_out_path(cfg, model):
     elif (previous or any(out.glob("consolidated.*.pth"))) and not cfg.overwrite:
         raise UserError(f"out_path={cfg.out_path} holds an earlier run; continue it with --resume=1, "
                         "start over with --overwrite=1, or choose another out_path")
-    if not cfg.resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = set(group.gather(previous["step"] if cfg.resume and previous else None))
+    if len(steps) > 1:
+        raise UserError(f"{run_dir}: the machines of this run hold different committed steps ({sorted(steps, key=str)}); "
+                        "resume needs the run folders of one step")
+
+    def fresh():
+        if not cfg.resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    group.agree(fresh)  # the machine's first process, once every process has read the folder
     return out, run_dir, previous if cfg.resume else None
 
 
-def resume_or_start(model, cfg, run_dir, previous, data_rng):
+def resume_or_start(model, cfg, run_dir, previous, data_rng, group):
     """Set the model up for training: from scratch, or from the run's last committed step (weights
     and optimizer state, adapters, random state, data order). Returns the step to continue from."""
     state = None
@@ -284,11 +309,15 @@ def resume_or_start(model, cfg, run_dir, previous, data_rng):
                          micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
                          tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
                          committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
-                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+                         group=group, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if not previous:
         return 0
-    clean_run_dir(run_dir, model.offload.committed)  # what an interrupted step left behind
-    set_rng_state(state["rng"], model.device)
+    group.agree(lambda: clean_run_dir(run_dir, model.offload.committed))  # what an interrupted step left behind
+    rngs = state.get("rngs", [state["rng"]])
+    if previous.get("processes", 1) != group.world and group.rank == 0:
+        print(f"{run_dir}: a run of {previous.get('processes', 1)} processes continued by {group.world}: the same "
+              "data order, not the same rows per step")
+    set_rng_state(rngs[group.rank] if group.rank < len(rngs) else state["rng"], model.device)
     data_rng.set_state(state["data_rng"])
     if cfg.mode == "lora":
         model.optimizer.adapter_optimizer.load_state_dict(state["optimizer"])
@@ -326,31 +355,52 @@ def main():
         from plan import plan as make_plan
         make_plan(cfg, disk_needs)
         return
-    torch.manual_seed(cfg.seed)
-    budget = None if cfg.memory_budget < 0 else cfg.memory_budget * 2**30
-    model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=cfg.device,
-                        compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout)
+    group, device = parallel.start(cfg.device, cfg.dist_timeout)
+    try:
+        train(cfg, group, device)
+    finally:
+        group.close()
+
+
+def train(cfg, group, device):
+    first = group.rank == 0  # evaluates, logs and exports
+    torch.manual_seed(cfg.seed + group.rank)  # dropout differs between processes; LoRA's start does not
+    budget = cfg.memory_budget * 2**30 if cfg.memory_budget >= 0 else total_ram_bytes() / 2 / group.local_world
+    model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=device,
+                        compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout,
+                        log=log_line if group.local_rank == 0 else lambda *_: None)
     model.check_window(cfg.seq_len)
     train_tokens, val_tokens = load_tokens(cfg, model.tokenizer, model.offload_dir)
-    check_disk(disk_needs(model, cfg), log_line)
-    out, run_dir, previous = prepare_out_path(cfg, model)
+    if group.local_rank == 0:
+        check_disk(disk_needs(model, cfg), log_line)
+    out, run_dir, previous = prepare_out_path(cfg, model, group)
 
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    step = resume_or_start(model, cfg, run_dir, previous, data_rng)
+    step = resume_or_start(model, cfg, run_dir, previous, data_rng, group)
     resident = sum(box.resident for box in model.boxes.values())
     graph = cfg.batch_size * cfg.seq_len * graph_bytes_per_token(model.args, model.compute_dtype)
-    log_line(f"RAM: about {gb(model.peak_estimate)} at peak ({resident} of {len(model.boxes)} modules resident, "
-             f"activations of {min(model.args.n_layers, model.graph_budget // graph)} blocks kept)")
+    if first:
+        log_line(f"RAM: about {gb(model.peak_estimate)} at peak{' per process' if group.local_world > 1 else ''} "
+                 f"({resident} of {len(model.boxes)} modules resident, activations of "
+                 f"{min(model.args.n_layers, model.graph_budget // graph)} blocks kept)")
+        if group.world > 1:
+            log_line(f"{group.world} processes, {group.local_world} on this machine: {group.world * cfg.batch_size} "
+                     f"rows a micro-batch")
 
     stop = StopRequest()
-    run_log = RunLog(cfg, out, model, step)
+    run_log = RunLog(cfg, out, model, step, group.world) if first else None
     model.train()
+
+    def evaluation(step):
+        if first:
+            eval_start = time.time()
+            run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
+
     if step == 0 and cfg.eval_period:
-        eval_start = time.time()
-        run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
+        evaluation(step)
     start, first_step = time.time(), step
     while step < cfg.iters:
-        batches = [get_batch(train_tokens, cfg, data_rng) for _ in range(cfg.grad_accum)]
+        batches = [get_batch(train_tokens, cfg, data_rng, (group.rank, group.world)) for _ in range(cfg.grad_accum)]
         step_start = time.time()
         try:
             loss = model.train_step(batches, learning_rate(cfg, step + 1))
@@ -360,22 +410,26 @@ def main():
         step += 1
         elapsed = time.time() - step_start
         left = (time.time() - start) / (step - first_step) * (cfg.iters - step)
-        run_log.step(model, step, loss, learning_rate(cfg, step), elapsed, left)
+        if first:
+            run_log.step(model, step, loss, learning_rate(cfg, step), elapsed, left)
         if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.iters:
-            eval_start = time.time()
-            run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
-        if step % cfg.save_period == 0 or step == cfg.iters or stop.requested:
+            evaluation(step)
+        stopping = bool(group.sum(torch.tensor(int(stop.requested)))) if group.world > 1 else stop.requested
+        if step % cfg.save_period == 0 or step == cfg.iters or stopping:
             commit(model, cfg, run_dir, step, data_rng)
-        if stop.requested:
-            run_log.close()
-            print(f"stopped at step {step}; continue with: python finetune.py {' '.join(sys.argv[1:])} --resume=1",
-                  file=sys.stderr)
+        if stopping:
+            if first:
+                run_log.close()
+                print(f"stopped at step {step}; continue with: python finetune.py {' '.join(sys.argv[1:])} --resume=1",
+                      file=sys.stderr)
             model.close()
             sys.exit(130)
+    if not first:  # the first process evaluates and exports
+        model.close()
+        return
     run_log.close_bar()
     if cfg.eval_period:
-        eval_start = time.time()
-        run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
+        evaluation(step)
     model.eval()
     if cfg.mode == "lora":
         save_tensors({**lora_state(model, cfg), "step": step}, out / "adapter.pt")

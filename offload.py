@@ -30,6 +30,10 @@ class Offload:
         self.io = ThreadPoolExecutor(max_workers=1)
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
         self.run_dir, self.committed, self.written = None, set(), set()  # of a training run
+        self.share = (0, 1)  # (part, parts): several processes of one machine (parallel.py) each update
+        # and copy their part of every weight's rows in the shared mapped files
+        self.writes = True  # whether this process writes files no mapping changes (the machine's first)
+        self.tag = ""  # in the names of the files each process writes for itself
         self.seconds = dict.fromkeys(("wait_read", "wait_write", "reading", "writing"), 0.0)  # where time went
 
     def timed(self, what, fn, *args):
@@ -66,6 +70,11 @@ class Offload:
                 boxes[i + 1].prefetch(into_memory=self.prefetch_in_memory)
             yield box
             box.release(keep=box in keep)
+
+    def own_rows(self, n):
+        """The rows r0:r1 of n this process updates in a shared mapped file."""
+        part, parts = self.share
+        return n * part // parts, n * (part + 1) // parts
 
     def wait(self):
         """Until every read and write submitted so far is done."""
@@ -197,11 +206,13 @@ class Blackbox:
     def release(self, keep=False):
         """Done with this module for now: write it back if it changed, and let it go unless kept."""
         o = self.offload
+        if self.optimizer is not None:
+            self.optimizer.finish(self)  # gradients still being summed over the processes
         if self.dirty and not self.resident and not self.mapped:
             self.write()
         if not (self.resident or keep):
             if self.grads:  # gradient clipping: the gradients wait on disk for the global norm
-                self.grad_file = o.run_dir / f"{self.name}.grad.safetensors"
+                self.grad_file = o.run_dir / f"{self.name}.grad{o.tag}.safetensors"
                 self.writing = o.io.submit(o.timed, "writing", write_tensors, self.grads, self.grad_file)
                 self.grads = {}
             buffers = [b for b in (self.buffer, self.compute_buffer) if b is not None]
@@ -232,10 +243,10 @@ class Blackbox:
             if states and key not in self.optim:
                 self.optim[key] = {"step": torch.tensor(0.0), **{s: torch.zeros_like(weight) for s in states}}
         if self.mapped and self.file.name not in o.committed:
-            FILE_BYTES["written"] += sum(t.numel() * 4 for t in self.state().values())  # by the OS, later
-        elif o.device.type == "cpu" and not self.resident:  # into the slot, then mapped
+            FILE_BYTES["written"] += sum(t.numel() * 4 for t in self.state().values()) // o.share[1]  # by the OS
+        elif o.device.type == "cpu" and not self.resident:  # into the slot (this process's part), then mapped
             self.file = self.slot()
-            write_tensors(self.state(), self.file, in_place=True)
+            write_tensors(self.state(), self.file, in_place=True, part=o.share)
             tensors, self.mapping = map_tensors(self.file, torch.float32, True)
             for key in self.weights:
                 if self.compute[key] is self.weights[key]:
@@ -257,8 +268,9 @@ class Blackbox:
         if self.mapped:
             return
         self.file = self.slot()
-        self.writing = o.io.submit(o.timed, "writing", write_tensors, self.state(), self.file, True)
-        o.written.add(self.file)
+        if o.writes:  # else the machine's first process writes the same bytes
+            self.writing = o.io.submit(o.timed, "writing", write_tensors, self.state(), self.file, True)
+            o.written.add(self.file)
 
     def wait_write(self):
         if self.writing is not None:

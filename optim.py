@@ -4,19 +4,27 @@ accumulated over micro-batches, the global gradient norm clipped; AdamW on LoRA 
 The backward pass hands each weight's gradient to take() as soon as autograd computes it, while the
 module is in memory. With one micro-batch and no clipping the weight is updated there and then, a
 block of rows at a time, so no whole gradient is ever held; otherwise gradients add up until every
-micro-batch has passed (and, with clipping, wait on disk until the global norm is known).
+micro-batch has passed (and, with clipping, wait on disk until the global norm is known). In a
+run of several processes (parallel.py) a whole gradient is summed over them (asynchronously, while
+the backward pass goes on) and applied when the module is let go.
 """
 import math
 
 import torch
 
 from offload import CHUNK_BYTES
+from parallel import Group, checksum
 
 
 class Optimizer:
-    def __init__(self, kind, device, compute_dtype, micro_batches=1, grad_clip=0.0, adapters=(), **settings):
+    def __init__(self, kind, device, compute_dtype, micro_batches=1, grad_clip=0.0, adapters=(), group=None,
+                 **settings):
         self.kind, self.device, self.compute_dtype = kind, device, compute_dtype
         self.micro_batches, self.grad_clip, self.settings = micro_batches, grad_clip, settings
+        self.group = group or Group()
+        self.pending = {}  # module name -> [(key, summing)]: gradients being summed over the processes
+        self.step_before = {}  # (module, key) -> AdamW's step count before this step, read before summing
+        self.checksums = {}  # (module, key, r0, r1) -> checksum of the rows as last updated, in a parallel run
         self.states = 2 if kind == "adamw" else 0  # fp32 tensors kept beside each weight (the moments)
         self.lr, self.clip_coef, self.grad_norms, self.counts, self.chunks = 0.0, None, [], {}, {}
         self.adapters = list(adapters)
@@ -25,7 +33,7 @@ class Optimizer:
     @property
     def whole_grads(self):
         """Whether whole gradients are held (accumulated or waiting for clipping) rather than rows."""
-        return self.micro_batches > 1 or bool(self.grad_clip)
+        return self.micro_batches > 1 or bool(self.grad_clip) or self.group.world > 1
 
     def start_step(self, lr):
         self.lr, self.clip_coef, self.grad_norms = lr, None, []
@@ -49,6 +57,21 @@ class Optimizer:
         if count < self.micro_batches * box.grad_uses:
             return
         del self.counts[box.name, key]
+        if self.group.world > 1:  # AdamW's count is read before any process can have moved it on
+            state = box.optim.get(key)
+            self.step_before[box.name, key] = state["step"].clone() if state else torch.tensor(0.0)
+            self.pending.setdefault(box.name, []).append((key, self.group.sum_async(box.grads[key])))
+            return
+        self.complete(box, key)
+
+    def finish(self, box):
+        """Wait for the module's gradients being summed over the processes, and apply them."""
+        for key, summing in self.pending.pop(box.name, ()):
+            self.group.wait(summing)
+            self.complete(box, key)
+
+    def complete(self, box, key):
+        """A whole gradient is complete: keep its norm for clipping, or apply it."""
         if self.grad_clip:
             self.grad_norms.append(torch.linalg.vector_norm(box.grads[key]))
         else:
@@ -63,7 +86,8 @@ class Optimizer:
     def update(self, box, key, grad, r0=0):
         """Apply the optimizer to rows r0: of one weight, whose gradient (for those rows) is complete.
         torch.optim.AdamW runs on the rows and their moments (views): it is elementwise, so updating
-        a weight block by block gives the bits of one update of the whole."""
+        a weight block by block gives the bits of one update of the whole. In a parallel run each
+        process of a machine updates its own rows of a mapped weight (the file's pages are shared)."""
         if not torch.isfinite(grad.sum()):  # a NaN or inf anywhere makes the sum one (and sum is fast)
             raise FloatingPointError(f"non-finite gradient in {box.name}.{key}")
         if self.clip_coef is not None:
@@ -71,19 +95,26 @@ class Optimizer:
         box.wait_write()  # a background write may still be reading these tensors
         box.prepare_update(("exp_avg", "exp_avg_sq") if self.kind == "adamw" else ())
         full = box.weights[key]
+        if box.mapped and self.group.local_world > 1:
+            r0, r1 = box.offload.own_rows(len(full))
+            grad = grad[r0:r1]
         weight = full[r0:r0 + len(grad)]
         if self.kind == "sgd":
             weight.add_(grad, alpha=-self.lr)
         else:
             state = box.optim[key]
+            before = self.step_before.pop((box.name, key), None)
             opt = torch.optim.AdamW([weight], lr=self.lr, **self.settings)
-            opt.state[weight] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][r0:r0 + len(grad)],
+            opt.state[weight] = {"step": (state["step"] if before is None else before).clone(),
+                                 "exp_avg": state["exp_avg"][r0:r0 + len(grad)],
                                  "exp_avg_sq": state["exp_avg_sq"][r0:r0 + len(grad)]}
             weight.grad = grad
             opt.step()
             weight.grad = None
-            if r0 + len(grad) == len(full):  # the last rows: the step count moves on
+            if r0 + len(grad) == len(full) or before is not None:  # the last rows: the step count moves on
                 state["step"].copy_(opt.state[weight]["step"])
+        if self.group.world > 1:
+            self.checksums[box.name, key, r0, r0 + len(grad)] = checksum(weight)
         box.stale |= box.compute[key] is not full  # the copy is made again if the module is used again
 
     def apply_clipped(self, loaded_boxes):
@@ -99,13 +130,20 @@ class Optimizer:
         self.clip_coef = None
 
     def step_adapters(self):
-        """LoRA: one AdamW step on every adapter, after the whole backward pass."""
+        """LoRA: one AdamW step on every adapter, after the whole backward pass (in a parallel run, on
+        their gradients summed over the processes at once)."""
+        if self.group.world > 1:
+            summed = self.group.sum(torch.cat([p.grad.flatten() for p in self.adapters]))
+            for p, grad in zip(self.adapters, summed.split([p.numel() for p in self.adapters])):
+                p.grad.copy_(grad.view_as(p))
         norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in self.adapters])
         if not torch.isfinite(norms).all():
             raise FloatingPointError("non-finite gradient of a LoRA adapter")
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.adapters, self.grad_clip)
-        for group in self.adapter_optimizer.param_groups:
-            group["lr"] = self.lr
+        for param_group in self.adapter_optimizer.param_groups:
+            param_group["lr"] = self.lr
         self.adapter_optimizer.step()
         self.adapter_optimizer.zero_grad(set_to_none=True)
+        if self.group.world > 1:
+            self.checksums.update({("lora", str(i), 0, len(p)): checksum(p) for i, p in enumerate(self.adapters)})

@@ -28,9 +28,9 @@ class RunLog:
     out_path/loss.png is drawn from it at each evaluation and at the end; report.md sums it up at the end.
     Progress: one tqdm bar on a terminal, else the line per step."""
 
-    def __init__(self, cfg, out, model, step):
-        self.cfg, self.out, self.path = cfg, out, out / "metrics.jsonl"
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    def __init__(self, cfg, out, model, step, processes=1):
+        self.cfg, self.out, self.path, self.processes = cfg, out, out / "metrics.jsonl", processes
+        self.tokens_per_step = processes * cfg.batch_size * cfg.grad_accum * cfg.seq_len  # of every process
         final_eval_again = step >= cfg.iters  # a finished run resumed: its final evaluation runs again
         self.records = [r for r in read_metrics(self.path) if step and r["step"] <= step
                         and not (final_eval_again and r.get("kind") == "eval" and r["step"] == step)]
@@ -43,7 +43,7 @@ class RunLog:
         self.bar, self.plot_failed = None, False
         self.write({"kind": "run", "step": step, "model": Path(model.manifest["source"]).name,
                     "source": model.manifest["source"], "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
-                    "resumed": bool(step), **{k: getattr(cfg, k) for k in (
+                    "resumed": bool(step), "processes": processes, **{k: getattr(cfg, k) for k in (
                         "mode", "optimizer", "lr", "batch_size", "seq_len", "grad_accum", "iters", "lora_rank",
                         "lora_targets", "grad_clip", "data_path", "device")}})
         if sys.stdout.isatty() and sys.stderr.isatty():
@@ -125,7 +125,8 @@ class RunLog:
         run = [r for r in self.records if r.get("kind") == "run"][-1]
         lines = [f"# slowllama run: {out}", "",
                  f"{run['model']}, mode={cfg.mode}, optimizer={cfg.optimizer}, lr={cfg.lr:g}, "
-                 f"{cfg.batch_size}x{cfg.seq_len}{f'x{cfg.grad_accum}' if cfg.grad_accum > 1 else ''} tokens a step, "
+                 f"{f'{self.processes}x' if self.processes > 1 else ''}{cfg.batch_size}x{cfg.seq_len}"
+                 f"{f'x{cfg.grad_accum}' if cfg.grad_accum > 1 else ''} tokens a step, "
                  f"compute {run['compute_dtype']} on {cfg.device}", ""]
         if train:
             elapsed = max(r.get("elapsed", 0.0) for r in self.records)
