@@ -2,16 +2,18 @@
 
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
-                [--keep_cache [--reuse_offload]]
+                [--keep_cache [--reuse_offload]] [--nproc N]
 Checks the disk first (the synthetic source, its offload and the run folder, as training does), makes the
 checkpoint in bench_cache/, converts it into a fresh offload (timed), runs one warm-up and --steps timed
 training steps in this process, and prints a table and, as the last line, JSON. What it made for the shape
 is removed when the run ends, unless --keep_cache (then --reuse_offload skips the conversion next time);
-anything an earlier --keep_cache run left in bench_cache/ is used and kept.
+anything an earlier --keep_cache run left in bench_cache/ is used and kept. --nproc N: the steps are
+taken by N processes under torchrun (gloo), batch_size/N rows each, this machine's cores shared out.
 """
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -96,19 +98,21 @@ def io_counters():
 
 
 def run_steps(model, batches, lr):
-    """Step times, {IO_KEYS: bytes} per timed step and {Offload.seconds: s} per timed step."""
+    """Step times, {IO_KEYS: bytes} per timed step and {Offload.seconds, collective_wait: s} per timed
+    step (collective_wait: in a parallel run, waiting for the other processes)."""
     times = []
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
             model.offload.wait()
-            before, seconds = io_counters(), dict(model.offload.seconds)
+            before, seconds = io_counters(), dict(model.offload.seconds, collective_wait=model.group.wait_s)
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
     model.offload.wait()  # the last step's writes are done
     after, n = io_counters(), len(batches) - 1
     return times[1:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
-        {key: round((model.offload.seconds[key] - s) / n, 2) for key, s in seconds.items()}
+        {key: round((dict(model.offload.seconds, collective_wait=model.group.wait_s)[key] - s) / n, 2)
+         for key, s in seconds.items()}
 
 
 def reference_child(a):
@@ -185,7 +189,9 @@ def main():
     p.add_argument("--reuse_offload", action="store_true",
                    help="use the offload an earlier --keep_cache run of this shape kept (conversion not timed)")
     p.add_argument("--debug", default="0", help="--debug=1: a traceback instead of a one-line error")
+    p.add_argument("--nproc", type=int, default=1, help="processes taking the steps together (torchrun, gloo)")
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--parallel-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.layers = a.layers or SHAPES[a.shape]["n_layers"]
     if a.layers < 1 or a.steps < 1:
@@ -193,9 +199,13 @@ def main():
     a.optimizer = "adamw" if a.mode == "lora" else a.optimizer  # LoRA adapters are trained with AdamW
     if a.reference_child:
         return reference_child(a)
+    if a.batch_size % a.nproc:
+        raise UserError(f"--batch_size={a.batch_size} is not a multiple of --nproc={a.nproc}")
 
     source = CACHE / f"{a.shape}-{a.layers}L"
     offload_root, run_dir = CACHE / "offload", CACHE / "run"
+    if a.parallel_worker:
+        return parallel_worker(a, source, offload_root, run_dir)
     offload = loader.offload_dir_for(source, offload_root)
     cached = (source / "params.json").exists()  # by an earlier --keep_cache run: used and kept
     reuse = a.reuse_offload and cached and (offload / "manifest.json").exists()
@@ -216,6 +226,62 @@ def main():
     print(json.dumps(result))
 
 
+def load(a, source, offload_root):
+    return loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
+                              memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
+                              prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
+
+
+def train_figures(a, model, run_dir, group=None):
+    """run_steps' figures of --steps timed steps after a warm-up; in a parallel run, of this process's
+    rows of each step."""
+    processes, rank = (group.world, group.rank) if group else (1, 0)
+    rows = a.batch_size // processes
+    try:
+        if a.mode == "lora":
+            model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
+        model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
+                             tokens_per_step=rows * a.seq_len, group=group)
+        model.train()
+        batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
+        return run_steps(model, [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
+                                 for x, y in batches], 1e-4)
+    finally:
+        model.close()  # no write into the run folder is left when it is removed
+
+
+def parallel_worker(a, source, offload_root, run_dir):
+    """One process of a --nproc run (under torchrun); the first prints every process's figures as JSON."""
+    import parallel
+    group, _ = parallel.start("cpu", 600)
+    try:
+        model = load(a, source, offload_root)
+        times, io, seconds = train_figures(a, model, run_dir, group)
+        figures = group.gather({"times": times, "io": io, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                                "planned_peak_mb": model.peak_estimate / 2**20})
+    finally:
+        group.close()
+    if group.rank == 0:
+        print(json.dumps(figures))
+
+
+def parallel_steps(a):
+    """--nproc: run the steps in a.nproc processes under torchrun; (times, io, seconds, figures of all):
+    a step's time is the slowest process's, bytes are summed, seconds are the processes' mean."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.nproc))}
+    argv = [arg for i, arg in enumerate(sys.argv[1:]) if not arg.startswith("--nproc") and  # torchrun would
+            sys.argv[i] != "--nproc"]  # take it for its own --nproc_per_node; the workers know from WORLD_SIZE
+    child = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
+                            __file__, "--parallel-worker", *argv], capture_output=True, text=True, cwd=HERE, env=env)
+    if child.returncode:
+        sys.exit(f"parallel run failed: {(child.stdout + child.stderr).strip()[-1500:]}")
+    figures = json.loads(child.stdout.strip().splitlines()[-1])
+    times = [max(step) for step in zip(*(f["times"] for f in figures))]
+    io = {key: sum(f["io"][key] for f in figures) for key in IO_KEYS}
+    seconds = {key: round(statistics.mean(f["seconds"][key] for f in figures), 2) for key in figures[0]["seconds"]}
+    return times, io, seconds, figures
+
+
 def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
     args = shape_args(a.shape, a.layers)
@@ -223,20 +289,14 @@ def run(a, source, offload_root, run_dir):
     # FLOP/s of the step's matmuls, probed before the model takes its memory (not counted in its peak)
     gemm = matmul_rate(args, tokens, parse_dtype(a.compute_dtype), torch.device("cpu"), 1.0)
     start = time.perf_counter()
-    model = loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
-                               memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
-                               prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
+    model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
-    try:
-        if a.mode == "lora":
-            model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
-        model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
-                             tokens_per_step=tokens)
-        model.train()
-        batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
-        times, io, seconds = run_steps(model, batches, 1e-4)
-    finally:
-        model.close()  # no write into the run folder is left when it is removed
+    if a.nproc > 1:
+        times, io, seconds, figures = parallel_steps(a)
+        peak_mb, planned_mb = max(f["peak_rss_mb"] for f in figures), max(f["planned_peak_mb"] for f in figures)
+    else:
+        times, io, seconds = train_figures(a, model, run_dir)
+        peak_mb, planned_mb = peak_rss_mb(), model.peak_estimate / 2**20
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
@@ -246,13 +306,17 @@ def run(a, source, offload_root, run_dir):
               "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
               "compute_dtype": a.compute_dtype, "tokens_per_step": tokens, "convert_s": round(convert_s, 2),
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
-              "peak_rss_mb": round(peak_rss_mb()), "planned_peak_mb": round(model.peak_estimate / 2**20),
+              "processes": a.nproc, "threads": max(1, (os.cpu_count() or 1) // a.nproc) if a.nproc > 1 else
+              torch.get_num_threads(), "peak_rss_mb": round(peak_mb), "planned_peak_mb": round(planned_mb),
               **{f"{key}_per_step": value for key, value in io.items()}, "min_bytes_per_step": min_bytes,
               **{f"{key}_s": value for key, value in seconds.items()},
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
               "gemm_gflops": round(gemm / 1e9, 1), "matmul_s": round(flops / gemm, 2),
               "matmul_share": round(flops / gemm / step_s, 2),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
+    if a.nproc > 1:  # peaks per process (shared mapped pages count in each), and the time waited for the others
+        result.update(peak_rss_mb_each=[round(f["peak_rss_mb"]) for f in figures],
+                      collective_wait_share=round(seconds["collective_wait"] / step_s, 3))
     if a.cold:
         result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)
     if a.reference:

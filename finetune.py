@@ -420,7 +420,8 @@ def train(cfg, group, device):
         if stopping:
             if first:
                 run_log.close()
-                print(f"stopped at step {step}; continue with: python finetune.py {' '.join(sys.argv[1:])} --resume=1",
+                launcher = "torchrun ... finetune.py" if group.world > 1 else "python finetune.py"
+                print(f"stopped at step {step}; continue with: {launcher} {' '.join(sys.argv[1:])} --resume=1",
                       file=sys.stderr)
             model.close()
             sys.exit(130)

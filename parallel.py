@@ -98,7 +98,7 @@ def checksum(tensor):
     """A cheap fingerprint of a tensor's bits (their sum as integers): equal bits, equal sums."""
     bits = tensor.detach().contiguous().view(-1)
     bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
-    return int(bits.sum(dtype=torch.int64))
+    return int(bits.sum())  # integers add up in int64 (an explicit dtype would copy the tensor first)
 
 
 def start(device, timeout_s):

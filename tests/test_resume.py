@@ -50,7 +50,7 @@ def last_step(log_file):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_killed_runs_resume_bit_exactly(make, tmp_path, mode):
-    """SIGKILL four times at random moments of training (a random step, a random time into it), resume
+    """SIGKILL three times at random moments of training (a random step, a random time into it), resume
     each time, and compare every trained tensor and the exported model with an uninterrupted run."""
     model = make(seed=41, dim=256, n_heads=8, n_kv_heads=4, n_layers=3, multiple_of=64)
     start = time.time()
@@ -61,12 +61,12 @@ def test_killed_runs_resume_bit_exactly(make, tmp_path, mode):
 
     rng = random.Random(7)
     out, kills = tmp_path / "killed", []
-    for attempt in range(5):
+    for attempt in range(4):
         log_file = tmp_path / f"log{attempt}"
         with open(log_file, "w") as log:
             p = subprocess.Popen(command(model, out, tmp_path, mode, *(["--resume=1"] if attempt else [])),
                                  cwd=ROOT, stdout=log, stderr=subprocess.PIPE, text=True)
-            if attempt == 4:
+            if attempt == 3:
                 assert p.wait(timeout=300) == 0, p.stderr.read()
                 break
             target = rng.randint(min(max(kills[-1][0] if kills else 0, 1), 22), 22)  # a run may pass 22 before its kill
