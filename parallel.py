@@ -95,10 +95,11 @@ class Group:
 
 
 def checksum(tensor):
-    """A cheap fingerprint of a tensor's bits (their sum as integers): equal bits, equal sums."""
+    """A cheap fingerprint of a tensor's bits (their sum as integers, wrapping around): equal bits, equal
+    sums. In the tensor's own width: a wider sum would copy the tensor first."""
     bits = tensor.detach().contiguous().view(-1)
     bits = bits.view(torch.int32) if bits.element_size() == 4 else bits.view(torch.int16)
-    return int(bits.sum())  # integers add up in int64 (an explicit dtype would copy the tensor first)
+    return int(bits.sum(dtype=bits.dtype))  # modulo 2^32 (or 2^16): any order of the sum gives the same
 
 
 def start(device, timeout_s):
