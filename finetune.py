@@ -16,7 +16,7 @@ out_format = ""  # layout of the exported model: meta, hf or gguf (out_path/mode
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
 device = "cpu"  # cpu, cuda or mps
 compute_dtype = "auto"  # auto: bfloat16 matmuls (fp32 master weights) where the device has native bf16, else float32
-memory_budget = -1.0  # GB of RAM the whole run plans for (kept activations, resident modules); -1: half the RAM
+memory_budget = -1.0  # GB of RAM the run plans for (kept activations, resident modules), per process under torchrun; -1: half the RAM (shared among a machine's processes)
 keep_activations = 1  # 1: keep each block's activations for the backward pass (within the budget); 0: recompute
 seed = 1337  # seeds the data order, dropout and LoRA initialisation
 iters = 500  # optimizer steps
@@ -395,6 +395,8 @@ def train(cfg, group, device):
         if first:
             eval_start = time.time()
             run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
+            for box in model.boxes.values():  # a module it let go is on the disk before the others read it
+                box.wait_write()
 
     if step == 0 and cfg.eval_period:
         evaluation(step)

@@ -125,6 +125,8 @@ class Optimizer:
             raise FloatingPointError(f"the gradient norm is {total.item()}")
         self.clip_coef = torch.clamp(self.grad_clip / (total + 1e-6), max=1.0)
         for box in loaded_boxes:
+            if self.group.world > 1 and not box.mapped:  # the first process rewrites its file once all read it
+                self.group.barrier()
             for key in list(box.grads):
                 self.update(box, key, box.grads.pop(key))
         self.clip_coef = None

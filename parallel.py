@@ -23,8 +23,9 @@ class Group:
     """This process's place in the run: rank and world over all machines, local_rank and local_world
     on this machine; the seconds it waited in collectives."""
 
-    def __init__(self, rank=0, world=1, local_rank=0, local_world=1):
+    def __init__(self, rank=0, world=1, local_rank=0, local_world=1, device="cpu"):
         self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.device = torch.device(device)  # where the backend sums (nccl: the GPU)
         self.wait_s = 0.0
         self.lock = None
 
@@ -42,6 +43,8 @@ class Group:
 
     def sum(self, tensor):
         """The tensor summed over every process, in place."""
+        if self.world > 1 and tensor.device != self.device:
+            return tensor.copy_(self.sum(tensor.to(self.device)))
         if self.world > 1:
             self.call(dist.all_reduce, tensor)
         return tensor
@@ -118,7 +121,7 @@ def start(device, timeout_s):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
         raise UserError(f"process {rank} of {world}: cannot join the process group with {backend} ({e})")
-    return Group(rank, world, local_rank, local_world), device
+    return Group(rank, world, local_rank, local_world, device if backend == "nccl" else "cpu"), device
 
 
 def lock_run_folder(group, out):

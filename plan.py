@@ -177,10 +177,11 @@ def matmul_params(args):
 
 def matmul_rate(args, tokens, dtype, device, seconds=2.0):
     """FLOP/s of the step's three matmul kinds (y = x W^T, dx = dy W, dW = dy^T x) at the model's block
-    shapes for micro-batches of tokens, in the compute dtype: rounds over the shapes for about seconds."""
+    shapes for micro-batches of tokens, in the compute dtype: rounds over the shapes for about seconds of
+    matmuls (at most twice that in all: small models spend more time making the random operands)."""
     shapes = [s for s in module_shapes(args, "layers").values() if len(s) == 2]
-    flops, spent, rounds = 0, 0.0, 0
-    while rounds == 0 or spent < seconds:
+    flops, spent, rounds, begin = 0, 0.0, 0, time.perf_counter()
+    while rounds == 0 or spent < seconds and time.perf_counter() - begin < 2 * seconds:
         for n_out, n_in in shapes:
             w = torch.randn(n_out, n_in, device=device).to(dtype)
             x, dy = torch.randn(tokens, n_in, device=device).to(dtype), torch.randn(tokens, n_out, device=device).to(dtype)

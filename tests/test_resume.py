@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, read_shards, run
 
-SETTINGS = ["--iters=24", "--seq_len=16", "--batch_size=4", "--eval_period=0", "--dropout=0.1", "--save_period=2",
+SETTINGS = ["--iters=16", "--seq_len=16", "--batch_size=4", "--eval_period=0", "--dropout=0.1", "--save_period=2",
             "--memory_budget=0"]
 
 
@@ -69,7 +69,7 @@ def test_killed_runs_resume_bit_exactly(make, tmp_path, mode):
             if attempt == 3:
                 assert p.wait(timeout=300) == 0, p.stderr.read()
                 break
-            target = rng.randint(min(max(kills[-1][0] if kills else 0, 1), 22), 22)  # a run may pass 22 before its kill
+            target = rng.randint(min(max(kills[-1][0] if kills else 0, 1), 14), 14)  # a run may pass 14 before its kill
             while p.poll() is None and last_step(log_file) < target:
                 time.sleep(0.005)
             delay = rng.uniform(0, 1.5 * step_time)
