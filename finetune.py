@@ -358,6 +358,7 @@ def main():
     group, device = parallel.start(cfg.device, cfg.dist_timeout)
     try:
         train(cfg, group, device)
+        group.barrier()  # the others wait for the first process's export: all leave the group together
     finally:
         group.close()
 
@@ -426,6 +427,7 @@ def train(cfg, group, device):
                 print(f"stopped at step {step}; continue with: {launcher} {' '.join(sys.argv[1:])} --resume=1",
                       file=sys.stderr)
             model.close()
+            group.barrier()  # all leave the group together
             sys.exit(130)
     if not first:  # the first process evaluates and exports
         model.close()
