@@ -97,6 +97,10 @@ def io_counters():
     return (*proc_io().values(), FILE_BYTES["read"], FILE_BYTES["written"])
 
 
+def seconds_so_far(model):
+    return dict(model.offload.seconds, collective_wait=model.group.wait_s)
+
+
 def run_steps(model, batches, lr):
     """Step times, {IO_KEYS: bytes} per timed step and {Offload.seconds, collective_wait: s} per timed
     step (collective_wait: in a parallel run, waiting for the other processes)."""
@@ -104,15 +108,14 @@ def run_steps(model, batches, lr):
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
             model.offload.wait()
-            before, seconds = io_counters(), dict(model.offload.seconds, collective_wait=model.group.wait_s)
+            before, seconds = io_counters(), seconds_so_far(model)
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
     model.offload.wait()  # the last step's writes are done
     after, n = io_counters(), len(batches) - 1
     return times[1:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
-        {key: round((dict(model.offload.seconds, collective_wait=model.group.wait_s)[key] - s) / n, 2)
-         for key, s in seconds.items()}
+        {key: round((seconds_so_far(model)[key] - s) / n, 2) for key, s in seconds.items()}
 
 
 def reference_child(a):

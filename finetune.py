@@ -417,7 +417,7 @@ def train(cfg, group, device):
             run_log.step(model, step, loss, learning_rate(cfg, step), elapsed, left)
         if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.iters:
             evaluation(step)
-        stopping = bool(group.sum(torch.tensor(int(stop.requested)))) if group.world > 1 else stop.requested
+        stopping = bool(group.sum(torch.tensor(int(stop.requested))))  # every process stops at the same step
         if step % cfg.save_period == 0 or step == cfg.iters or stopping:
             commit(model, cfg, run_dir, step, data_rng)
         if stopping:
