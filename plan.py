@@ -102,7 +102,7 @@ def plan_memory(model, cfg):
     with tempfile.TemporaryDirectory(prefix="slowllama-plan-") as tmp:
         model.setup_training(tmp, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
                              micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
-                             tokens_per_step=cfg.batch_size * cfg.seq_len, betas=(cfg.beta1, cfg.beta2),
+                             tokens_per_step=cfg.batch_size * cfg.seq_len, base_copy=False, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, weight_decay=cfg.weight_decay)
     model.offload.run_dir = None
 
@@ -201,12 +201,12 @@ def matmul_rate(args, tokens, dtype, device, seconds=2.0):
 
 # --- the figures ---
 
-def step_traffic(model, cfg):
+def step_traffic(model, cfg, base_copy=0):
     """(bytes read by the forward pass, by the backward pass, bytes written) of one step, from the memory
     plan (modules that stay resident move nothing). The forward pass reads each streamed file once: the
-    step's working set, and what each of an evaluation's passes reads."""
+    step's working set, and what each of an evaluation's passes reads. base_copy: LoRA reads an fp32 copy."""
     full = cfg.mode == "full"
-    unit = 4 * (1 + model.optimizer.states) if full else model.storage_dtype.itemsize  # bytes per parameter
+    unit = 4 * (1 + model.optimizer.states) if full else 4 if base_copy else model.storage_dtype.itemsize
     size = lambda box: 0 if box.resident else box.numel() * unit
     ends = list(dict.fromkeys([model.embeddings, model.output]))  # one table when tied
     forward = sum(map(size, ends)) + sum(map(size, model.layers))
@@ -276,18 +276,21 @@ def plan(cfg, disk_needs, out=print):
         first_step = json.loads(state_file.read_text()).get("step", 0)
     steps = max(0, cfg.iters - first_step)
     full = cfg.mode == "full"
-    traffic_dir = Path(cfg.out_path) if full else model.offload_dir
+    needs = disk_needs(model, cfg)
+    base_copy = 0 if full else model.base_copy_bytes(None if cfg.base_copy < 0 else bool(cfg.base_copy),
+                                                     needs[0][2], existing(Path(cfg.out_path)))
+    traffic_dir = Path(cfg.out_path) if full or base_copy else model.offload_dir
     speeds = disk_speeds(traffic_dir, cfg.plan_mb << 20)
     tokens = cfg.batch_size * cfg.seq_len
     rate = matmul_rate(model.args, tokens, model.compute_dtype, model.device)
     tokens_per_step = tokens * cfg.grad_accum
     flops = (6 if full else 4) * matmul_params(model.args) * tokens_per_step
     compute_s = flops / rate
-    reads_forward, reads_backward, writes = step_traffic(model, cfg)
+    reads_forward, reads_backward, writes = step_traffic(model, cfg, base_copy)
     reads, working_set = reads_forward + reads_backward, reads_forward
     cache_room = mem_available_bytes() - model.peak_estimate
     forward_share = 2 / (6 if full else 4)
-    copies_share_cpu = model.device.type == "cpu"
+    copies_share_cpu = model.device.type == "cpu" and not base_copy  # LoRA's fp32 copy is mapped: no copies
     warm_step_s, cold_step_s = (step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds,
                                              warm, copies_share_cpu) for warm in (True, False))
     warm = working_set <= cache_room
@@ -296,7 +299,8 @@ def plan(cfg, disk_needs, out=print):
     passes = cfg.gen_tokens + (cfg.val_fraction > 0)  # each generated token streams the whole model once
     eval_s = passes * working_set / speeds["cache_read" if warm else "disk_read"]
     total_s = steps * step_s + n_evals * eval_s
-    needs = disk_needs(model, cfg)
+    if base_copy:
+        needs.insert(1, ("fp32 copy of the base (LoRA; removed at the end)", Path(cfg.out_path) / "run", base_copy))
     if not converted:
         needs = [("offload (conversion, once)", model.offload_dir.parent, model.source_bytes)] + needs
     n_commits = steps // cfg.save_period + 1
@@ -320,7 +324,8 @@ def plan(cfg, disk_needs, out=print):
                "evaluations": n_evals,
                "eval_s": eval_s, "total_s": total_s, "peak_ram_bytes": model.peak_estimate,
                "resident_modules": n_resident, "modules": len(model.boxes), "converted": converted,
-               "disk_space_bytes": sum(n for _, _, n in needs), "run_write_bytes": run_writes}
+               "disk_space_bytes": sum(n for _, _, n in needs), "run_write_bytes": run_writes,
+               "base_copy_bytes": base_copy}
 
     source = Path(model.manifest["source"])
     count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.1f} M"
@@ -333,7 +338,9 @@ def plan(cfg, disk_needs, out=print):
         f"read {speeds['disk_read'] / 1e9:.2f} GB/s from the disk, {speeds['cache_read'] / 1e9:.2f} GB/s from the page "
         f"cache; matmul {rate / 1e9:.1f} GFLOP/s ({figures['compute_dtype']}, the block shapes at {tokens} tokens)")
     streamed = "the run folder (the fp32 working copy" + (" and AdamW moments" if model.optimizer.states else "") \
-        + ")" if full else "the offload folder (the frozen base)"
+        + ")" if full else "the run folder (an fp32 copy of the frozen base, made once)" if base_copy else \
+        "the offload folder (the frozen base, converted to fp32 at every read)" if model.compute_dtype != \
+        model.storage_dtype else "the offload folder (the frozen base)"
     out(f"memory: about {gb(model.peak_estimate)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
         f"{n_resident} of {len(model.boxes)} modules stay in memory"
         + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed"))

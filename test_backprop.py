@@ -87,7 +87,7 @@ def rounding_level(grad):
     return (small & (g != 0)).nonzero().flatten().int()
 
 
-def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, **model_settings):
+def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, base_copy=None, **model_settings):
     from loader import load_llama2
     model = load_llama2(model_dir, offload_path=Path(workdir) / "offload", device=device, dropout=DROPOUT,
                         log=lambda *a: None, **model_settings)
@@ -98,7 +98,8 @@ def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, *
     model.eval()
     logits_before = model(x).cpu()
     model.setup_training(Path(workdir) / f"run-{optimizer}", mode="lora" if lora else "full",
-                         optimizer="adamw" if lora else optimizer, tokens_per_step=x.numel())
+                         optimizer="adamw" if lora else optimizer, tokens_per_step=x.numel(), base_copy=base_copy,
+                         log=lambda *a: None)
     model.train()
     torch.manual_seed(SEED)
     losses, start = [], time.time()

@@ -1,14 +1,17 @@
 """Config files: every key a format needs is checked for presence and type before use, and bad input is
 one line naming the file and the key, never a traceback."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 import hf_format as hf
 import loader
 import meta_format
-from conftest import run
+from conftest import ROOT, run
 from test_hf import save_as_hf
 from utils import UserError
 
@@ -150,3 +153,20 @@ def test_a_null_dim_is_one_line_from_the_command_line(meta_model, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and "Traceback" not in err, err
     assert errors == [f"error: {path}: dim must be a positive integer, not None"], err
+
+
+def test_large_tensors_get_huge_pages_where_the_os_gives_them():
+    """utils asks PyTorch's allocator for transparent huge pages before the first tensor exists: in a
+    fresh process that imports the training script, a 64 MB tensor lies in 2 MB pages."""
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages here")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are off on this machine")
+    code = ("import finetune, torch; x = torch.ones(16 << 20); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert child.returncode == 0, child.stderr
+    assert int(child.stdout) > 0  # kB (the OS may be short of huge pages: not necessarily all 64 MB)

@@ -1,5 +1,7 @@
 """LoRA: the offloaded adapter step against autograd, a read-only base, merging and generation."""
+import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 import test_backprop as tb
 from adapters import adapter_state
 from conftest import folder_hash, read_shards, run
-from files import save_tensors
+from files import read_tensors, save_tensors
 
 
 @pytest.mark.parametrize("budget", [None, 0])
@@ -79,3 +81,62 @@ def test_lora_run_reads_the_base_and_writes_only_small_files(make, tmp_path):
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", log)]
     assert sum(losses[-5:]) < sum(losses[:5])
     assert len(read_shards(out)) == 2  # and the merged model in the source's layout
+
+
+def test_fp32_copy_of_the_base_changes_no_number(make, tmp_path):
+    """LoRA in fp32 over a bf16 base: the modules read from an fp32 copy in the run folder (mapped) give
+    the same losses, adapters and logits, bit for bit, as converting the bf16 files at every read."""
+    src = make(n_shards=2, seed=35)  # bf16
+    batches = tb.make_batches(256)
+    runs = {copy: tb.offloaded_run(src, "lora", batches, torch.device("cpu"), tmp_path / str(copy), memory_budget=0,
+                                   compute_dtype="float32", base_copy=copy) for copy in (True, False)}
+    copies = sorted((tmp_path / "True" / "run-lora").glob("*.fp32.safetensors"))
+    assert copies and not list((tmp_path / "False" / "run-lora").glob("*.fp32.safetensors"))
+    for copy in copies:  # each the bf16 module, widened
+        module = copy.name.removesuffix(".fp32.safetensors")
+        widened, _ = read_tensors(copy)
+        offload = next(d for d in (tmp_path / "True" / "offload").iterdir() if d.is_dir())
+        stored, _ = read_tensors(offload / f"{module}.safetensors")
+        assert set(widened) == set(stored)
+        assert all(widened[k].dtype == torch.float32 and torch.equal(widened[k], stored[k].float()) for k in stored)
+    with_copy, converting = runs[True], runs[False]
+    assert torch.equal(with_copy["losses"], converting["losses"])
+    assert torch.equal(with_copy["logits_after"], converting["logits_after"])
+    assert all(torch.equal(with_copy["weights"][k], converting["weights"][k]) for k in converting["weights"])
+
+
+def test_fp32_copy_only_where_it_fits(make, load, tmp_path, monkeypatch):
+    import blackbox_model
+    model = load(make(seed=36), compute_dtype="float32", memory_budget=0)
+    model.add_lora(4, 8.0, 0.0, ["wq", "wv"])
+    model.setup_training(tmp_path / "run", mode="lora", optimizer="adamw", tokens_per_step=64, base_copy=False)
+    need = sum(box.numel() * 4 for box in model.boxes.values() if not box.resident)
+    assert need and model.base_copy_bytes(True) == need
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: model.peak_estimate + 2 * need)
+    assert model.base_copy_bytes(None) == need
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: model.peak_estimate + need // 2)
+    assert model.base_copy_bytes(None) == 0  # the page cache could not keep it: converting reads instead
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: model.peak_estimate + 2 * need)
+    assert model.base_copy_bytes(None, disk_reserve=shutil.disk_usage(tmp_path).free) == 0  # no room on the disk
+    model.close()
+    bf16 = load(make(seed=36), compute_dtype="bfloat16", memory_budget=0)  # a base in the compute dtype is mapped as it is
+    bf16.add_lora(4, 8.0, 0.0, ["wq", "wv"])
+    bf16.setup_training(tmp_path / "run2", mode="lora", optimizer="adamw", tokens_per_step=64, base_copy=False)
+    assert bf16.base_copy_bytes(True) == 0
+    bf16.close()
+
+
+def test_finetune_removes_the_fp32_copy_at_the_end(make, tmp_path):
+    src = make(seed=37)
+    out = tmp_path / "out"
+    settings = [f"--model_path={src}", f"--offload_path={tmp_path / 'off'}", f"--out_path={out}", "--mode=lora",
+                "--compute_dtype=float32", "--base_copy=1", "--memory_budget=0", "--seq_len=32", "--eval_period=0", "--save_period=2"]
+    rc, log, err = run("finetune.py", *settings, "--iters=2")
+    assert rc == 0, err
+    assert "an fp32 copy of the base" in log + err
+    assert not list(out.rglob("*.fp32.safetensors"))
+    state = json.loads((out / "run" / "state.json").read_text())
+    assert not state["files"]  # a LoRA run's committed state names no module file
+    rc, log, err = run("finetune.py", *settings, "--iters=4", "--resume=1")  # made again, removed again
+    assert rc == 0, err
+    assert "an fp32 copy of the base" in log + err and not list(out.rglob("*.fp32.safetensors"))
