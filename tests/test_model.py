@@ -2,18 +2,20 @@
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import llama as bm
 from reference import Reference, read_meta_folder
 
 
-def test_rotary_embedding_matches_the_complex_formulation():
+@pytest.mark.parametrize("rotate", [bm.apply_rope, bm.rotate_pairs])  # the second: what Apple GPUs run
+def test_rotary_embedding_matches_the_complex_formulation(rotate):
     args = bm.ModelArgs(dim=48, n_layers=1, n_heads=3, vocab_size=10, rope_theta=500.0)
     x = torch.randn(2, 7, 3, 16)
     start = 5
     cos, sin = bm.rope_tables(args, start, 7, "cpu")
-    got = bm.apply_rope(x, cos, sin)
+    got = rotate(x, cos, sin)
     # features (2k, 2k+1) as the complex number x_2k + i x_2k+1, times e^(i * position * theta^(-2k/d))
     k = torch.arange(8, dtype=torch.float64)
     positions = torch.arange(start, start + 7, dtype=torch.float64)
