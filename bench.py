@@ -286,7 +286,7 @@ def train_figures(a, model, run_dir, group=None, between=None):
             model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
         model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
                              tokens_per_step=rows * a.seq_len, group=group,
-                             base_copy=None if a.base_copy < 0 else bool(a.base_copy),
+                             base_copy=a.base_copy,
                              log=lambda line: print(line, file=sys.stderr))
         model.train()
         batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)

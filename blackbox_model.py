@@ -40,6 +40,7 @@ class Transformer:
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         return_freed_memory_to_os()
         self.training, self.mode, self.optimizer, self.lora, self.group = False, None, None, {}, Group()
+        self.base_files = {}  # box -> its offload file, while it is read from LoRA's fp32 copy (copy_base)
         self.plan()
 
     def train(self, on=True):
@@ -139,12 +140,12 @@ class Transformer:
 
     def setup_training(self, run_dir, mode="full", optimizer="sgd", grad_clip=0.0, micro_batches=1,
                        keep_activations=True, tokens_per_step=0, files=None, committed=(), group=None,
-                       base_copy=None, disk_reserve=0, log=print, **optim_settings):
+                       base_copy=-1, disk_reserve=0, log=print, **optim_settings):
         """Prepare a run: full fine-tuning keeps an fp32 working copy of every module in run_dir.
         tokens_per_step (of one micro-batch) sizes the memory plan; files and committed name the
         module files of a resumed run; group: this process's place in a parallel run (parallel.py).
-        base_copy (LoRA): keep an fp32 copy of the frozen base in run_dir (True, False, None: when it
-        fits, disk_reserve bytes left on its disk; copy_base)."""
+        base_copy (LoRA): keep an fp32 copy of the frozen base in run_dir (1, 0, -1: when it fits,
+        disk_reserve bytes left on its disk; copy_base)."""
         o = self.offload
         o.run_dir, o.committed = Path(run_dir), set(committed)
         self.group = group or Group()
@@ -165,19 +166,19 @@ class Transformer:
         if mode == "lora":
             self.copy_base(base_copy, disk_reserve, log)
 
-    def base_copy_bytes(self, wanted=None, disk_reserve=0, folder=None):
+    def base_copy_bytes(self, wanted=-1, disk_reserve=0, folder=None):
         """Bytes of the fp32 copy of the base copy_base makes, 0 when none: LoRA in fp32 on the CPU over
         a base stored in another dtype converts every module at every read (two passes over the model a
         step, on the cores the matmuls use), and an fp32 copy written once into the run folder is mapped
-        from the page cache instead: no conversion, no copy. Made when wanted, or (wanted None) when the
+        from the page cache instead: no conversion, no copy. Made when wanted (1), or (-1) when the
         page cache can keep it beside the run's memory and the disk has room for it (disk_reserve
         bytes left on the disk of folder, by default the run folder). One answer for every process of a
         parallel run."""
         need = sum(box.numel() * 4 for box in self.base_copy_boxes())
         if not need or self.device.type != "cpu" or self.compute_dtype != torch.float32 or \
-                self.storage_dtype == torch.float32 or wanted is False:
+                self.storage_dtype == torch.float32 or not wanted:
             return 0
-        if wanted is None:
+        if wanted < 0:
             ram = mem_available_bytes() - self.peak_estimate * self.group.local_world
             disk = shutil.disk_usage(folder or self.offload.run_dir).free - disk_reserve - (1 << 30)  # 1 GB to spare
             if not all(self.group.gather(need <= min(ram, disk))):
@@ -188,14 +189,14 @@ class Transformer:
         """The modules LoRA reads at every step (those not resident)."""
         return [box for box in dict.fromkeys([self.embeddings, *self.layers, self.output]) if not box.resident]
 
-    def copy_base(self, wanted=None, disk_reserve=0, log=print):
+    def copy_base(self, wanted=-1, disk_reserve=0, log=print):
         """Write base_copy_bytes' fp32 copy of the base into the run folder (the machine's first process;
         a resumed run's copies are reused: whole, as each was written under another name and renamed)
         and read the modules from it."""
         o, first = self.offload, self.group.rank == 0
         need = self.base_copy_bytes(wanted, disk_reserve)
         if not need:
-            if first and wanted is None and self.base_copy_bytes(True):
+            if first and wanted < 0 and self.base_copy_bytes(1):
                 log("LoRA: the base is converted to fp32 at every read (an fp32 copy would not fit in the page "
                     "cache or on the disk)")
             return
@@ -209,15 +210,15 @@ class Transformer:
             log(f"LoRA: an fp32 copy of the base in {o.run_dir} ({gb(need)}), mapped at every read, not converted")
         self.group.agree(write_copies)
         for box, copy in copies:
-            box.file = copy
+            self.base_files[box], box.file = box.file, copy
 
     def drop_base_copy(self):
         """Remove copy_base's files (at the end of a run); the modules are read from the offload again."""
-        for box in self.boxes.values():
-            if box.file.name.endswith(".fp32.safetensors"):
-                copy, box.file = box.file, self.offload_dir / f"{box.name}.safetensors"
-                if self.group.local_rank == 0:
-                    copy.unlink(missing_ok=True)
+        for box, base in self.base_files.items():
+            if self.group.local_rank == 0:
+                box.file.unlink(missing_ok=True)
+            box.file = base
+        self.base_files = {}
 
     def train_step(self, batches, lr):
         """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch

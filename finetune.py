@@ -311,7 +311,7 @@ def resume_or_start(model, cfg, run_dir, previous, data_rng, group):
                          micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
                          tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
                          committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
-                         group=group, base_copy=None if cfg.base_copy < 0 else bool(cfg.base_copy),
+                         group=group, base_copy=cfg.base_copy,
                          disk_reserve=disk_needs(model, cfg)[0][2], log=log_line,
                          betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if not previous:

@@ -102,7 +102,7 @@ def plan_memory(model, cfg):
     with tempfile.TemporaryDirectory(prefix="slowllama-plan-") as tmp:
         model.setup_training(tmp, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
                              micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
-                             tokens_per_step=cfg.batch_size * cfg.seq_len, base_copy=False, betas=(cfg.beta1, cfg.beta2),
+                             tokens_per_step=cfg.batch_size * cfg.seq_len, base_copy=0, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, weight_decay=cfg.weight_decay)
     model.offload.run_dir = None
 
@@ -277,8 +277,7 @@ def plan(cfg, disk_needs, out=print):
     steps = max(0, cfg.iters - first_step)
     full = cfg.mode == "full"
     needs = disk_needs(model, cfg)
-    base_copy = 0 if full else model.base_copy_bytes(None if cfg.base_copy < 0 else bool(cfg.base_copy),
-                                                     needs[0][2], existing(Path(cfg.out_path)))
+    base_copy = 0 if full else model.base_copy_bytes(cfg.base_copy, needs[0][2], existing(Path(cfg.out_path)))
     traffic_dir = Path(cfg.out_path) if full or base_copy else model.offload_dir
     speeds = disk_speeds(traffic_dir, cfg.plan_mb << 20)
     tokens = cfg.batch_size * cfg.seq_len

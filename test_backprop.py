@@ -87,7 +87,7 @@ def rounding_level(grad):
     return (small & (g != 0)).nonzero().flatten().int()
 
 
-def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, base_copy=None, **model_settings):
+def offloaded_run(model_dir, optimizer, batches, device, workdir, steps=STEPS, base_copy=-1, **model_settings):
     from loader import load_llama2
     model = load_llama2(model_dir, offload_path=Path(workdir) / "offload", device=device, dropout=DROPOUT,
                         log=lambda *a: None, **model_settings)

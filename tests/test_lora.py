@@ -89,17 +89,17 @@ def test_fp32_copy_of_the_base_changes_no_number(make, tmp_path):
     src = make(n_shards=2, seed=35)  # bf16
     batches = tb.make_batches(256)
     runs = {copy: tb.offloaded_run(src, "lora", batches, torch.device("cpu"), tmp_path / str(copy), memory_budget=0,
-                                   compute_dtype="float32", base_copy=copy) for copy in (True, False)}
-    copies = sorted((tmp_path / "True" / "run-lora").glob("*.fp32.safetensors"))
-    assert copies and not list((tmp_path / "False" / "run-lora").glob("*.fp32.safetensors"))
+                                   compute_dtype="float32", base_copy=copy) for copy in (1, 0)}
+    copies = sorted((tmp_path / "1" / "run-lora").glob("*.fp32.safetensors"))
+    assert copies and not list((tmp_path / "0" / "run-lora").glob("*.fp32.safetensors"))
     for copy in copies:  # each the bf16 module, widened
         module = copy.name.removesuffix(".fp32.safetensors")
         widened, _ = read_tensors(copy)
-        offload = next(d for d in (tmp_path / "True" / "offload").iterdir() if d.is_dir())
+        offload = next(d for d in (tmp_path / "1" / "offload").iterdir() if d.is_dir())
         stored, _ = read_tensors(offload / f"{module}.safetensors")
         assert set(widened) == set(stored)
         assert all(widened[k].dtype == torch.float32 and torch.equal(widened[k], stored[k].float()) for k in stored)
-    with_copy, converting = runs[True], runs[False]
+    with_copy, converting = runs[1], runs[0]
     assert torch.equal(with_copy["losses"], converting["losses"])
     assert torch.equal(with_copy["logits_after"], converting["logits_after"])
     assert all(torch.equal(with_copy["weights"][k], converting["weights"][k]) for k in converting["weights"])
@@ -109,20 +109,20 @@ def test_fp32_copy_only_where_it_fits(make, load, tmp_path, monkeypatch):
     import blackbox_model
     model = load(make(seed=36), compute_dtype="float32", memory_budget=0)
     model.add_lora(4, 8.0, 0.0, ["wq", "wv"])
-    model.setup_training(tmp_path / "run", mode="lora", optimizer="adamw", tokens_per_step=64, base_copy=False)
+    model.setup_training(tmp_path / "run", mode="lora", optimizer="adamw", tokens_per_step=64, base_copy=0)
     need = sum(box.numel() * 4 for box in model.boxes.values() if not box.resident)
-    assert need and model.base_copy_bytes(True) == need
+    assert need and model.base_copy_bytes(1) == need
     monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: model.peak_estimate + 2 * need)
-    assert model.base_copy_bytes(None) == need
+    assert model.base_copy_bytes(-1) == need
     monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: model.peak_estimate + need // 2)
-    assert model.base_copy_bytes(None) == 0  # the page cache could not keep it: converting reads instead
+    assert model.base_copy_bytes(-1) == 0  # the page cache could not keep it: converting reads instead
     monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: model.peak_estimate + 2 * need)
-    assert model.base_copy_bytes(None, disk_reserve=shutil.disk_usage(tmp_path).free) == 0  # no room on the disk
+    assert model.base_copy_bytes(-1, disk_reserve=shutil.disk_usage(tmp_path).free) == 0  # no room on the disk
     model.close()
     bf16 = load(make(seed=36), compute_dtype="bfloat16", memory_budget=0)  # a base in the compute dtype is mapped as it is
     bf16.add_lora(4, 8.0, 0.0, ["wq", "wv"])
-    bf16.setup_training(tmp_path / "run2", mode="lora", optimizer="adamw", tokens_per_step=64, base_copy=False)
-    assert bf16.base_copy_bytes(True) == 0
+    bf16.setup_training(tmp_path / "run2", mode="lora", optimizer="adamw", tokens_per_step=64, base_copy=0)
+    assert bf16.base_copy_bytes(1) == 0
     bf16.close()
 
 
