@@ -57,6 +57,7 @@ LLAMA2_PROMPT = "[INST] {prompt} [/INST]"
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -363,8 +364,13 @@ def main():
     try:
         train(cfg, group, device)
         group.barrier()  # the others wait for the first process's export: all leave the group together
-    finally:
+    except BaseException:
         group.close()
+        raise
+    if group.world > 1:  # gloo's threads can abort the interpreter's teardown ("terminate called without an
+        sys.stdout.flush()  # active exception", about one run in twenty): everything is written and synced
+        sys.stderr.flush()  # by now, so the process leaves without it
+        os._exit(0)
 
 
 def train(cfg, group, device):
