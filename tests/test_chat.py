@@ -17,6 +17,7 @@ import finetune
 import loader
 from chat import chat_format, encode_conversation, encode_rendered
 from conftest import ROOT, TINY, run
+from data import encode_instructions, get_batch
 from default_model import LLAMA2_CHAT_TEMPLATE, default_model, make_model
 from test_tokenizer import META_FIRST, PATTERN, hf_folder, hf_json, meta_folder, ranks, write_json  # noqa: F401
 from tokenizer import load_tokenizer
@@ -402,10 +403,10 @@ def test_a_long_conversation_keeps_its_targets_on_every_window(llama2, tmp_path)
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"messages": messages}) + "\n")
     cfg = settings(seq_len=16, batch_size=256)
-    tokens, targets = finetune.encode_instructions(data.read_text(), data, cfg, llama2.tok, llama2.folder)
+    tokens, targets = encode_instructions(data.read_text(), data, cfg, llama2.tok, llama2.folder)
     _, want_ids, want_targets, _ = expect(llama2_segments(messages), llama2.encode, llama2.specials)
     assert tokens.tolist() == want_ids and targets.tolist() == want_targets and len(want_ids) > 8 * cfg.seq_len
-    x, y = finetune.get_batch((tokens, targets), cfg, torch.Generator().manual_seed(0))
+    x, y = get_batch((tokens, targets), cfg, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (cfg.batch_size, cfg.seq_len)
     starts_inside = ends_inside = 0
     for row_x, row_y in zip(x.tolist(), y.tolist()):
@@ -422,7 +423,7 @@ def test_prompt_response_lines_use_the_models_template(fmt, tmp_path):
              {"system": "Be brief.", "prompt": "Does it quantize?", "response": "No."}]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tokens, targets = finetune.encode_instructions(data.read_text(), data, settings(), fmt.tok, fmt.folder)
+    tokens, targets = encode_instructions(data.read_text(), data, settings(), fmt.tok, fmt.folder)
     want_ids, want_targets = [], []
     for p in pairs:
         messages = ([system(p["system"])] if "system" in p else []) + [user(p["prompt"]), assistant(p["response"])]
@@ -435,7 +436,7 @@ def test_an_explicit_prompt_template_still_wins(llama2, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"system": "Be brief.", "prompt": "Does it quantize?", "response": "No, never."}) + "\n")
     cfg = settings(prompt_template="### Question: {prompt}\n### Answer:", system_template="({system}) ")
-    tokens, targets = finetune.encode_instructions(data.read_text(), data, cfg, llama2.tok, llama2.folder)
+    tokens, targets = encode_instructions(data.read_text(), data, cfg, llama2.tok, llama2.folder)
     prompt = [1] + llama2.encode("### Question: (Be brief.) Does it quantize?\n### Answer:")
     response = llama2.encode("No, never.") + [2]
     assert tokens.tolist() == prompt + response and targets.tolist() == [-1] * len(prompt) + response
@@ -447,7 +448,7 @@ def test_prompt_response_lines_without_a_chat_template_use_llama2s_inst(make, tm
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Does it quantize?", "response": "No."}) + "\n")
-    tokens, targets = finetune.encode_instructions(data.read_text(), data, settings(), load_tokenizer(folder), folder)
+    tokens, targets = encode_instructions(data.read_text(), data, settings(), load_tokenizer(folder), folder)
     prompt, response = [1] + sp.encode("[INST] Does it quantize? [/INST]"), sp.encode("No.") + [2]
     assert tokens.tolist() == prompt + response and targets.tolist() == [-1] * len(prompt) + response
 
@@ -455,7 +456,7 @@ def test_prompt_response_lines_without_a_chat_template_use_llama2s_inst(make, tm
 def test_the_bundled_chat_data_learns_only_the_replies(llama2):
     path = ROOT / "test_data" / "chat.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tokens, targets = finetune.encode_instructions(path.read_text(), path, settings(), llama2.tok, llama2.folder)
+    tokens, targets = encode_instructions(path.read_text(), path, settings(), llama2.tok, llama2.folder)
     replies = [m["content"] for line in lines for m in line["messages"] if m["role"] == "assistant"]
     assert int((targets != -1).sum()) == sum(len(llama2.encode(f" {r} ")) + 1 for r in replies)
     assert int((targets == 2).sum()) == len(replies) == int((tokens == 2).sum())

@@ -7,10 +7,10 @@ import pytest
 import safetensors.torch
 import torch
 
-import finetune
 import hf_format as hf
 import loader
 from conftest import run
+from data import encode_instructions, get_batch
 from tokenizer import Tokenizer
 from reference import read_meta_folder
 from test_training import make_batches, ours
@@ -146,7 +146,7 @@ def test_instruction_data_counts_only_response_tokens(make):
                 {"system": "Be brief.", "prompt": "And the random state?", "response": "It is saved too."}]
     text = "\n".join(json.dumps(e) for e in examples) + "\n\n"
     cfg = SimpleNamespace(prompt_template="[INST] {prompt} [/INST]", system_template="<<SYS>>\n{system}\n<</SYS>>\n\n")
-    tokens, targets = finetune.encode_instructions(text, "data.jsonl", cfg, tokenizer)
+    tokens, targets = encode_instructions(text, "data.jsonl", cfg, tokenizer)
     sp = tokenizer.sp
     responses = [sp.encode(e["response"]) + [sp.eos_id()] for e in examples]
     prompts = [[sp.bos_id()] + sp.encode("[INST] What is kept? [/INST]"),
@@ -154,7 +154,7 @@ def test_instruction_data_counts_only_response_tokens(make):
     assert tokens.tolist() == prompts[0] + responses[0] + prompts[1] + responses[1]
     counted = targets[targets != -1].tolist()
     assert counted == responses[0] + responses[1]  # exactly the responses and their EOS, nothing of the prompts
-    x, y = finetune.get_batch((tokens, targets), SimpleNamespace(seq_len=len(tokens) - 1, batch_size=1),
+    x, y = get_batch((tokens, targets), SimpleNamespace(seq_len=len(tokens) - 1, batch_size=1),
                               torch.Generator().manual_seed(0))
     assert torch.equal(x[0], tokens[:-1]) and torch.equal(y[0], targets[1:])
 
