@@ -104,6 +104,9 @@ def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     AVX-512F only: 43 against 107 GFLOP/s in fp32)."""
     if sys.platform == "darwin":
         return sysctl("hw.optional.arm.FEAT_BF16") == "1"
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN runs torch's bf16 matmuls on x86
+    if limit not in ("", "ALL", "DEFAULT") and not any(isa in limit for isa in ("BF16", "AMX", "FP16", "AVX10")):
+        return False  # held below the bf16 instructions (e.g. AVX512_CORE: 77 against 2000 GFLOP/s here)
     try:
         flags = {word for line in open(cpuinfo) if line.startswith(("flags", "Features"))
                  for word in line.split(":", 1)[1].split()}

@@ -14,8 +14,18 @@ GRAVITON = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS reports CPU features through sysctl")
 @pytest.mark.parametrize("cpuinfo,native", [(XEON_AVX512F, False), (XEON_AMX, True), (GRAVITON, True)])
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, cpuinfo, native):
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, monkeypatch, cpuinfo, native):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert utils.cpu_has_bf16(tmp_path / "cpuinfo") is native
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS reports CPU features through sysctl")
+@pytest.mark.parametrize("limit,native", [("AVX512_CORE", False), ("avx2", False), ("AVX512_CORE_VNNI", False),
+                                          ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_a_onednn_isa_limit_below_bf16_means_no_native_bf16(tmp_path, monkeypatch, limit, native):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)  # how a CPU without bf16 is imitated on one with it
+    (tmp_path / "cpuinfo").write_text(XEON_AMX)
     assert utils.cpu_has_bf16(tmp_path / "cpuinfo") is native
 
 
