@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -90,23 +91,33 @@ def disk_read_gbps(path):
     return path.stat().st_size / (time.perf_counter() - start) / 1e9
 
 
-IO_KEYS = ("rchar", "wchar", "disk_read_bytes", "disk_write_bytes", "file_read_bytes", "file_write_bytes")
+IO_KEYS = ("rchar", "wchar", "disk_read_bytes", "disk_write_bytes", "file_read_bytes", "file_write_bytes",
+           "minor_faults")
 
 
 def io_counters():
     """This process's bytes so far, in IO_KEYS' order: utils.proc_io's four, then the module file data
-    read and written (reads through memory maps included, whether from the cache or the disk)."""
-    return (*proc_io().values(), FILE_BYTES["read"], FILE_BYTES["written"])
+    read and written (reads through memory maps included, whether from the cache or the disk), then
+    its page faults served without the disk (mostly fresh memory, which the kernel zeroes first)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return (*proc_io().values(), FILE_BYTES["read"], FILE_BYTES["written"], faults)
+
+
+def cpu_seconds():
+    """{user_cpu, kernel_cpu}: this process's CPU seconds so far, all threads, in its own code and in
+    the kernel's (page faults and zeroing fresh memory, mapping files, reads and writes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_cpu": usage.ru_utime, "kernel_cpu": usage.ru_stime}
 
 
 def seconds_so_far(model):
-    return dict(model.offload.seconds, collective_wait=model.group.wait_s)
+    return dict(model.offload.seconds, collective_wait=model.group.wait_s, **cpu_seconds())
 
 
 def run_steps(model, batches, lr, between=None):
-    """Step times, {IO_KEYS: bytes} per timed step and {Offload.seconds, collective_wait: s} per timed
-    step (collective_wait: in a parallel run, waiting for the other processes). between(): after each
-    step, untimed (the reference's step)."""
+    """Step times, {IO_KEYS: bytes or faults} per timed step and {Offload.seconds, collective_wait,
+    user_cpu, kernel_cpu: s} per timed step (collective_wait: in a parallel run, waiting for the other
+    processes). between(): after each step, untimed (the reference's step)."""
     times = []
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
@@ -155,7 +166,8 @@ class ReferenceRun:
 
 def reference_child(a):
     """The Reference's process: loads the model, says "ready", then a step per line read; at the end of
-    its input, the median of the steps after the first and its peak RSS, as JSON."""
+    its input, the median of the steps after the first, its peak RSS and its kernel CPU seconds a step,
+    as JSON."""
     import torch.nn.functional as F
 
     from reference import Reference, add_adapters, read_meta_folder
@@ -171,18 +183,20 @@ def reference_child(a):
     opt = torch.optim.SGD(trained, lr=1e-4) if a.optimizer == "sgd" and a.mode == "full" else \
         torch.optim.AdamW(trained, lr=1e-4)
     print("ready", flush=True)
-    times = []
+    times, kernel_cpu = [], []
     for _, (x, y) in zip(sys.stdin, make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len,
                                                  a.steps + 1)):
-        start = time.perf_counter()
+        start, kernel_start = time.perf_counter(), cpu_seconds()["kernel_cpu"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.compute_dtype == "bf16"):
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - start)
+        kernel_cpu.append(cpu_seconds()["kernel_cpu"] - kernel_start)
         print(times[-1], flush=True)
-    print(json.dumps({"reference_step_s": statistics.median(times[1:]), "reference_peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"reference_step_s": statistics.median(times[1:]), "reference_peak_rss_mb": peak_rss_mb(),
+                      "reference_kernel_cpu_s": round(statistics.mean(kernel_cpu[1:]), 2)}))
 
 
 def disk_needs(a, cached, offload, reuse):
