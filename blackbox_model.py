@@ -165,6 +165,8 @@ class Transformer:
         self.plan(tokens_per_step, keep_activations)
         if mode == "lora":
             self.copy_base(base_copy, disk_reserve, log)
+        if not any(box.converts() for box in self.boxes.values() if not box.resident):
+            o.background_on_one_thread()  # the steps only map files
 
     def base_copy_bytes(self, wanted=-1, disk_reserve=0, folder=None):
         """Bytes of the fp32 copy of the base copy_base makes, 0 when none: LoRA in fp32 on the CPU over

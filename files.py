@@ -179,6 +179,17 @@ def read_tensors(path, buffer_for=None, dtype=None):
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault a mapping's pages in now (reading them from the disk if needed)
 
 
+def maps_as(stored, data_start, dtype):
+    """Whether a file's tensors can be mapped as dtype: all stored in it, each aligned to it."""
+    return all(kind == dtype and (data_start + start) % kind.itemsize == 0 for kind, _, start, _ in stored.values())
+
+
+def mappable(path, dtype):
+    """Whether map_tensors(path, dtype) maps the file (else it returns None)."""
+    with module_file(path) as f:
+        return maps_as(*read_header(f, path), dtype)
+
+
 def map_tensors(path, dtype, writable, populate=False):
     """({name: tensor}, the mapping) with every tensor a view of the file's pages in the OS's page
     cache: nothing is copied, and with writable changes to the tensors go straight into the file
@@ -187,7 +198,7 @@ def map_tensors(path, dtype, writable, populate=False):
     mapped before returning (else the first use of each page reads it)."""
     with module_file(path, "r+b" if writable else "rb") as f:
         stored, data_start = read_header(f, path)
-        if any(kind != dtype or (data_start + start) % kind.itemsize for kind, _, start, _ in stored.values()):
+        if not maps_as(stored, data_start, dtype):
             return None
         size = data_start + max((end for *_, end in stored.values()), default=0)
         mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY)

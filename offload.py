@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from files import FILE_BYTES, WINDOW_BYTES, evict_from_page_cache, map_tensors, read_ahead, read_tensors, write_tensors
+from files import (FILE_BYTES, WINDOW_BYTES, evict_from_page_cache, map_tensors, mappable, read_ahead, read_tensors,
+                   write_tensors)
 from llama import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
@@ -28,6 +29,7 @@ class Offload:
         self.prefetch_in_memory = True  # into memory; else only into the OS's page cache (the plan decides)
         self.evict_before_read = evict_before_read  # drop each file from the page cache first (cold-disk benchmarks)
         self.io = ThreadPoolExecutor(max_workers=1)
+        self.io_on_one_thread = False
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
         self.run_dir, self.committed, self.written = None, set(), set()  # of a training run
         self.share = (0, 1)  # (part, parts): several processes of one machine (parallel.py) each update
@@ -76,6 +78,20 @@ class Offload:
         part, parts = self.share
         return n * part // parts, n * (part + 1) // parts
 
+    def background_on_one_thread(self):
+        """From now on the background thread's torch work runs on that thread alone: for runs whose
+        steps only map files. The background thread has little to do then, and an OpenMP team of its
+        own (made by any earlier conversion) would leave more OpenMP threads than cores: OpenMP then
+        lets the step's idle threads sleep at once rather than wait for its next operation (1B LoRA:
+        2300 sleeps a step, 5% of its cores' time idle). Where reads convert at every step, the step's
+        threads had better yield to the background thread's team: that stays. The old thread ends
+        here, and its team with it."""
+        if not self.io_on_one_thread:
+            self.io.shutdown(wait=True)
+            torch.get_num_threads()  # settles this thread's count before the new thread sets its own
+            self.io = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
+            self.io_on_one_thread = True
+
     def wait(self):
         """Until every read and write submitted so far is done."""
         self.io.submit(lambda: None).result()
@@ -120,6 +136,15 @@ class Blackbox:
         copies = 0 if cdt == torch.float32 or self.name in ("tok_embeddings", "norm") else \
             sum(math.prod(s) for s in self.shapes.values() if len(s) == 2) * cdt.itemsize
         return self.numel() * 4 * (1 + self.optimizer.states) + copies
+
+    def converts(self):
+        """Whether reading this module makes new tensors every time (for another device, in another dtype
+        than its file's, or compute-dtype copies of trained weights) rather than mapping its file."""
+        if self.offload.device.type != "cpu":
+            return True
+        if self.trainable:  # read from its fp32 working copy once it has one
+            return self.compute_dtype != torch.float32 and self.name != "tok_embeddings"
+        return not mappable(self.file, self.compute_dtype)
 
     def take_grad(self, key, rows):
         self.optimizer.take(self, key, rows)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import hf_format as hf
 import loader
@@ -170,3 +171,42 @@ def test_large_tensors_get_huge_pages_where_the_os_gives_them():
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert child.returncode == 0, child.stderr
     assert int(child.stdout) > 0  # kB (the OS may be short of huge pages: not necessarily all 64 MB)
+
+
+
+BACKGROUND_THREADS = """
+import os, sys, torch, default_model, loader
+from pathlib import Path
+from conftest import TINY
+mode, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), Path(sys.argv[3])
+tokenizer = default_model.train_tokenizer(default_model.DEFAULT_TEXT, 256)
+source = default_model.make_model(out / "source", TINY, tokenizer, 1, 0, torch.bfloat16)
+model = loader.load_llama2(source, offload_path=out / "offload", compute_dtype=dtype, memory_budget=0, log=print)
+if mode == "lora":
+    model.add_lora(4, 8.0, 0.0, ["wq", "wv"])
+model.setup_training(out / "run", mode=mode, optimizer="adamw", tokens_per_step=8, base_copy=1, log=print)
+tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+for _ in range(2):
+    model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
+threads = len(os.listdir("/proc/self/task"))
+model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
+print(torch.get_num_threads(), model.offload.io.submit(torch.get_num_threads).result(),
+      len(os.listdir("/proc/self/task")) - threads)
+"""
+
+
+@pytest.mark.parametrize("mode,dtype,background", [("lora", "float32", 1), ("full", "float32", 1),
+                                                   ("full", "bfloat16", 2)])
+def test_the_background_thread_runs_on_one_thread_where_steps_only_map_files(tmp_path, mode, dtype, background):
+    """Steps that only map files (fp32 LoRA over the fp32 copy, full fp32 over the working copy) leave
+    the background thread's torch work on that thread: no OpenMP team of its own beside the step's
+    (more OpenMP threads than cores make OpenMP put idle threads to sleep at once). Steps that convert
+    at every read (bf16 copies of fp32 weights) keep its team."""
+    if not torch.backends.openmp.is_available() or (os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs OpenMP, two cores and /proc")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    child = subprocess.run([sys.executable, "-c", BACKGROUND_THREADS, mode, dtype, str(tmp_path)],
+                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert child.returncode == 0, child.stderr
+    step_threads, background_threads, new_threads = map(int, child.stdout.split("\n")[-2].split())
+    assert (step_threads, background_threads, new_threads) == (2, background, 0), child.stdout
