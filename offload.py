@@ -19,6 +19,11 @@ from llama import graph_bytes_per_token
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
 
 
+def take_one_thread():
+    torch.get_num_threads()  # this thread's count settles at the default, then is set: it stays 1
+    torch.set_num_threads(1)
+
+
 class Offload:
     """What the modules on disk share: one background thread that reads and writes their files in
     order, the buffers reads go into (recycled), the device and compute dtype, the run folder."""
@@ -88,8 +93,10 @@ class Offload:
         here, and its team with it."""
         if not self.io_on_one_thread:
             self.io.shutdown(wait=True)
-            torch.get_num_threads()  # settles this thread's count before the new thread sets its own
-            self.io = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
+            threads = torch.get_num_threads()  # (this thread's count settles here, before the new one's)
+            self.io = ThreadPoolExecutor(max_workers=1, initializer=take_one_thread)
+            self.io.submit(lambda: None).result()
+            torch.set_num_threads(threads)  # the count threads started later take, as it was
             self.io_on_one_thread = True
 
     def wait(self):

@@ -175,7 +175,7 @@ def test_large_tensors_get_huge_pages_where_the_os_gives_them():
 
 
 BACKGROUND_THREADS = """
-import os, sys, torch, default_model, loader
+import os, sys, threading, torch, default_model, loader
 from pathlib import Path
 from conftest import TINY
 mode, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), Path(sys.argv[3])
@@ -190,8 +190,12 @@ for _ in range(2):
     model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
 threads = len(os.listdir("/proc/self/task"))
 model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
+later = []
+thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+thread.start()
+thread.join()
 print(torch.get_num_threads(), model.offload.io.submit(torch.get_num_threads).result(),
-      len(os.listdir("/proc/self/task")) - threads)
+      len(os.listdir("/proc/self/task")) - threads, later[0])
 """
 
 
@@ -201,12 +205,12 @@ def test_the_background_thread_runs_on_one_thread_where_steps_only_map_files(tmp
     """Steps that only map files (fp32 LoRA over the fp32 copy, full fp32 over the working copy) leave
     the background thread's torch work on that thread: no OpenMP team of its own beside the step's
     (more OpenMP threads than cores make OpenMP put idle threads to sleep at once). Steps that convert
-    at every read (bf16 copies of fp32 weights) keep its team."""
+    at every read (bf16 copies of fp32 weights) keep its team. Threads started later get the usual count."""
     if not torch.backends.openmp.is_available() or (os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"):
         pytest.skip("needs OpenMP, two cores and /proc")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     child = subprocess.run([sys.executable, "-c", BACKGROUND_THREADS, mode, dtype, str(tmp_path)],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert child.returncode == 0, child.stderr
-    step_threads, background_threads, new_threads = map(int, child.stdout.split("\n")[-2].split())
-    assert (step_threads, background_threads, new_threads) == (2, background, 0), child.stdout
+    step_threads, background_threads, new_threads, later_threads = map(int, child.stdout.split("\n")[-2].split())
+    assert (step_threads, background_threads, new_threads, later_threads) == (2, background, 0, 2), child.stdout
