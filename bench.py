@@ -157,7 +157,8 @@ class ReferenceRun:
         self.reply()
 
     def figures(self):
-        """{reference_step_s: median of its timed steps, reference_peak_rss_mb}: once it has taken them all."""
+        """{reference_step_s: median of its timed steps, reference_peak_rss_mb, reference_kernel_cpu_s}:
+        once it has taken them all."""
         self.child.stdin.close()
         figures = json.loads(self.reply())
         self.child.wait()

@@ -140,8 +140,8 @@ class Blackbox:
         cdt = self.compute_dtype
         if not self.trainable:
             return self.numel() * cdt.itemsize
-        copies = 0 if cdt == torch.float32 or self.name in ("tok_embeddings", "norm") else \
-            sum(math.prod(s) for s in self.shapes.values() if len(s) == 2) * cdt.itemsize
+        copies = 0 if not self.copies_for_compute(torch.float32) else \
+            sum(math.prod(s) for s in self.shapes.values() if len(s) == 2) * cdt.itemsize  # (none of the norm)
         return self.numel() * 4 * (1 + self.optimizer.states) + copies
 
     def converts(self):
@@ -150,8 +150,13 @@ class Blackbox:
         if self.offload.device.type != "cpu":
             return True
         if self.trainable:  # read from its fp32 working copy once it has one
-            return self.compute_dtype != torch.float32 and self.name != "tok_embeddings"
+            return self.copies_for_compute(torch.float32)
         return not mappable(self.file, self.compute_dtype)
+
+    def copies_for_compute(self, dtype):
+        """Whether matrices read in dtype get compute-dtype copies (not the embedding table: it is only
+        looked up)."""
+        return dtype != self.compute_dtype and self.name != "tok_embeddings"
 
     def take_grad(self, key, rows):
         self.optimizer.take(self, key, rows)
@@ -217,9 +222,9 @@ class Blackbox:
 
     def _compute_copies(self, weights):
         """(weights in the compute dtype for the matmuls, the buffer the copies live in): copies of
-        the matrices where the dtypes differ (not of the embedding table: it is only looked up)."""
+        the matrices where copies_for_compute says so."""
         o, cdt = self.offload, self.compute_dtype
-        convert = [k for k, w in weights.items() if w.dim() == 2 and w.dtype != cdt and self.name != "tok_embeddings"]
+        convert = [k for k, w in weights.items() if w.dim() == 2 and self.copies_for_compute(w.dtype)]
         if not convert:
             return dict(weights), None
         sizes = [weights[k].numel() * cdt.itemsize for k in convert]
