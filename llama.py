@@ -284,7 +284,31 @@ def head(norm, output, h, eps, training=False):
 
 
 def loss_sum(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    """The cross-entropy of logits (..., vocab) against targets (-1: no target), summed."""
+    return CrossEntropySum.apply(logits, targets)
+
+
+class CrossEntropySum(torch.autograd.Function):
+    """loss_sum whose backward turns the kept log-probabilities into the gradient in place (softmax
+    minus one-hot): two (tokens x vocab) buffers live at most, where autograd's cross-entropy keeps the
+    log-probabilities and makes a one-hot gradient and the logits' gradient beside them."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logp = torch.log_softmax(logits.flatten(0, -2), -1, dtype=torch.float32)
+        targets = targets.flatten()
+        rows = (targets != -1).nonzero().squeeze(1)
+        ctx.save_for_backward(logp, targets, rows)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return -logp[rows, targets[rows]].sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        logp, targets, rows = ctx.saved_tensors
+        grad = logp.exp_()  # softmax, in the log-probabilities' memory (this graph is not run twice)
+        grad[targets == -1] = 0.0
+        grad[rows, targets[rows]] -= 1.0
+        return grad.mul_(g).view(ctx.shape).to(ctx.dtype), None
 
 
 def sample(logits, temperature, top_p, generator=None):

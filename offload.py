@@ -332,7 +332,7 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
         4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
     all_tokens = tokens * micro_batches  # tokens: of one micro-batch
     inputs = args.n_layers * all_tokens * args.dim * 4
-    head = 4 * tokens * args.vocab_size * 4  # logits, log-probabilities and the gradients of both
+    head = 3 * tokens * args.vocab_size * 4  # logits, their fp32 copy, the log-probabilities (their gradient)
     working = tokens * graph_bytes_per_token(args, embeddings.compute_dtype) + WINDOW_BYTES  # the block being
     # computed (its activations and their gradients) and the window a converting read maps
     needed = (300 << 20) + block + big + grads + inputs + head + working  # 300 MB: Python and torch themselves
