@@ -17,6 +17,8 @@ from files import (FILE_BYTES, WINDOW_BYTES, evict_from_page_cache, map_tensors,
 from llama import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
+PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers (measured: 221 MB after the imports, 266
+# after the matmuls of a GEMM probe; 340 leaves room for what allocations round up to)
 
 
 def take_one_thread():
@@ -335,7 +337,7 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     head = 3 * tokens * args.vocab_size * 4  # logits, their fp32 copy, the log-probabilities (their gradient)
     working = tokens * graph_bytes_per_token(args, embeddings.compute_dtype) + WINDOW_BYTES  # the block being
     # computed (its activations and their gradients) and the window a converting read maps
-    needed = (300 << 20) + block + big + grads + inputs + head + working  # 300 MB: Python and torch themselves
+    needed = PROCESS_BYTES + block + big + grads + inputs + head + working
     prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
     graphs = args.n_layers * all_tokens * graph_bytes_per_token(args, embeddings.compute_dtype)
     graph_budget = max(0, min(budget - needed, graphs if keep_activations else 0))
