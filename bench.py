@@ -10,7 +10,8 @@ is removed when the run ends, unless --keep_cache (then --reuse_offload skips th
 anything an earlier --keep_cache run left in bench_cache/ is used and kept. --nproc N: the steps are
 taken by N processes under torchrun (gloo), batch_size/N rows each, this machine's cores shared out.
 --reference: plain in-memory autograd on the same batches in a child process, a step of it after each
-step here (after all of them with --nproc); ratio_vs_reference compares the medians.
+step here (after all of them with --nproc); ratio_vs_reference compares the medians, ratio_paired is
+the median of each step's ratio to the reference's step right after it.
 """
 import argparse
 import json
@@ -197,7 +198,8 @@ def reference_child(a):
         kernel_cpu.append(cpu_seconds()["kernel_cpu"] - kernel_start)
         print(times[-1], flush=True)
     print(json.dumps({"reference_step_s": statistics.median(times[1:]), "reference_peak_rss_mb": peak_rss_mb(),
-                      "reference_kernel_cpu_s": round(statistics.mean(kernel_cpu[1:]), 2)}))
+                      "reference_kernel_cpu_s": round(statistics.mean(kernel_cpu[1:]), 2),
+                      "reference_step_s_all": [round(t, 3) for t in times[1:]]}))
 
 
 def disk_needs(a, cached, offload, reuse):
@@ -386,6 +388,9 @@ def run(a, source, offload_root, run_dir):
     if reference:
         figures = reference.figures()
         result.update(figures, ratio_vs_reference=round(step_s / figures["reference_step_s"], 3))
+        if a.nproc == 1:  # each of our steps against the reference's step right after it
+            result["ratio_paired"] = round(statistics.median(
+                ours / theirs for ours, theirs in zip(times, figures["reference_step_s_all"])), 3)
     return result
 
 
