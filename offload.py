@@ -153,6 +153,8 @@ class Blackbox:
             return True
         if self.trainable:  # read from its fp32 working copy once it has one
             return self.copies_for_compute(torch.float32)
+        if not self.file.exists():  # a plan made before the conversion
+            return True
         return not mappable(self.file, self.compute_dtype)
 
     def copies_for_compute(self, dtype):
@@ -200,7 +202,10 @@ class Blackbox:
         dtype = torch.float32 if self.trainable else o.compute_dtype
         shared = self.trainable and not self.resident and self.file.parent == o.run_dir and \
             self.file.name not in o.committed
-        mapped = map_tensors(self.file, dtype, shared, populate=True) if o.device.type == "cpu" else None
+        # a frozen table that is only looked up (embeddings not tied to the output): its pages come in
+        # as rows are read, a few MB a step, not the whole table
+        looked_up = self.name == "tok_embeddings" and not self.trainable and self.grad_uses == 1
+        mapped = map_tensors(self.file, dtype, shared, populate=not looked_up) if o.device.type == "cpu" else None
         if mapped is None:  # converted on the way in, or bound for another device
             data, buffer = read_tensors(self.file, o.take_buffer, dtype)
             mapping, shared = None, False

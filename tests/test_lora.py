@@ -140,3 +140,22 @@ def test_finetune_removes_the_fp32_copy_at_the_end(make, tmp_path):
     rc, log, err = run("finetune.py", *settings, "--iters=4", "--resume=1")  # made again, removed again
     assert rc == 0, err
     assert "an fp32 copy of the base" in log + err and not list(out.rglob("*.fp32.safetensors"))
+
+
+def test_a_frozen_embedding_table_is_mapped_without_reading_it_all(make, load, tmp_path, monkeypatch):
+    """LoRA looks up a few rows of the frozen table a step: its file is mapped and its pages come in as
+    rows are read; every other module is mapped with its pages read in at once."""
+    import offload
+    calls, real = [], offload.map_tensors
+
+    def recording(path, dtype, writable, populate=False):
+        calls.append((path.name.split(".")[0], populate))
+        return real(path, dtype, writable, populate)
+    monkeypatch.setattr(offload, "map_tensors", recording)
+    model = load(make(seed=5), memory_budget=0)
+    model.add_lora(4, 8.0, 0.0, ["wq", "wv"])
+    model.setup_training(tmp_path / "run", mode="lora", tokens_per_step=16, base_copy=1)
+    x = torch.randint(0, 200, (1, 16))
+    model.train().train_step([(x, x)], 1e-3)
+    assert {"tok_embeddings", "layers", "output"} <= {name for name, _ in calls}
+    assert all(populate == (name != "tok_embeddings") for name, populate in calls)

@@ -202,6 +202,16 @@ def test_plan_writes_nothing_and_adds_up(tmp_path):
         f"{40 * f['write_bytes_per_step'] / 1e6:.0f} MB over 40 steps" in stdout
 
 
+def test_plan_of_lora_before_the_conversion(tmp_path):
+    """LoRA streaming every module of a model not yet converted: the plan reads the source's shapes and
+    writes nothing (no offload file exists to look into)."""
+    f, stdout = plan(tmp_path, "--mode=lora", "--memory_budget=0", "--iters=40", "--eval_period=0")
+    assert not (tmp_path / "plan-out").exists() and not (tmp_path / "plan-offload").exists()
+    assert not f["converted"] and f["mode"] == "lora" and f["resident_modules"] == 1
+    check_plan(f, stdout)
+    assert f["write_bytes_per_step"] == 0 and f["read_bytes_per_step"] > 0
+
+
 def test_plan_of_a_converted_model_and_lora(default_run, tmp_path):
     """With the model converted already, the offload folder is left as it is; LoRA writes nothing a step
     and does 4 FLOPs per parameter per token instead of 6."""
