@@ -67,6 +67,45 @@ def test_loss_is_mean_cross_entropy_over_targets(make, load):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_and_its_gradients_match_autograd(dtype):
+    a0, b0, g = (torch.randn(3, 5, 40).to(dtype) for _ in range(3))
+    want_a, want_b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    want = torch.nn.functional.silu(want_a) * want_b
+    want.backward(g)
+    got_a, got_b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = bm.swiglu(got_a * 1, got_b * 1)  # a and b as a projection's output: fresh, used only here
+    got.backward(g)
+    assert torch.equal(got, want)
+    assert torch.allclose(got_a.grad.float(), want_a.grad.float(), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got_b.grad.float(), want_b.grad.float(), rtol=1e-6, atol=1e-6)
+    assert len(saved) == 2  # a and b, not silu(a) besides
+
+
+def test_graph_bytes_per_token_bounds_what_a_block_keeps():
+    args = bm.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, ffn_dim=160)
+    shapes = bm.module_shapes(args, "layers")
+    for trainable, adapted in [(True, ()), (False, [k for k in shapes if k.endswith("weight") and "norm" not in k])]:
+        generator = torch.Generator().manual_seed(0)
+        box = SimpleNamespace(compute={k: torch.randn(s, generator=generator) * 0.1 for k, s in shapes.items()},
+                              trainable=trainable, compute_dtype=torch.float32, take_grad=lambda key, rows: None,
+                              lora={k: (torch.randn(2, shapes[k][1], requires_grad=True),
+                                        torch.zeros(shapes[k][0], 2, requires_grad=True), 1.0, 0.0) for k in adapted})
+        x = torch.randn(1, 48, args.dim, requires_grad=True)
+        kept = {}  # storage -> bytes: tensors saved twice count once
+
+        def keep(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.enable_grad():
+            bm.block_forward(box, x, args, bm.rope_tables(args, 0, 48, "cpu"), True)
+        kept.pop(x.untyped_storage().data_ptr(), None)  # the block's input is kept by the caller
+        per_token = sum(kept.values()) / 48
+        assert per_token <= bm.graph_bytes_per_token(args, torch.float32) <= 1.25 * per_token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_summed_cross_entropy_and_its_gradient_match_autograd(dtype):
     logits = (torch.randn(2, 9, 50) * 3).to(dtype)
     y = torch.randint(0, 50, (2, 9))
