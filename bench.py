@@ -280,7 +280,7 @@ def main():
     finally:  # after the reference run, which reads the source
         if not a.keep_cache:
             remove(made)
-            print(f"removed {', '.join(str(path.relative_to(HERE)) for path in made)} (--keep_cache keeps them)",
+            print(f"removed {', '.join(os.path.relpath(path, HERE) for path in made)} (--keep_cache keeps them)",
                   file=sys.stderr)
     for key, value in result.items():
         print(f"{key:26} {value}")
