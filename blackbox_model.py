@@ -19,7 +19,8 @@ from llama import (block_forward, embed, graph_bytes_per_token, head, loss_sum, 
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
 from parallel import Group
-from utils import UserError, gb, get_rng_state, mem_available_bytes, return_freed_memory_to_os, set_rng_state
+from utils import (UserError, gb, get_rng_state, mem_available_bytes, release_heap_holes, return_freed_memory_to_os,
+                   rss_bytes, set_rng_state)
 
 
 class Transformer:
@@ -267,6 +268,9 @@ class Transformer:
         rng_after_forward = get_rng_state(self.device)
         del hs
         next(forward, None)  # lets the output module go
+        if rss_bytes() + max(box.memory_bytes() for box in self.layers) + graph_bytes > self.peak_estimate:
+            release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free
+            # pages (between kept activations, where the step's tensors are small) go back to the OS
 
         # backward through the blocks in reverse. y.backward hands each weight's gradient to the
         # optimizer as autograd computes it (Linear/Scale -> box.take_grad -> opt.take), which updates
