@@ -1,4 +1,5 @@
 """Small helpers: errors, devices, RNG state, memory and I/O figures, file writes, progress."""
+import functools
 import json
 import math
 import os
@@ -198,6 +199,7 @@ def total_ram_bytes():
 MMAP_THRESHOLD = 4 << 20  # glibc serves blocks of this size and more from the OS (return_freed_memory_to_os)
 
 
+@functools.cache
 def glibc():
     """The C library where it is glibc (Linux), else None."""
     if not sys.platform.startswith("linux"):
