@@ -1,21 +1,65 @@
-"""LoRA adapter files: an adapter's settings, the model it fits and its (A, B) tensors, checked on load."""
-from files import load_tensors
-from llama import module_of, module_shapes
-from utils import UserError
+"""LoRA: adapters on the model's weights, their files (an adapter's settings, the model it fits and its
+(A, B) tensors, checked on load), and the fp32 copy of the frozen base a LoRA run in fp32 maps."""
+import math
+import shutil
 
+import torch
+
+from files import load_tensors, read_tensors, write_tensors
+from llama import lora_target, module_of, module_shapes
+from settings import Lora
+from utils import UserError, gb, mem_available_bytes
+
+
+def adapted(model):
+    """[(box, key, full name)] of the weights LoRA may adapt, in order: the blocks' matrices and the output
+    projection (which is the embedding table where tied)."""
+    return [(box, key, "output.weight" if box is model.output else f"{box.name}.{key}")
+            for box in [*model.layers, model.output] for key, shape in box.shapes.items()
+            if len(shape) == 2 and lora_target("output" if box is model.output else box.name, key)]
+
+
+def add_lora(model, lora, seed=0, tensors=None):
+    """Adapters W x + alpha/rank * B A dropout(x) on the weights named in lora.targets (settings.Lora);
+    A random and B zero as in the LoRA paper, or the given {name: (A, B)}."""
+    generator = torch.Generator().manual_seed(seed)
+    model.lora = {}
+    for box, key, name in adapted(model):
+        if lora_target("output" if box is model.output else box.name, key) not in lora.targets:
+            continue
+        shape = box.shapes[key]
+        if tensors is not None:
+            a, b = tensors[name]
+        else:  # A like nn.Linear's default initialisation of a (rank x in) weight
+            a = (torch.rand(lora.rank, shape[1], generator=generator) * 2 - 1) / math.sqrt(shape[1])
+            b = torch.zeros(shape[0], lora.rank)
+        a, b = (t.detach().to(model.device, torch.float32).clone().requires_grad_() for t in (a, b))
+        model.lora[name] = (a, b)
+        box.lora[key] = (a, b, lora.scale, lora.dropout)
+
+
+def adapted_params(model, targets):
+    """Parameters of the weights LoRA adapts with these targets (for the disk its checkpoints need)."""
+    return sum(sum(box.shapes[key]) for box, key, _ in adapted(model)
+               if lora_target("output" if box is model.output else box.name, key) in targets)
+
+
+# --- files ---
 
 def model_identity(args):
     return {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
             "vocab_size": args.vocab_size, "hidden_dim": args.hidden_dim}
 
-def adapter_state(model, rank, alpha, dropout, targets):
+
+def adapter_state(model, lora):
     """An adapter as plain tensors and values: its settings, the model it fits, and every (A, B)."""
-    return {"config": {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+    return {"config": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
                        "model": model_identity(model.args)},
             "tensors": {k: [a.detach().cpu(), b.detach().cpu()] for k, (a, b) in model.lora.items()}}
 
+
 def read_adapter(path, model, rank=None):
-    """(config, {key: (A, B)}) of an adapter file, checked against the model (and the rank, if given)."""
+    """The adapter file's {config, tensors}, checked against the model (and the rank, if given)."""
     data = load_tensors(path, mmap=False)
     if not isinstance(data, dict) or "config" not in data or "tensors" not in data:
         raise UserError(f"{path}: not a slowllama adapter (no config and tensors)")
@@ -32,8 +76,72 @@ def read_adapter(path, model, rank=None):
             raise UserError(f"{path}: adapter tensors for {key} do not fit this model")
     return data
 
+
+def lora_of(config):
+    return Lora(rank=config["rank"], alpha=config["alpha"], dropout=config["dropout"], targets=tuple(config["targets"]))
+
+
 def attach_adapter(model, path):
     data = read_adapter(path, model)
-    c = data["config"]
-    model.add_lora(c["rank"], c["alpha"], c["dropout"], c["targets"], tensors=data["tensors"])
+    add_lora(model, lora_of(data["config"]), tensors=data["tensors"])
     return data
+
+
+# --- the fp32 copy of the frozen base ---
+
+def base_copy_boxes(model):
+    """The modules a LoRA step reads (those not resident)."""
+    return [box for box in dict.fromkeys([model.embeddings, *model.layers, model.output]) if not box.resident]
+
+
+def base_copy_bytes(model, wanted=-1, disk_reserve=0, folder=None):
+    """Bytes of the fp32 copy of the base copy_base makes, 0 when none: LoRA in fp32 on the CPU over a base
+    stored in another dtype converts every module at every read (two passes over the model a step, on the
+    cores the matmuls use), and an fp32 copy written once into the run folder is mapped from the page cache
+    instead: no conversion, no copy. Made when wanted (1), or (-1) when the page cache can keep it beside
+    the run's memory and the disk has room for it (disk_reserve bytes left on the disk of folder, by default
+    the run folder). One answer for every process of a parallel run."""
+    need = sum(box.numel() * 4 for box in base_copy_boxes(model))
+    if not need or model.device.type != "cpu" or model.compute_dtype != torch.float32 or \
+            model.storage_dtype == torch.float32 or not wanted:
+        return 0
+    if wanted < 0:
+        ram = mem_available_bytes() - model.memory.peak * model.group.local_world
+        disk = shutil.disk_usage(folder or model.run.dir).free - disk_reserve - (1 << 30)  # 1 GB to spare
+        if not all(model.group.gather(need <= min(ram, disk))):
+            return 0
+    return need
+
+
+def copy_base(model, wanted=-1, disk_reserve=0, log=print):
+    """Write base_copy_bytes' fp32 copy of the base into the run folder (the machine's first process; a
+    resumed run's copies are reused: whole, as each was written under another name and renamed) and read
+    the modules from it. Returns {box: its offload file} for drop_base_copy."""
+    run, first = model.run, model.group.rank == 0
+    need = base_copy_bytes(model, wanted, disk_reserve)
+    if not need:
+        if first and wanted < 0 and base_copy_bytes(model, 1):
+            log("LoRA: the base is converted to fp32 at every read (an fp32 copy would not fit in the page "
+                "cache or on the disk)")
+        return {}
+    copies = [(box, run.base_copy_file(box.name)) for box in base_copy_boxes(model)]
+
+    def write_copies():
+        for box, copy in copies:
+            if not copy.exists():
+                write_tensors(read_tensors(box.file, model.offload.take_buffer, torch.float32)[0], copy)
+    if first:
+        log(f"LoRA: an fp32 copy of the base in {run.dir} ({gb(need)}), mapped at every read, not converted")
+    run.group.agree(write_copies)
+    base_files = {}
+    for box, copy in copies:
+        base_files[box], box.file = box.file, copy
+    return base_files
+
+
+def drop_base_copy(model, base_files):
+    """Remove copy_base's files (at the end of a run); the modules are read from the offload again."""
+    for box, base in base_files.items():
+        if model.group.local_rank == 0:
+            box.file.unlink(missing_ok=True)
+        box.file = base

@@ -27,12 +27,16 @@ from pathlib import Path
 
 import torch
 
+import finetune
 import loader
-from files import FILE_BYTES, evict_from_page_cache
+from adapters import add_lora
+from files import evict_from_page_cache
 from llama import module_names, module_shapes
 from meta_format import model_args
-from plan import matmul_params, matmul_rate
-from utils import UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, parse_dtype, peak_rss_mb, proc_io
+from plan import block_matmul_shapes, matmul_params
+from run_folder import RunFolder
+from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, matmul_rate, memory_budget_bytes,
+                   parse_dtype, peak_rss_mb, proc_io)
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "bench_cache"
@@ -96,12 +100,12 @@ IO_KEYS = ("rchar", "wchar", "disk_read_bytes", "disk_write_bytes", "file_read_b
            "minor_faults")
 
 
-def io_counters():
+def io_counters(model):
     """This process's bytes so far, in IO_KEYS' order: utils.proc_io's four, then the module file data
     read and written (reads through memory maps included, whether from the cache or the disk), then
     its page faults served without the disk (mostly fresh memory, which the kernel zeroes first)."""
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    return (*proc_io().values(), FILE_BYTES["read"], FILE_BYTES["written"], faults)
+    return (*proc_io().values(), model.offload.bytes["read"], model.offload.bytes["written"], faults)
 
 
 def cpu_seconds():
@@ -123,7 +127,7 @@ def run_steps(model, batches, lr, between=None):
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
             model.offload.wait()
-            before, seconds = io_counters(), seconds_so_far(model)
+            before, seconds = io_counters(model), seconds_so_far(model)
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
@@ -131,7 +135,7 @@ def run_steps(model, batches, lr, between=None):
             model.offload.wait()
             between()
     model.offload.wait()  # the last step's writes are done
-    after, n = io_counters(), len(batches) - 1
+    after, n = io_counters(model), len(batches) - 1
     return times[1:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
         {key: round((seconds_so_far(model)[key] - s) / n, 2) for key, s in seconds.items()}
 
@@ -249,7 +253,6 @@ def main():
                         "made is removed when it ends)")
     p.add_argument("--reuse_offload", action="store_true",
                    help="use the offload an earlier --keep_cache run of this shape kept (conversion not timed)")
-    p.add_argument("--debug", default="0", help="--debug=1: a traceback instead of a one-line error")
     p.add_argument("--nproc", type=int, default=1, help="processes taking the steps together (torchrun, gloo)")
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parallel-worker", action="store_true", help=argparse.SUPPRESS)
@@ -288,9 +291,9 @@ def main():
 
 
 def load(a, source, offload_root):
-    return loader.load_llama2(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
-                              memory_budget=None if a.memory_budget is None else a.memory_budget * 2**30,
-                              prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
+    return loader.load_model(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
+                             memory_budget=memory_budget_bytes(-1 if a.memory_budget is None else a.memory_budget),
+                             prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
 
 
 def train_figures(a, model, run_dir, group=None, between=None):
@@ -299,11 +302,12 @@ def train_figures(a, model, run_dir, group=None, between=None):
     processes, rank = (group.world, group.rank) if group else (1, 0)
     rows = a.batch_size // processes
     try:
+        s = finetune.settings(mode=a.mode, optimizer=a.optimizer, lora_rank=8, lora_alpha=16.0, lora_dropout=0,
+                              lora_targets="wq,wv")
         if a.mode == "lora":
-            model.add_lora(8, 16.0, 0.0, ["wq", "wv"])
-        model.setup_training(run_dir, mode=a.mode, optimizer=a.optimizer, keep_activations=bool(a.keep_activations),
-                             tokens_per_step=rows * a.seq_len, group=group,
-                             base_copy=a.base_copy,
+            add_lora(model, s.lora)
+        model.setup_training(RunFolder(run_dir.parent, group), a.mode, s.optim, rows * a.seq_len,
+                             keep_activations=bool(a.keep_activations), base_copy=a.base_copy,
                              log=lambda line: print(line, file=sys.stderr))
         model.train()
         batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
@@ -321,7 +325,7 @@ def parallel_worker(a, source, offload_root, run_dir):
         model = load(a, source, offload_root)
         times, io, seconds = train_figures(a, model, run_dir, group)
         figures = group.gather({"times": times, "io": io, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                                "planned_peak_mb": model.peak_estimate / 2**20})
+                                "planned_peak_mb": model.memory.peak / 2**20})
     finally:
         group.close()
     if group.rank == 0:
@@ -350,7 +354,7 @@ def run(a, source, offload_root, run_dir):
     args = shape_args(a.shape, a.layers)
     tokens = a.batch_size * a.seq_len
     # FLOP/s of the step's matmuls, probed before the model takes its memory (not counted in its peak)
-    gemm = matmul_rate(args, tokens, parse_dtype(a.compute_dtype), torch.device("cpu"), 1.0)
+    gemm = matmul_rate(block_matmul_shapes(args), tokens, parse_dtype(a.compute_dtype), torch.device("cpu"), 1.0)
     start = time.perf_counter()
     model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
@@ -362,7 +366,7 @@ def run(a, source, offload_root, run_dir):
             reference.step()
     else:
         times, io, seconds = train_figures(a, model, run_dir, between=reference and reference.step)
-        peak_mb, planned_mb = peak_rss_mb(), model.peak_estimate / 2**20
+        peak_mb, planned_mb = peak_rss_mb(), model.memory.peak / 2**20
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())

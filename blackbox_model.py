@@ -1,48 +1,48 @@
-"""A Llama with every large module on disk, and its manual training step.
+"""A model with every large module on disk, and its manual training step.
 
 The token embeddings, each transformer block and the output projection are Blackboxes (offload.py):
 their weights live in a file and come into memory only while they are used (or stay, when the memory
 plan allows). The forward pass streams them in order; the backward pass walks them in reverse, runs
 each block again with autograd (or reuses its kept activations), hands each weight's gradient to the
 optimizer (optim.py) and lets the background writer put the updated module back on disk. The math
-of each module is in llama.py.
+of each module is in llama.py; LoRA's adapters in adapters.py; the run folder in run_folder.py.
 """
-import math
-import shutil
 from pathlib import Path
 
 import torch
 
-from files import fsync_path, read_tensors, write_tensors
-from llama import (block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes,
-                   rope_tables, sample)
+from adapters import copy_base
+from files import read_tensors
+from llama import block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes, rope_tables, \
+    sample
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
 from parallel import Group
-from utils import (UserError, gb, get_rng_state, mem_available_bytes, release_heap_holes, return_freed_memory_to_os,
-                   rss_bytes, set_rng_state)
+from utils import UserError, get_rng_state, release_heap_holes, return_freed_memory_to_os, rss_bytes, set_rng_state
 
 
 class Transformer:
     """The model: Blackboxes in order, the final norm in memory, streaming and the manual step."""
 
-    def __init__(self, args, offload_dir, manifest, tokenizer, storage_dtype, device=torch.device("cpu"),
-                 compute_dtype=torch.float32, memory_budget=None, dropout=0.0, prefetch=True, evict_before_read=False):
+    def __init__(self, args, offload_dir, manifest, tokenizer, storage_dtype, device, compute_dtype, memory_budget,
+                 dropout=0.0, prefetch=True, evict_before_read=False):
+        """memory_budget: bytes of RAM the whole process plans for (utils.memory_budget_bytes)."""
         self.args, self.offload_dir, self.manifest, self.tokenizer = args, Path(offload_dir), manifest, tokenizer
         self.storage_dtype, self.device, self.compute_dtype, self.dropout = storage_dtype, device, compute_dtype, dropout
-        self.memory_budget = 1 << 62 if memory_budget is None else int(memory_budget)
+        self.memory_budget = int(memory_budget)
         self.offload = Offload(device, compute_dtype, prefetch, evict_before_read)
         self.boxes = {name: Blackbox(name, self.offload_dir / f"{name}.safetensors",
                                      module_shapes(args, name.split(".")[0]), self.offload,
-                                     grad_uses=2 if args.tied and name == "tok_embeddings" else 1)
+                                     grad_uses=2 if args.tied and name == "tok_embeddings" else 1,
+                                     looked_up=name == "tok_embeddings")
                       for name in module_names(args)}
         self.embeddings, self.norm = self.boxes["tok_embeddings"], self.boxes["norm"]
         self.output = self.boxes.get("output", self.embeddings)  # tied: the embedding table is the output
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
         return_freed_memory_to_os()
-        self.training, self.mode, self.optimizer, self.lora, self.group = False, None, None, {}, Group()
-        self.base_files = {}  # box -> its offload file, while it is read from LoRA's fp32 copy (copy_base)
-        self.plan()
+        self.training, self.mode, self.optimizer, self.lora, self.run = False, None, None, {}, None
+        self.keep_activations, self.plan = True, None
+        self.base_files = {}  # box -> its offload file, while LoRA reads it from an fp32 copy (adapters.copy_base)
 
     def train(self, on=True):
         self.training = on
@@ -51,12 +51,27 @@ class Transformer:
     def eval(self):
         return self.train(False)
 
-    def plan(self, tokens_per_step=0, keep_activations=True):
-        """Share the memory budget out (offload.plan_memory) for micro-batches of tokens_per_step."""
+    @property
+    def group(self):
+        """This process's place in a parallel run (parallel.py)."""
+        return self.run.group if self.run else Group()
+
+    @property
+    def memory(self):
+        """The memory plan (offload.plan_memory) in force: for inference until setup_training makes the one of
+        its micro-batches."""
+        if self.plan is None:
+            self.make_plan(0)
+        return self.plan
+
+    def make_plan(self, tokens_per_micro_batch, micro_batches=1):
         opt = self.optimizer
-        self.graph_budget, self.offload.prefetch_in_memory, self.peak_estimate = plan_memory(
-            self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_step,
-            opt.micro_batches if opt else 1, bool(opt and opt.whole_grads) or self.args.tied, keep_activations)
+        self.plan = plan_memory(self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget,
+                                tokens_per_micro_batch, micro_batches, bool(opt and opt.whole_grads) or self.args.tied,
+                                self.keep_activations)
+        for box in self.boxes.values():
+            box.resident = box.name in self.plan.resident
+        self.offload.prefetch_in_memory = self.plan.prefetch_in_memory
 
     def check_window(self, length):
         """Mistral's sliding window: sequences up to the window are exact; longer ones are refused."""
@@ -76,6 +91,8 @@ class Transformer:
     def forward(self, tokens, targets=None, caches=None, start=0):
         """Logits for a batch of token ids (and the mean loss over targets != -1 when given)."""
         self.check_window(start + tokens.shape[1])
+        if self.plan is None:  # the plan decides what stays in memory
+            self.make_plan(0)
         tokens = tokens.to(self.device)
         rope = rope_tables(self.args, start, tokens.shape[1], self.device)
         modules = [self.embeddings, *self.layers, self.output]  # with tied embeddings, the first is the last
@@ -115,113 +132,29 @@ class Transformer:
                 break
         return tokens[len(prompt):]
 
-    # --- LoRA: low-rank adapters in memory on top of frozen offloaded weights ---
-
-    def add_lora(self, rank, alpha, dropout, targets, seed=0, tensors=None):
-        """Adapters W x + alpha/rank * B A dropout(x) on the weights named in targets (wq wk wv wo w1
-        w2 w3 output); A random and B zero as in the LoRA paper, or the given {key: (A, B)}."""
-        generator = torch.Generator().manual_seed(seed)
-        self.lora = {}
-        for box in [*self.layers, self.output]:
-            for key, shape in box.shapes.items():
-                short = "output" if box is self.output else key.split(".")[-2]
-                if short not in targets or len(shape) != 2:
-                    continue
-                name = "output.weight" if box is self.output else f"{box.name}.{key}"
-                if tensors is not None:
-                    a, b = tensors[name]
-                else:  # A like nn.Linear's default initialisation of a (rank x in) weight
-                    a = (torch.rand(rank, shape[1], generator=generator) * 2 - 1) / math.sqrt(shape[1])
-                    b = torch.zeros(shape[0], rank)
-                a, b = (t.detach().to(self.device, torch.float32).clone().requires_grad_() for t in (a, b))
-                self.lora[name] = (a, b)
-                box.lora[key] = (a, b, alpha / rank, dropout)
-
     # --- training ---
 
-    def setup_training(self, run_dir, mode="full", optimizer="sgd", grad_clip=0.0, micro_batches=1,
-                       keep_activations=True, tokens_per_step=0, files=None, committed=(), group=None,
-                       base_copy=-1, disk_reserve=0, log=print, **optim_settings):
-        """Prepare a run: full fine-tuning keeps an fp32 working copy of every module in run_dir.
-        tokens_per_step (of one micro-batch) sizes the memory plan; files and committed name the
-        module files of a resumed run; group: this process's place in a parallel run (parallel.py).
-        base_copy (LoRA): keep an fp32 copy of the frozen base in run_dir (1, 0, -1: when it fits,
-        disk_reserve bytes left on its disk; copy_base)."""
-        o = self.offload
-        o.run_dir, o.committed = Path(run_dir), set(committed)
-        self.group = group or Group()
-        o.share, o.writes = (self.group.local_rank, self.group.local_world), self.group.local_rank == 0
-        o.tag = f".rank{self.group.rank}" if self.group.world > 1 else ""
-        o.run_dir.mkdir(parents=True, exist_ok=True)
-        self.mode, self.keep_activations = mode, keep_activations
+    def setup_training(self, run, mode, optim, micro_batch_tokens, micro_batches=1, keep_activations=True,
+                       base_copy=-1, disk_reserve=0, log=print):
+        """Prepare a run in run (run_folder.RunFolder): full fine-tuning keeps an fp32 working copy of every
+        module there (read from the slots of its last commit when resumed); LoRA trains the adapters
+        added before (adapters.add_lora) with AdamW, over an fp32 copy of the base where base_copy says so
+        (adapters.copy_base; disk_reserve: bytes the run needs on that disk besides). optim: settings.Optim;
+        micro_batch_tokens and micro_batches size the memory plan."""
+        self.run, self.mode, self.keep_activations = run, mode, keep_activations
+        self.offload.run = run
+        run.dir.mkdir(parents=True, exist_ok=True)
         adapters = [t for pair in self.lora.values() for t in pair] if mode == "lora" else ()
-        self.optimizer = Optimizer(optimizer if mode == "full" else "adamw", self.device, self.compute_dtype,
-                                   micro_batches, grad_clip, adapters, self.group, **optim_settings)
+        self.optimizer = Optimizer(optim, self.device, self.compute_dtype, micro_batches, adapters, run)
         for name, box in self.boxes.items():
-            box.trainable, box.optimizer = mode == "full", self.optimizer
-            box.weights = box.compute = None
-            box.optim = {}
-            if files and name in files:
-                box.file = o.run_dir / files[name]
-        self.plan(tokens_per_step, keep_activations)
+            box.start_training(self.optimizer, trainable=mode == "full")
+            if name in run.module_files:
+                box.file = run.dir / run.module_files[name]
+        self.make_plan(micro_batch_tokens, micro_batches)
         if mode == "lora":
-            self.copy_base(base_copy, disk_reserve, log)
+            self.base_files = copy_base(self, base_copy, disk_reserve, log)
         if not any(box.converts() for box in self.boxes.values() if not box.resident):
-            o.background_on_one_thread()  # the steps only map files
-
-    def base_copy_bytes(self, wanted=-1, disk_reserve=0, folder=None):
-        """Bytes of the fp32 copy of the base copy_base makes, 0 when none: LoRA in fp32 on the CPU over
-        a base stored in another dtype converts every module at every read (two passes over the model a
-        step, on the cores the matmuls use), and an fp32 copy written once into the run folder is mapped
-        from the page cache instead: no conversion, no copy. Made when wanted (1), or (-1) when the
-        page cache can keep it beside the run's memory and the disk has room for it (disk_reserve
-        bytes left on the disk of folder, by default the run folder). One answer for every process of a
-        parallel run."""
-        need = sum(box.numel() * 4 for box in self.base_copy_boxes())
-        if not need or self.device.type != "cpu" or self.compute_dtype != torch.float32 or \
-                self.storage_dtype == torch.float32 or not wanted:
-            return 0
-        if wanted < 0:
-            ram = mem_available_bytes() - self.peak_estimate * self.group.local_world
-            disk = shutil.disk_usage(folder or self.offload.run_dir).free - disk_reserve - (1 << 30)  # 1 GB to spare
-            if not all(self.group.gather(need <= min(ram, disk))):
-                return 0
-        return need
-
-    def base_copy_boxes(self):
-        """The modules LoRA reads at every step (those not resident)."""
-        return [box for box in dict.fromkeys([self.embeddings, *self.layers, self.output]) if not box.resident]
-
-    def copy_base(self, wanted=-1, disk_reserve=0, log=print):
-        """Write base_copy_bytes' fp32 copy of the base into the run folder (the machine's first process;
-        a resumed run's copies are reused: whole, as each was written under another name and renamed)
-        and read the modules from it."""
-        o, first = self.offload, self.group.rank == 0
-        need = self.base_copy_bytes(wanted, disk_reserve)
-        if not need:
-            if first and wanted < 0 and self.base_copy_bytes(1):
-                log("LoRA: the base is converted to fp32 at every read (an fp32 copy would not fit in the page "
-                    "cache or on the disk)")
-            return
-        copies = [(box, o.run_dir / f"{box.name}.fp32.safetensors") for box in self.base_copy_boxes()]
-
-        def write_copies():
-            for box, copy in copies:
-                if not copy.exists():
-                    write_tensors(read_tensors(box.file, o.take_buffer, torch.float32)[0], copy)
-        if first:
-            log(f"LoRA: an fp32 copy of the base in {o.run_dir} ({gb(need)}), mapped at every read, not converted")
-        self.group.agree(write_copies)
-        for box, copy in copies:
-            self.base_files[box], box.file = box.file, copy
-
-    def drop_base_copy(self):
-        """Remove copy_base's files (at the end of a run); the modules are read from the offload again."""
-        for box, base in self.base_files.items():
-            if self.group.local_rank == 0:
-                box.file.unlink(missing_ok=True)
-            box.file = base
-        self.base_files = {}
+            self.offload.background_on_one_thread()  # the steps only map files
 
     def train_step(self, batches, lr):
         """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch
@@ -235,6 +168,7 @@ class Transformer:
         n_targets = max(1, int(n_targets))
         rope = rope_tables(self.args, 0, xs[0].shape[1], self.device)
         graph_bytes = xs[0].numel() * graph_bytes_per_token(self.args, self.compute_dtype)
+        graph_budget, peak = self.memory.graph_budget, self.memory.peak
         kept_bytes, saved = 0, []  # saved[i][j]: (input, RNG state, output with its graph or None)
 
         # forward: each block's input is kept, and its autograd graph too while the budget allows
@@ -248,7 +182,7 @@ class Transformer:
                 rng = get_rng_state(self.device)
                 with torch.enable_grad():  # also when recomputing later: the same kernels, the same bits
                     y = block_forward(box, x, self.args, rope, self.training, self.dropout)
-                keep = self.keep_activations and kept_bytes + graph_bytes <= self.graph_budget
+                keep = self.keep_activations and kept_bytes + graph_bytes <= graph_budget
                 kept_bytes += graph_bytes if keep else 0
                 saved[i].append((x, rng, y if keep else None))
                 hs[j] = y.detach()
@@ -268,7 +202,7 @@ class Transformer:
         rng_after_forward = get_rng_state(self.device)
         del hs
         next(forward, None)  # lets the output module go
-        if rss_bytes() + max(box.memory_bytes() for box in self.layers) + graph_bytes > self.peak_estimate:
+        if rss_bytes() + max(box.memory_bytes() for box in self.layers) + graph_bytes > peak:
             release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free
             # pages (between kept activations, where the step's tensors are small) go back to the OS
 
@@ -314,8 +248,7 @@ class Transformer:
         return rows
 
     def flush(self):
-        """Write every changed module and wait for all writes: {module: file} of the current state."""
-        o = self.offload
+        """Write every changed module and wait for all writes: {module: file} of the current state, on the disk."""
         for box in self.boxes.values():
             if box.dirty:
                 box.write()
@@ -323,10 +256,9 @@ class Transformer:
             box.wait_write()
             if box.mapped:  # changes made through a mapping reach the file (msync)
                 box.mapping.flush()
-        for file in o.written:  # on the disk before a manifest names them
-            fsync_path(file)
-        o.written = set()
-        return {name: box.file.name for name, box in self.boxes.items() if box.trainable and box.file.parent == o.run_dir}
+        self.run.sync()
+        return {name: box.file.name for name, box in self.boxes.items()
+                if box.trainable and box.file.parent == self.run.dir}
 
     def read_weights(self, name, merge_lora=True):
         """The current weights of one module, read on their own: the fp32 working copy when trained,

@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, read_json_object
 
 ROLES = ("system", "user", "assistant")
 
@@ -29,22 +29,11 @@ def template_of(folder):
 
 
 def tokenizer_config(folder):
-    return json_object(Path(folder) / "tokenizer_config.json")
+    return read_json_object(Path(folder) / "tokenizer_config.json", optional=True)
 
 
 def special_tokens_map(folder):
-    return json_object(Path(folder) / "special_tokens_map.json")
-
-
-def json_object(path):
-    """The JSON object of an optional file: {} when it is absent (or not an object)."""
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read as JSON ({e})")
-    return config if isinstance(config, dict) else {}
+    return read_json_object(Path(folder) / "special_tokens_map.json", optional=True)
 
 
 def token_text(value):

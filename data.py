@@ -13,12 +13,12 @@ from utils import UserError
 LLAMA2_PROMPT = "[INST] {prompt} [/INST]"
 
 
-def load_tokens(cfg, tokenizer, model_dir):
-    """(train, val) streams, each (tokens, targets): targets are the tokens, or -1 where no loss is
-    counted (prompts and user turns). Text is encoded with BOS and EOS; a .pt stream of token ids is
-    used as it is; a .jsonl file holds conversations or instruction examples (model_dir: whose chat
-    template renders them)."""
-    path = Path(cfg.data_path or DEFAULT_TEXT)
+def load_tokens(data, tokenizer, model_dir):
+    """(train, val) streams of the data settings (settings.Data), each (tokens, targets): targets are the
+    tokens, or -1 where no loss is counted (prompts and user turns). Text is encoded with BOS and EOS; a
+    .pt stream of token ids is used as it is; a .jsonl file holds conversations or instruction examples
+    (model_dir: whose chat template renders them)."""
+    path = Path(data.path or DEFAULT_TEXT)
     if not path.is_file():
         raise UserError(f"data_path={path}: file not found")
     if path.suffix == ".pt":
@@ -36,18 +36,18 @@ def load_tokens(cfg, tokenizer, model_dir):
         if not text.strip():
             raise UserError(f"data_path={path}: the file is empty")
         if path.suffix == ".jsonl":
-            tokens, targets = encode_instructions(text, path, cfg, tokenizer, model_dir)
+            tokens, targets = encode_instructions(text, path, data, tokenizer, model_dir)
         else:
             tokens = targets = torch.tensor(tokenizer.encode(text, bos=True, eos=True))
-    n_val = int(len(tokens) * cfg.val_fraction)
+    n_val = int(len(tokens) * data.val_fraction)
     cut = len(tokens) - n_val
-    if cut < cfg.seq_len + 1:
+    if cut < data.seq_len + 1:
         raise UserError(f"data_path={path}: {cut} training tokens{' after the validation hold-out' if n_val else ''}, "
-                        f"fewer than one window of seq_len+1={cfg.seq_len + 1}; lower seq_len or give more data")
+                        f"fewer than one window of seq_len+1={data.seq_len + 1}; lower seq_len or give more data")
     return (tokens[:cut], targets[:cut]), (tokens[cut:], targets[cut:])
 
 
-def encode_instructions(text, path, cfg, tokenizer, model_dir=None):
+def encode_instructions(text, path, data, tokenizer, model_dir=None):
     """One example per line, packed one after another: a conversation {"messages": [{"role", "content"},
     ...]} in the model's chat format, the loss on its assistant turns (chat.py); or {"prompt",
     "response", optional "system"}: the prompt in prompt_template (the model's chat template when
@@ -71,13 +71,13 @@ def encode_instructions(text, path, cfg, tokenizer, model_dir=None):
             raise UserError(f"{where} needs messages, or the text fields prompt and response")
         if "messages" in example and render is None:
             raise UserError(f"{where}: conversations need the model's chat format{f' ({no_chat})' if no_chat else ''}")
-        if "messages" in example or render and not cfg.prompt_template:
+        if "messages" in example or render and not data.prompt_template:
             messages = example["messages"] if "messages" in example else as_messages(example)
             ids, marks = encode_conversation(tokenizer, render, messages, where)
             tokens, targets = tokens + ids, targets + marks
             continue
-        template = cfg.prompt_template or LLAMA2_PROMPT
-        system = cfg.system_template.replace("{system}", example["system"]) if example.get("system") else ""
+        template = data.prompt_template or LLAMA2_PROMPT
+        system = data.system_template.replace("{system}", example["system"]) if example.get("system") else ""
         prompt = tokenizer.encode(template.replace("{prompt}", system + example["prompt"]), bos=True)
         response = tokenizer.encode(example["response"], bos=False, eos=True)
         tokens += prompt + response
@@ -92,14 +92,13 @@ def as_messages(example):
     return system + [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
 
 
-def get_batch(stream, cfg, generator, part=(0, 1)):
-    """batch_size random windows of seq_len+1 tokens: x the first seq_len tokens, y the targets of the
-    last seq_len. part=(i, n): n x batch_size windows are drawn (the same on every process of a
+def get_batch(stream, data, generator, part=(0, 1)):
+    """data.batch_size random windows of seq_len+1 tokens: x the first seq_len tokens, y the targets of
+    the last seq_len. part=(i, n): n x batch_size windows are drawn (the same on every process of a
     parallel run), process i takes the i-th batch_size of them."""
     tokens, targets = stream
-    i, n = part
-    starts = torch.randint(0, len(tokens) - cfg.seq_len, (n * cfg.batch_size,), generator=generator).tolist()
-    starts = starts[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-    x = torch.stack([tokens[s:s + cfg.seq_len] for s in starts])
-    y = torch.stack([targets[s + 1:s + cfg.seq_len + 1] for s in starts])
+    i, n, rows, length = *part, data.batch_size, data.seq_len
+    starts = torch.randint(0, len(tokens) - length, (n * rows,), generator=generator).tolist()[i * rows:(i + 1) * rows]
+    x = torch.stack([tokens[s:s + length] for s in starts])
+    y = torch.stack([targets[s + 1:s + length + 1] for s in starts])
     return x, y

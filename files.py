@@ -57,7 +57,6 @@ ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 HEADER_ALIGN = 4096  # the data starts on a page boundary
 WINDOW_BYTES = 32 << 20  # converting reads map the file a window of this size at a time
-FILE_BYTES = {"read": 0, "written": 0}  # module file data moved, memory-mapped reads included
 
 
 def safetensors_header(entries):
@@ -72,23 +71,22 @@ def safetensors_header(entries):
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def write_tensors(tensors, path, in_place=False, part=(0, 1)):
+def write_tensors(tensors, path, in_place=False, rows=None):
     """A safetensors file (8-byte header size, JSON header, the tensors' bytes back to back), written to
     a temporary name and renamed into place, or with in_place over the file's old bytes (whose memory
     the OS then reuses: several times faster than a new file). Wider dtypes first: all aligned.
-    part=(i, n), in place: only the i-th of n parts of every tensor's rows (processes sharing the file
-    write the others; the header and the size are the same from each)."""
+    rows, in place: rows(n) -> (r0, r1), the rows of every tensor this process writes (the processes
+    sharing the file write the others; the header and the size are the same from each)."""
     items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
     header = safetensors_header([(name, t.shape, t.dtype) for name, t in items])
     tmp = path if in_place else f"{path}.tmp{os.getpid()}"
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
-            if part != (0, 1):
-                return write_part(f, header, items, part)
+            if rows is not None:
+                return write_rows(f, header, items, rows)
             f.write(header)
             for _, t in items:
                 f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                FILE_BYTES["written"] += t.numel() * t.element_size()
             f.truncate()
         if not in_place:
             os.replace(tmp, path)
@@ -97,21 +95,20 @@ def write_tensors(tensors, path, in_place=False, part=(0, 1)):
             os.remove(tmp)
 
 
-def write_part(f, header, items, part):
-    """write_tensors' part of the rows, each written at its place in the file (a 0-d tensor is one row)."""
-    i, n = part
+def write_rows(f, header, items, own_rows):
+    """write_tensors' rows own_rows(n) of each tensor, written at their place in the file (a 0-d tensor is
+    one row)."""
     offset = len(header)
     os.ftruncate(f.fileno(), offset + sum(t.numel() * t.element_size() for _, t in items))
     os.pwrite(f.fileno(), header, 0)
     for _, t in items:
         rows = t.reshape(len(t) if t.dim() else 1, -1)
-        r0, r1 = len(rows) * i // n, len(rows) * (i + 1) // n
+        r0, r1 = own_rows(len(rows))
         row_bytes = rows.shape[1] * t.element_size()
         data = rows[r0:r1].detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy()
         done = 0
         while done < len(data):
             done += os.pwrite(f.fileno(), data[done:], offset + r0 * row_bytes + done)
-        FILE_BYTES["written"] += len(data)
         offset += t.numel() * t.element_size()
 
 
@@ -126,6 +123,9 @@ def read_header(f, path):
     for name, (kind, shape, start, end) in stored.items():
         if end - start != math.prod(shape) * kind.itemsize:
             raise UserError(f"{path}: tensor {name} does not match its shape")
+    needed, actual = 8 + size + max((end for *_, end in stored.values()), default=0), os.fstat(f.fileno()).st_size
+    if actual < needed:
+        raise UserError(f"{path}: truncated ({actual} of its {needed} bytes); the file is damaged")
     return stored, 8 + size
 
 
@@ -172,7 +172,6 @@ def read_tensors(path, buffer_for=None, dtype=None):
                         converted[done:done + length // kind.itemsize].copy_(piece.view(kind))
                         del piece
             tensors[name] = out.view(wanted[name]).view(shape)
-            FILE_BYTES["read"] += end - start
     return tensors, buffer
 
 
@@ -210,7 +209,6 @@ def map_tensors(path, dtype, writable, populate=False):
     data = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping open while a view lives
     tensors = {name: data[data_start + start:data_start + end].view(kind).view(shape)
                for name, (kind, shape, start, end) in stored.items()}
-    FILE_BYTES["read"] += size - data_start
     return tensors, mapping
 
 

@@ -1,13 +1,14 @@
-"""Fine-tune a Llama 2 model that does not fit in memory, streaming its modules from disk.
+"""Fine-tune a language model that does not fit in memory, streaming its modules from disk.
 
 python finetune.py [--name=value ...]   (the settings below; with none, the built-in default model
-learns the bundled slowllama.txt). The run lives in out_path: run/ holds the working weights,
-optimizer state and committed steps (continue with --resume=1); at the end the model is exported
-there in Meta's format, ready for python test_gen.py out_path.
+learns the bundled slowllama.txt; --debug=1 shows Python tracebacks). The run lives in out_path: run/
+holds the working weights, optimizer state and committed steps (run_folder.py; continue with
+--resume=1); at the end the model is exported there in the source's layout (or out_format's), ready
+for python test_gen.py out_path.
 torchrun --nproc_per_node=N finetune.py [--name=value ...]: N processes (GPUs, or CPU processes) train
 one model, each on batch_size of every step's N x batch_size rows (parallel.py; README).
 """
-model_path = ""  # Meta-format model folder; empty: the built-in default model
+model_path = ""  # a model folder in Meta's or Hugging Face's layout; empty: the built-in default model
 data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a .jsonl file of instructions (README); empty: slowllama.txt
 prompt_template = ""  # .jsonl prompt/response data: the text before each response; empty: the model's chat template, else Llama 2's "[INST] {prompt} [/INST]"
 system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data with prompt_template: put before the prompt when an example has a system text
@@ -38,7 +39,7 @@ mode = "full"  # full: update every weight; lora: train low-rank adapters, the b
 lora_rank = 8  # LoRA
 lora_alpha = 16.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05  # LoRA: dropout on the adapter's input
-lora_targets = "wq,wv"  # LoRA: weights that get adapters, of wq wk wv wo w1 w2 w3 output
+lora_targets = "wq,wv"  # LoRA: weights that get adapters, of wq wk wv wo w1 w2 w3 output (comma-separated)
 base_copy = -1  # LoRA in fp32 on the CPU from a bf16/f16 model: 1 keeps an fp32 copy of the base in out_path/run (mapped at every read, not converted; removed at the end), 0 converts at every read, -1: 1 when it fits in the page cache and on the disk
 val_fraction = 0.0  # the tail of the data held out for a validation loss; 0: none
 eval_period = 100  # every this many steps: validation loss and a completion of prompt; 0: never
@@ -50,13 +51,13 @@ overwrite = 0  # 1: start over even if out_path holds an earlier run
 plan = 0  # 1: measure this machine for a few seconds, print the run's time, memory and disk writes, exit (plan.py)
 plan_mb = 512  # --plan=1: MB of the temporary file the disk is measured with
 dist_timeout = 7200  # torchrun: seconds a process waits for the others (an evaluation on the first one) before stopping
-debug = 0  # 1: show Python tracebacks
 
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and type(v) in (int, float, str)}
 
-import json
+import errno
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -67,173 +68,125 @@ import torch
 
 import hf_format as hf
 import parallel
-from adapters import adapter_state, read_adapter
-from blackbox_model import graph_bytes_per_token
+import settings as settings_module
+from adapters import add_lora, adapted_params, adapter_state, drop_base_copy, read_adapter
 from data import get_batch, load_tokens
-from files import load_tensors, save_tensors, write_json
-from loader import load_llama2, log_line, save_llama2
-from report import RunLog
-from utils import UserError, check_disk, gb, get_rng_state, main_guard, parse_settings, set_rng_state, total_ram_bytes
+from files import load_tensors, save_tensors, write_text
+from llama import graph_bytes_per_token
+from loader import load_model, log_line, save_model
+from chat import chat_format
+from report import RunLog, command
+from run_folder import RunFolder
+from utils import UserError, check_disk, gb, get_rng_state, main_guard, mount_point, set_rng_state
 
 
-def disk_needs(model, cfg):
+def settings(*argv, **overrides):
+    """The typed settings (settings.Settings) of --name=value arguments and name=value overrides, over the
+    defaults above: for scripts and tests that run the pieces of a run themselves."""
+    return settings_module.parse([*argv, *(f"--{k}={v}" for k, v in overrides.items())], DEFAULTS)
+
+
+def disk_needs(model, s):
     """What the run will write: the run folder (two slot files of every module's fp32 working copy and
     optimizer state; adapter checkpoints for LoRA), gradients waiting for clipping, the export."""
-    out = Path(cfg.out_path)
+    out = Path(s.out_path)
     n = sum(box.numel() for box in model.boxes.values())
-    if cfg.mode == "full":
-        run = 2 * n * 4 * (3 if cfg.optimizer == "adamw" else 1) + (n * 4 if cfg.grad_clip else 0)
-        run -= sum(f.stat().st_size for f in (out / "run").glob("*.safetensors")) if cfg.resume else 0
-    else:
-        targets = cfg.lora_targets.split(",")
-        adapted = sum(sum(s) for box in [*model.layers, model.output] for k, s in box.shapes.items() if len(s) == 2
-                      and ("output" if box is model.output else k.split(".")[-2]) in targets)
-        run = 2 * 3 * 4 * cfg.lora_rank * adapted  # two checkpoints of A, B and their AdamW moments
+    if s.mode == "full":
+        run = 2 * n * 4 * (3 if s.optim.kind == "adamw" else 1) + (n * 4 if s.optim.grad_clip else 0)
+        run -= sum(f.stat().st_size for f in (out / "run").glob("*.safetensors")) if s.resume else 0
+    else:  # two checkpoints of A, B and their AdamW moments
+        run = 2 * 3 * 4 * s.lora.rank * adapted_params(model, s.lora.targets)
     export = sum(math.prod(box.shapes[k]) * model.storage_dtype.itemsize for box in model.boxes.values()
                  for k in box.shapes)
     return [("run folder", out / "run", max(0, run)), ("export", out, export)]
 
 
-def learning_rate(cfg, step):
-    if cfg.warmup_iters and step <= cfg.warmup_iters:
-        return cfg.lr * step / cfg.warmup_iters
-    if not cfg.lr_decay:
-        return cfg.lr
-    progress = (step - cfg.warmup_iters) / max(1, cfg.iters - cfg.warmup_iters)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
-
-
-def evaluate(model, cfg, val, step, say=print):
+def evaluate(model, s, val, step, say=print):
     """The validation loss (where data is held out) and a greedy completion of prompt: printed, and
     returned as {val_loss, perplexity, completion} (the loss and perplexity only with validation data)."""
     model.eval()
     parts, result = [], {}
     tokens, targets = val
     if len(tokens) > 1:
-        n = min(cfg.seq_len, len(tokens) - 1)
-        starts = list(range(0, len(tokens) - n, n))[:8 * cfg.batch_size]
-        _, loss = model(torch.stack([tokens[s:s + n] for s in starts]),
-                        torch.stack([targets[s + 1:s + n + 1] for s in starts]))
+        n = min(s.data.seq_len, len(tokens) - 1)
+        starts = list(range(0, len(tokens) - n, n))[:8 * s.data.batch_size]
+        _, loss = model(torch.stack([tokens[i:i + n] for i in starts]),
+                        torch.stack([targets[i + 1:i + n + 1] for i in starts]))
         result.update(val_loss=loss.item(), perplexity=math.exp(min(loss.item(), 700)))
         parts.append(f"val loss {loss.item():.4f}")
-    prompt_ids = model.tokenizer.encode(cfg.prompt)
-    completion = model.generate(prompt_ids, cfg.gen_tokens, stop_ids=model.tokenizer.stop_ids)
+    prompt_ids = model.tokenizer.encode(s.prompt)
+    completion = model.generate(prompt_ids, s.gen_tokens, stop_ids=model.tokenizer.stop_ids)
     result["completion"] = model.tokenizer.decode(prompt_ids + completion)
     say(f"step {step}: {' | '.join(parts + [repr(result['completion'])])}")
     model.train()
     return result
 
 
-# --- the run folder: committed steps ---
+# --- committed steps: the run folder's protocol is in run_folder.py; here, what a step's state is ---
 
-def commit(model, cfg, run_dir, step, data_rng):
-    """Make the current state the run's last committed step: flush everything, then rename a manifest.
-    In a parallel run every process flushes, then the machine's first one writes the checkpoint (with
-    every process's random state) and the manifest, then all go on: all commit the step, or none."""
-    group = model.group
+def commit(model, s, run, step, data_rng):
+    """Make the current state the run's last committed step: every process flushes its modules, then the
+    checkpoint (every process's random state, the data order, LoRA's adapter and optimizer state) and the
+    manifest are written and the step is committed (RunFolder.commit)."""
+    group = run.group
     files = model.flush()
-    checkpoint = f"checkpoint.{step:06d}.pt"
     rngs = group.gather(get_rng_state(model.device))  # once every process has flushed
     group.check_same(model.optimizer.checksums, step)
-    if group.local_rank == 0:
-        state = {"step": step, "rng": rngs[group.rank], "data_rng": data_rng.get_state()}
-        if group.world > 1:
-            state["rngs"] = rngs
-        if cfg.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
-            state.update(lora_state(model, cfg), optimizer=model.optimizer.adapter_optimizer.state_dict())
-        save_tensors(state, run_dir / checkpoint)
-        manifest = {"step": step, "files": files, "checkpoint": checkpoint, "model": model.manifest["fingerprint"],
-                    "source": model.manifest["source"], "mode": cfg.mode, "processes": group.world}
-        write_json(manifest, run_dir / "state.json")  # the commit: one rename
-        clean_run_dir(run_dir, set(files.values()) | {checkpoint})
-    group.barrier()
-    model.offload.committed = set(files.values()) | {checkpoint}
+    state = {"step": step, "rng": rngs[group.rank], "data_rng": data_rng.get_state()}
+    if group.world > 1:
+        state["rngs"] = rngs
+    if s.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
+        state.update(adapter_state(model, s.lora), optimizer=model.optimizer.adapter_optimizer.state_dict())
+    run.commit(step, files, state, {"model": model.manifest["fingerprint"], "source": model.manifest["source"],
+                                    "mode": s.mode, "processes": group.world})
 
 
-def lora_state(model, cfg):
-    return adapter_state(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
-
-
-def clean_run_dir(run_dir, keep):
-    """Remove what no committed state needs: older checkpoints, temporary files, gradients of an
-    interrupted step (the modules' second slot files stay: they are overwritten in place; so do LoRA's
-    fp32 copies of the base)."""
-    for f in run_dir.iterdir():
-        if f.name not in keep and f.name != "state.json" and not f.name.endswith((".0.safetensors", ".1.safetensors", ".fp32.safetensors")):
-            f.unlink()
-
-
-def read_run(run_dir):
-    try:
-        return json.loads((run_dir / "state.json").read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{run_dir / 'state.json'}: cannot be read ({e}); start over with --overwrite=1")
-
-
-def prepare_out_path(cfg, model, group):
-    """The run folder, checked: never inside the source model, never used by another run at the same
-    time (a lock), and an earlier run kept unless asked."""
-    out = Path(cfg.out_path).resolve()
-    source = Path(model.manifest["source"])
-    if out == source or source in out.parents:
-        raise UserError(f"out_path={cfg.out_path} is (inside) model_path {source}, which is never written to")
-    parallel.lock_run_folder(group, out)
-    run_dir = out / "run"
-    previous = read_run(run_dir) if run_dir.exists() else None
-    if cfg.resume:
-        if previous and previous["model"] != model.manifest["fingerprint"]:
-            raise UserError(f"{run_dir}: this run was made from {previous['source']}, not from the model given now")
-        if previous and previous["mode"] != cfg.mode:
-            raise UserError(f"{run_dir}: this run is in mode={previous['mode']}, not mode={cfg.mode}")
-    elif (previous or any(out.glob("consolidated.*.pth"))) and not cfg.overwrite:
-        raise UserError(f"out_path={cfg.out_path} holds an earlier run; continue it with --resume=1, "
-                        "start over with --overwrite=1, or choose another out_path")
-    steps = set(group.gather(previous["step"] if cfg.resume and previous else None))
-    if len(steps) > 1:
-        raise UserError(f"{run_dir}: the machines of this run hold different committed steps ({sorted(steps, key=str)}); "
-                        "resume needs the run folders of one step")
-
-    def fresh():
-        if not cfg.resume and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    group.agree(fresh)  # the machine's first process, once every process has read the folder
-    return out, run_dir, previous if cfg.resume else None
-
-
-def resume_or_start(model, cfg, run_dir, previous, data_rng, group):
-    """Set the model up for training: from scratch, or from the run's last committed step (weights
-    and optimizer state, adapters, random state, data order). Returns the step to continue from."""
-    state = None
+def start_training(model, s, run, previous, data_rng):
+    """Set the model up for training: from scratch, or from the run's last committed step (weights and
+    optimizer state, adapters, random state, data order). Returns the step to continue from."""
+    group, state = run.group, None
     if previous:
-        checkpoint = run_dir / previous["checkpoint"]
-        state = read_adapter(checkpoint, model, cfg.lora_rank) if cfg.mode == "lora" else \
-            load_tensors(checkpoint, mmap=False)
-    if cfg.mode == "lora":
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), cfg.seed,
-                       tensors=state["tensors"] if state else None)
-    model.setup_training(run_dir, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
-                         micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
-                         tokens_per_step=cfg.batch_size * cfg.seq_len, files=previous and previous["files"],
-                         committed=previous and [*previous["files"].values(), previous["checkpoint"]] or (),
-                         group=group, base_copy=cfg.base_copy,
-                         disk_reserve=disk_needs(model, cfg)[0][2], log=log_line,
-                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        checkpoint = run.dir / previous["checkpoint"]
+        state = read_adapter(checkpoint, model, s.lora.rank) if s.mode == "lora" else load_tensors(checkpoint, mmap=False)
+    if s.mode == "lora":
+        add_lora(model, s.lora, s.seed, tensors=state["tensors"] if state else None)
+    model.setup_training(run, s.mode, s.optim, s.data.micro_batch_tokens, s.data.grad_accum, s.keep_activations,
+                         s.base_copy, disk_needs(model, s)[0][2], log_line)
     if not previous:
         return 0
-    group.agree(lambda: clean_run_dir(run_dir, model.offload.committed))  # what an interrupted step left behind
     rngs = state.get("rngs", [state["rng"]])
     if previous.get("processes", 1) != group.world and group.rank == 0:
-        print(f"{run_dir}: a run of {previous.get('processes', 1)} processes continued by {group.world}: the same "
+        print(f"{run.dir}: a run of {previous.get('processes', 1)} processes continued by {group.world}: the same "
               "data order, not the same rows per step")
     set_rng_state(rngs[group.rank] if group.rank < len(rngs) else state["rng"], model.device)
     data_rng.set_state(state["data_rng"])
-    if cfg.mode == "lora":
+    if s.mode == "lora":
         model.optimizer.adapter_optimizer.load_state_dict(state["optimizer"])
-    print(f"resuming {run_dir} from step {previous['step']}")
+    print(f"resuming {run.dir} from step {previous['step']}")
     return previous["step"]
+
+
+def resume_command(group):
+    """The command that continues this run from its last committed step, as it was launched."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--resume")] + ["--resume=1"]
+    if group.world == 1:
+        return command("finetune.py", *args)
+    script = os.path.relpath(Path(__file__).resolve())
+    if group.world == group.local_world:  # one machine
+        return command("torchrun", "--standalone", f"--nproc_per_node={group.local_world}", script, *args)
+    return f"torchrun (with the options each machine was launched with) {shlex.join([script, *args])}"
+
+
+def disk_full(model, s, run, error):
+    """The one line for a disk that filled during the run: the folder, its disk, what the run needs there,
+    the committed step and the command that continues it."""
+    needs = sum(n for _, _, n in disk_needs(model, s))
+    committed = run.read_manifest()
+    writing = f" writing {Path(error.filename).name}" if error.filename else ""
+    return UserError(f"{run.dir}: its disk ({mount_point(run.dir)}, {gb(shutil.disk_usage(run.dir).free)} free) is full"
+                     f"{writing}; this run needs up to {gb(needs)} in {run.out}; it stays at its last committed step "
+                     f"{committed['step'] if committed else 0}; free some space and continue with: "
+                     f"{resume_command(run.group)}")
 
 
 class StopRequest:
@@ -251,24 +204,14 @@ class StopRequest:
 
 
 def main():
-    cfg = type("Settings", (), parse_settings(sys.argv[1:], DEFAULTS))
-    for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora"))):
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name}={getattr(cfg, name)}: use one of {', '.join(allowed)}")
-    for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
-    if cfg.out_format.partition(":")[0] not in ("", "meta", "hf", "gguf"):
-        raise UserError(f"--out_format={cfg.out_format}: use meta, hf or gguf (gguf:q8_0, gguf:bf16, gguf:f32)")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"--val_fraction={cfg.val_fraction}: must be in [0, 1)")
-    if cfg.plan:  # nothing is written: plan.py
+    s = settings_module.parse(sys.argv[1:], DEFAULTS)
+    if s.plan:  # nothing is written: plan.py
         from plan import plan as make_plan
-        make_plan(cfg, disk_needs)
+        make_plan(s, disk_needs)
         return
-    group, device = parallel.start(cfg.device, cfg.dist_timeout)
+    group, device = parallel.start(s.device, s.dist_timeout)
     try:
-        train(cfg, group, device)
+        train(s, group, device)
         group.barrier()  # the others wait for the first process's export: all leave the group together
     except BaseException:
         group.close()
@@ -279,69 +222,76 @@ def main():
         os._exit(0)
 
 
-def train(cfg, group, device):
+def train(s, group, device):
     first = group.rank == 0  # evaluates, logs and exports
-    torch.manual_seed(cfg.seed + group.rank)  # dropout differs between processes; LoRA's start does not
-    budget = cfg.memory_budget * 2**30 if cfg.memory_budget >= 0 else total_ram_bytes() / 2 / group.local_world
-    model = load_llama2(cfg.model_path or None, offload_path=cfg.offload_path or None, device=device,
-                        compute_dtype=cfg.compute_dtype, memory_budget=budget, dropout=cfg.dropout,
-                        log=log_line if group.local_rank == 0 else lambda *_: None)
-    model.check_window(cfg.seq_len)
-    train_tokens, val_tokens = load_tokens(cfg, model.tokenizer, model.offload_dir)
+    torch.manual_seed(s.seed + group.rank)  # dropout differs between processes; LoRA's start does not
+    model = load_model(s.model_path or None, offload_path=s.offload_path or None, device=device,
+                       compute_dtype=s.compute_dtype, memory_budget=s.memory_budget_bytes(group.local_world),
+                       dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None)
+    model.check_window(s.data.seq_len)
+    train_tokens, val_tokens = load_tokens(s.data, model.tokenizer, model.offload_dir)
     if group.local_rank == 0:
-        check_disk(disk_needs(model, cfg), log_line)
-    out, run_dir, previous = prepare_out_path(cfg, model, group)
-
-    data_rng = torch.Generator().manual_seed(cfg.seed)
-    step = resume_or_start(model, cfg, run_dir, previous, data_rng, group)
-    resident = sum(box.resident for box in model.boxes.values())
-    graph = cfg.batch_size * cfg.seq_len * graph_bytes_per_token(model.args, model.compute_dtype)
+        check_disk(disk_needs(model, s), log_line)
+    run = RunFolder(s.out_path, group)
+    previous = run.open(model.manifest["source"], model.manifest["fingerprint"], s.mode, s.resume, s.overwrite)
+    data_rng = torch.Generator().manual_seed(s.seed)
+    step = start_training(model, s, run, previous, data_rng)
     if first:
-        log_line(f"RAM: about {gb(model.peak_estimate)} at peak{' per process' if group.local_world > 1 else ''} "
-                 f"({resident} of {len(model.boxes)} modules resident, activations of "
-                 f"{min(model.args.n_layers, model.graph_budget // graph)} blocks kept)")
+        plan, graph = model.memory, s.data.micro_batch_tokens * graph_bytes_per_token(model.args, model.compute_dtype)
+        log_line(f"RAM: about {gb(plan.peak)} at peak{' per process' if group.local_world > 1 else ''} "
+                 f"({len(plan.resident)} of {len(model.boxes)} modules resident, activations of "
+                 f"{min(model.args.n_layers, plan.graph_budget // graph)} blocks kept)")
         if group.world > 1:
-            log_line(f"{group.world} processes, {group.local_world} on this machine: {group.world * cfg.batch_size} "
+            log_line(f"{group.world} processes, {group.local_world} on this machine: {group.world * s.data.batch_size} "
                      f"rows a micro-batch")
+    try:
+        loop(model, s, run, step, data_rng, train_tokens, val_tokens)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise disk_full(model, s, run, e) from e
 
+
+def loop(model, s, run, step, data_rng, train_tokens, val_tokens):
+    """The steps from step to s.iters, their evaluations and commits; then (the first process) the export."""
+    group = run.group
+    first = group.rank == 0
     stop = StopRequest()
-    run_log = RunLog(cfg, out, model, step, group.world) if first else None
+    run_log = RunLog(s, run.out, model, step, group.world) if first else None
     model.train()
 
     def evaluation(step):
         if first:
             eval_start = time.time()
-            run_log.evaluation(step, evaluate(model, cfg, val_tokens, step, run_log.say), time.time() - eval_start)
+            run_log.evaluation(step, evaluate(model, s, val_tokens, step, run_log.say), time.time() - eval_start)
             for box in model.boxes.values():  # a module it let go is on the disk before the others read it
                 box.wait_write()
 
-    if step == 0 and cfg.eval_period:
+    if step == 0 and s.eval_period:
         evaluation(step)
     start, first_step = time.time(), step
-    while step < cfg.iters:
-        batches = [get_batch(train_tokens, cfg, data_rng, (group.rank, group.world)) for _ in range(cfg.grad_accum)]
+    while step < s.iters:
+        batches = [get_batch(train_tokens, s.data, data_rng, (group.rank, group.world)) for _ in range(s.data.grad_accum)]
         step_start = time.time()
         try:
-            loss = model.train_step(batches, learning_rate(cfg, step + 1))
+            loss = model.train_step(batches, s.optim.lr_at(step + 1, s.iters))
         except FloatingPointError as e:
             raise UserError(f"step {step + 1}: {e}; nothing of this step was committed (the run stays at its last "
                             "committed step); try a lower lr or grad_clip")
         step += 1
         elapsed = time.time() - step_start
-        left = (time.time() - start) / (step - first_step) * (cfg.iters - step)
+        left = (time.time() - start) / (step - first_step) * (s.iters - step)
         if first:
-            run_log.step(model, step, loss, learning_rate(cfg, step), elapsed, left)
-        if cfg.eval_period and step % cfg.eval_period == 0 and step < cfg.iters:
+            run_log.step(model, step, loss, s.optim.lr_at(step, s.iters), elapsed, left)
+        if s.eval_period and step % s.eval_period == 0 and step < s.iters:
             evaluation(step)
         stopping = bool(group.sum(torch.tensor(int(stop.requested))))  # every process stops at the same step
-        if step % cfg.save_period == 0 or step == cfg.iters or stopping:
-            commit(model, cfg, run_dir, step, data_rng)
+        if step % s.save_period == 0 or step == s.iters or stopping:
+            commit(model, s, run, step, data_rng)
         if stopping:
             if first:
                 run_log.close()
-                launcher = "torchrun ... finetune.py" if group.world > 1 else "python finetune.py"
-                print(f"stopped at step {step}; continue with: {launcher} {' '.join(sys.argv[1:])} --resume=1",
-                      file=sys.stderr)
+                print(f"stopped at step {step}; continue with: {resume_command(group)}", file=sys.stderr)
             model.close()
             group.barrier()  # all leave the group together
             sys.exit(130)
@@ -349,23 +299,36 @@ def train(cfg, group, device):
         model.close()
         return
     run_log.close_bar()
-    if cfg.eval_period:
+    if s.eval_period:
         evaluation(step)
     model.eval()
-    model.drop_base_copy()
-    if cfg.mode == "lora":
-        save_tensors({**lora_state(model, cfg), "step": step}, out / "adapter.pt")
-        hf.write_peft(out / "peft", model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
-                      base_name=model.manifest["source"])
-    out_format, _, gguf_type = cfg.out_format.partition(":")  # gguf:q8_0: GGUF of type q8_0
-    save_llama2(model, out, out_format=out_format or None, gguf_type=gguf_type or None)
-    if cfg.mode == "lora" and out_format == "gguf":  # the adapter alone, for the base model's GGUF
-        import gguf_format
-        gguf_format.write_adapter(model, out / gguf_format.ADAPTER_FILE, cfg.lora_alpha, log_line)
+    drop_base_copy(model, model.base_files)
+    export(model, s, run.out, step)
     model.close()
-    run_log.finish(cfg)
-    print(f"done: {out / 'model.gguf'} (README: Ollama, llama.cpp)" if out_format == "gguf" else
-          f"done: python test_gen.py {cfg.out_path}")
+    run_log.finish(model.manifest["source"], has_chat_format(model))
+
+
+def has_chat_format(model):
+    try:
+        chat_format(model.offload_dir, model.tokenizer)
+        return True
+    except UserError:
+        return False
+
+
+def export(model, s, out, step):
+    """The trained model into out in the layout asked (LoRA: also the adapter alone, as adapter.pt, in PEFT's
+    layout and, with a GGUF export, as adapter.gguf)."""
+    layout, gguf_type = s.export
+    if s.mode == "lora":
+        save_tensors({**adapter_state(model, s.lora), "step": step}, out / "adapter.pt")
+        hf.write_peft(out / "peft", model, s.lora, base_name=model.manifest["source"])
+    save_model(model, out, out_format=layout, gguf_type=gguf_type)
+    if layout == "gguf":
+        write_text("FROM ./model.gguf\n", out / "Modelfile")  # Ollama's: ollama create NAME -f out/Modelfile
+    if s.mode == "lora" and layout == "gguf":  # the adapter alone, for the base model's GGUF
+        import gguf_format
+        gguf_format.write_adapter(model, out / gguf_format.ADAPTER_FILE, s.lora.alpha, log_line)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ the chat template. Names and types follow llama.cpp's convert_hf_to_gguf.py and 
 from pathlib import Path
 
 from chat import template_of, token_text
-from tokenizer import LLAMA3_PATTERN, read_optional, read_ranks
-from utils import UserError
+from tokenizer import LLAMA3_PATTERN, read_ranks
+from utils import UserError, read_json_object
 
 # pre-tokenizers of byte-level BPE tokenizers, by the regular expression that splits text before the
 # merges, and the names llama.cpp gives them (llama-vocab.cpp)
@@ -55,9 +55,10 @@ def vocabulary(model):
     types += [UNUSED] * (n - len(types))
     if vocab.get("scores") is not None:
         vocab["scores"] += [-10000.0] * (n - len(vocab["scores"]))
-    config = {**read_optional(folder / "special_tokens_map.json"), **read_optional(folder / "tokenizer_config.json")}
+    config = {**read_json_object(folder / "special_tokens_map.json", optional=True),
+              **read_json_object(folder / "tokenizer_config.json", optional=True)}
     ids = {text: i for i, text in enumerate(tokens)}
-    configured_bos = read_optional(folder / "config.json").get("bos_token_id")  # Qwen: named, never added
+    configured_bos = read_json_object(folder / "config.json", optional=True).get("bos_token_id")  # Qwen: named, never added
     vocab["bos"] = tok.bos_id if tok.bos_id is not None else configured_bos if isinstance(configured_bos, int) else None
     vocab["add_bos"] = tok.bos_id is not None
     vocab["eos"] = tok.eos_id

@@ -5,7 +5,7 @@ model.safetensors.index.json, or pytorch_model*.bin) and tokenizer.model. Its na
 and q_proj/k_proj rows are permuted: Hugging Face's rotary embedding rotates the two halves of each
 head, Meta's rotates adjacent pairs, so Meta's rows (2i, 2i+1) of a head are rows (i, i + head_dim/2).
 """
-import json
+import contextlib
 import math
 from pathlib import Path
 
@@ -29,11 +29,6 @@ BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.w
 TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
 MAX_FILE_BYTES = 5 * 10**9  # Hugging Face's default largest file when saving
-
-
-def is_hf_folder(path):
-    path = Path(path)
-    return (path / "config.json").is_file() and not (path / "params.json").exists()
 
 
 def hf_key(key):
@@ -140,11 +135,17 @@ def sliding_window(path, arch, config):
 
 
 def weight_files(folder):
-    """{Hugging Face key: file} of a folder, from its index or its single weights file."""
+    """{Hugging Face key: file} of a folder, from its index or its single weights file, each file there."""
     folder = Path(folder)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = read_json_object(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or \
+                    not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+                raise UserError(f"{folder / index}: weight_map must map tensor names to the files of this folder")
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise UserError(f"{folder / missing[0]}: not found, but {index} names it")
             return {k: folder / f for k, f in weight_map.items()}
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
@@ -154,10 +155,21 @@ def weight_files(folder):
 
 def keys_of(file):
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             return list(f.keys())
     return list(open_bin(file))
+
+
+@contextlib.contextmanager
+def open_safetensors(file):
+    """safetensors' reader of a file; a damaged or incomplete file is one UserError line naming it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise UserError(f"{file}: not a complete safetensors file ({str(e).strip()[:160]}); the file is damaged or "
+                        "was not fully downloaded")
 
 
 def open_bin(file):
@@ -169,7 +181,6 @@ def open_bin(file):
 
 def read_module(files, keys, args):
     """{Meta key: tensor} of one module, read from the files that hold it, rows in Meta's order."""
-    from safetensors import safe_open
     wanted = {}
     for key in keys:
         name = hf_key(key)
@@ -181,12 +192,17 @@ def read_module(files, keys, args):
     tensors = {}
     for file, names in wanted.items():
         if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file) as f:
+                present = set(f.keys())
                 for key, name in names:
+                    if name not in present:
+                        raise UserError(f"{file}: missing tensor {name}")
                     tensors[key] = f.get_tensor(name).clone()
         else:
             data = open_bin(file)
             for key, name in names:
+                if not isinstance(data.get(name), torch.Tensor):
+                    raise UserError(f"{file}: missing tensor {name}")
                 tensors[key] = data[name].clone()
             del data
     for key, t in tensors.items():
@@ -259,7 +275,7 @@ def sentencepiece_tokenizer_config(out_dir):
                 "add_bos_token": True, "add_eos_token": False}, out_dir / "tokenizer_config.json")
 
 
-def write_peft(out_dir, model, rank, alpha, dropout, targets, base_name=""):
+def write_peft(out_dir, model, lora, base_name=""):
     """The adapter as PEFT saves one for the Hugging Face model: adapter_config.json and
     adapter_model.safetensors, B's rows of q_proj/k_proj permuted like their weights."""
     from safetensors.torch import save_file
@@ -274,7 +290,7 @@ def write_peft(out_dir, model, rank, alpha, dropout, targets, base_name=""):
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
         modules.add(name.split(".")[-1])
     save_file(tensors, out_dir / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-              "lora_dropout": dropout, "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": lora.dropout, "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False,
               "inference_mode": True, "base_model_name_or_path": base_name, "modules_to_save": None}
     write_json(config, out_dir / "adapter_config.json")

@@ -72,6 +72,18 @@ def module_shapes(args, module):
     return shapes
 
 
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the matrices LoRA can adapt
+
+
+def lora_target(module, key):
+    """The LoRA target name of a module's tensor (wq ... w3 of a block, output of the output projection),
+    or None for tensors LoRA does not adapt (norms, biases, the embedding lookup)."""
+    if module == "output":
+        return "output" if key == "weight" else None
+    name = key.split(".")[-2] if key.endswith(".weight") and "." in key else None
+    return name if module.startswith("layers") and name in LORA_TARGETS else None
+
+
 def module_names(args):
     """The modules in order; a model with tied embeddings has no output module of its own."""
     return ["tok_embeddings"] + [f"layers.{i}" for i in range(args.n_layers)] + ["norm"] + ["output"] * (not args.tied)

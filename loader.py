@@ -2,8 +2,9 @@
 
 convert() turns a model folder (Meta's layout, meta_format.py, or Hugging Face's, hf_format.py) once
 into an offload folder with one file per module (token embeddings, each block, norm, output), read a
-module at a time; load_llama2 returns the offloaded model over it; save_llama2 streams a model back
-out in either layout. Usage: python loader.py SRC_DIR DST_DIR [--shards N] [--dtype D] [--out_format meta|hf]
+module at a time; load_model returns the offloaded model over it; save_model streams a model back
+out in any layout (GGUF: gguf_format.py).
+Usage: python loader.py SRC_DIR DST_DIR [--shards N] [--dtype D] [--out_format meta|hf|gguf]
 """
 import argparse
 import fcntl
@@ -16,16 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import hf_format as hf
 from blackbox_model import Transformer
 from default_model import HERE, default_model
 from files import fsync_path, load_tensors, save_tensors, write_json, write_tensors
 from llama import module_names, module_of, module_shapes
-from meta_format import (meta_params, model_args, read_meta_module, read_params, read_shard, shard_files,
-                         write_checkpoint)
+from meta_format import meta_params, model_args, read_meta_module, read_params, read_source, shard_files, \
+    write_checkpoint
 from tokenizer import load_tokenizer, tokenizer_files
-from utils import (UserError, check_device, check_disk, choose_compute_dtype, dtype_name, gb, main_guard, parse_dtype,
-                   progress, total_ram_bytes)
+from utils import (UserError, check_device, check_disk, choose_compute_dtype, dtype_name, gb, main_guard,
+                   memory_budget_bytes, parse_dtype, progress)
 
 DEFAULT_OFFLOAD = HERE / "offload"
 
@@ -38,21 +41,41 @@ def log_line(text):
 
 # --- conversion into the offload folder ---
 
+def layout_of(model_dir):
+    """"meta" (params.json) or "hf" (config.json) for a model folder; one line saying what is missing for
+    anything else."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model folder not found")
+    if (model_dir / "params.json").is_file():
+        return "meta"
+    if (model_dir / "config.json").is_file():
+        return "hf"
+    if any(model_dir.glob("consolidated.*.pth")):
+        raise UserError(f"{model_dir / 'params.json'}: not found; a model folder in Meta's layout holds params.json "
+                        "beside its consolidated.NN.pth shards")
+    if any(model_dir.glob("*.safetensors")) or any(model_dir.glob("pytorch_model*.bin")):
+        raise UserError(f"{model_dir / 'config.json'}: not found; a model folder in Hugging Face's layout holds "
+                        "config.json beside its weights")
+    found = " (its .gguf files are exports for llama.cpp, Ollama and LM Studio, not read here)" \
+        if any(model_dir.glob("*.gguf")) else ""
+    raise UserError(f"{model_dir}: holds no model slowllama reads{found}; it looks for params.json with "
+                    "consolidated.*.pth (Meta's layout) or config.json with *.safetensors or pytorch_model*.bin "
+                    "(Hugging Face's)")
+
+
 def source_files(model_dir):
     """The weight files of a model folder: Meta's shards, or Hugging Face's safetensors or .bin files."""
-    if hf.is_hf_folder(model_dir):
+    if layout_of(model_dir) == "hf":
         return sorted(set(hf.weight_files(model_dir).values()))
     return shard_files(model_dir)
+
 
 def fingerprint(model_dir):
     """Cheap identity of a model folder: content hashes of the small files, size and time of the weights."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: model folder not found")
     result = {}
-    config = model_dir / ("config.json" if hf.is_hf_folder(model_dir) else "params.json")
-    if not config.is_file():
-        raise UserError(f"{config}: not found")
+    config = model_dir / ("config.json" if layout_of(model_dir) == "hf" else "params.json")
     for path in [config, *tokenizer_files(model_dir)]:
         result[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     for f in source_files(model_dir):
@@ -92,7 +115,7 @@ def convert(model_dir, offload_root=None, log=log_line):
         try:
             tmp.mkdir()
             start = time.time()
-            manifest = write_offload(model_dir, tmp, fp)
+            manifest = write_offload(model_dir, tmp, fp, log)
             for f in tmp.iterdir():  # on the disk before the folder is published
                 fsync_path(f)
             log(f"converted {model_dir} into {target} in {time.time() - start:.1f} s")
@@ -107,7 +130,7 @@ def convert(model_dir, offload_root=None, log=log_line):
     return target, manifest
 
 def n_layers_of(model_dir):
-    return hf.read_config(model_dir)[0]["n_layers"] if hf.is_hf_folder(model_dir) else read_params(model_dir)["n_layers"]
+    return hf.read_config(model_dir)[0]["n_layers"] if layout_of(model_dir) == "hf" else read_params(model_dir)["n_layers"]
 
 def read_manifest(folder):
     try:
@@ -115,9 +138,9 @@ def read_manifest(folder):
     except (OSError, json.JSONDecodeError):
         return None
 
-def write_offload(model_dir, out, fp):
+def write_offload(model_dir, out, fp, log=log_line):
     """Convert every module into out: one safetensors file each, in the source dtype."""
-    if hf.is_hf_folder(model_dir):
+    if layout_of(model_dir) == "hf":
         params, config = hf.read_config(model_dir)
         files = hf.weight_files(model_dir)
         args = model_args(params, params["vocab_size"])
@@ -128,16 +151,8 @@ def write_offload(model_dir, out, fp):
         params = meta_params(args)
         (out / "params.json").write_text(json.dumps(params) + "\n")
     else:
-        params, config = read_params(model_dir), None
-        shards = shard_files(model_dir)
-        first = read_shard(shards[0])
-        if "tok_embeddings.weight" not in first:
-            raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
-        # without an output.weight the output projection is the embedding table (Llama 3.2 1B, 3B)
-        params = {**params, "tie_embeddings": "output.weight" not in first}
-        vocab = params.get("vocab_size", -1)
-        args = model_args(params, vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0])
-        keys, n_shards = list(first), len(shards)
+        params, args, shards, first = read_source(model_dir)
+        config, keys, n_shards = None, list(first), len(shards)
         expected = {f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])}
         for key in keys:
             if key not in expected and key.startswith("layers."):
@@ -148,6 +163,8 @@ def write_offload(model_dir, out, fp):
         read_module = lambda name: read_meta_module(model_dir, shards, args, name)
         shutil.copyfile(model_dir / "params.json", out / "params.json")
     tokenizer = load_tokenizer(model_dir)
+    if tokenizer.note:
+        log(f"{model_dir}: {tokenizer.note}")
     if tokenizer.n_words > args.vocab_size:  # fewer is fine: Qwen pads its embedding rows
         raise UserError(f"{tokenizer.path}: {tokenizer.n_words} tokens, but the model has "
                         f"{args.vocab_size} embedding rows; use the tokenizer that came with these weights")
@@ -158,7 +175,11 @@ def write_offload(model_dir, out, fp):
             got = tuple(tensors[f"{name}.{key}"].shape)
             if got != tuple(shape):
                 raise UserError(f"{model_dir}: {name}.{key} has shape {got}, but the model's settings mean {shape}")
-            dtypes[f"{name}.{key}"] = dtype_name(tensors[f"{name}.{key}"].dtype)
+            dtype = tensors[f"{name}.{key}"].dtype
+            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise UserError(f"{model_dir}: {name}.{key} is stored as {dtype_name(dtype)}; weights are float32, "
+                                "bfloat16 or float16")
+            dtypes[f"{name}.{key}"] = dtype_name(dtype)
         write_tensors({k.removeprefix(f"{name}."): t for k, t in tensors.items()}, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
     for f in tokenizer_files(model_dir):
@@ -173,23 +194,24 @@ def write_offload(model_dir, out, fp):
 
 # --- the model ---
 
-def load_llama2(path=None, offload_path=None, device="cpu", compute_dtype="float32", memory_budget=None,
-                dropout=0.0, prefetch=True, evict_before_read=False, log=log_line):
+def load_model(path=None, offload_path=None, device="cpu", compute_dtype="float32", memory_budget=None,
+               dropout=0.0, prefetch=True, evict_before_read=False, log=log_line):
     """The offloaded model of a model folder (the built-in default model when path is None).
     compute_dtype: float32, bfloat16 or auto (bf16 where the device has it natively); memory_budget:
-    bytes of RAM the whole process plans for (None: half of this machine's RAM); prefetch: read the
-    next module in the background; evict_before_read: benchmarks of a disk serving every read."""
+    bytes of RAM the whole process plans for (None: memory_budget's default, utils.memory_budget_bytes);
+    prefetch: read the next module in the background; evict_before_read: benchmarks of a disk serving
+    every read."""
     device = check_device(device)
     compute_dtype = choose_compute_dtype(compute_dtype, device, log)
     folder, manifest = convert(path or default_model(), offload_path, log)
     args = model_args(manifest["params"], manifest["vocab_size"])
     storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
-    budget = total_ram_bytes() // 2 if memory_budget is None else int(memory_budget)
+    budget = memory_budget_bytes() if memory_budget is None else int(memory_budget)
     return Transformer(args, folder, manifest, load_tokenizer(folder), storage, device,
                        compute_dtype, budget, dropout, prefetch, evict_before_read)
 
 
-def save_llama2(model, out_path, shards=None, dtype=None, out_format=None, log=log_line, gguf_type=None):
+def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=log_line, gguf_type=None):
     """Write the model in Meta's format (out_format="meta": the source's shard count and dtypes unless
     told otherwise), Hugging Face's ("hf") or as out_path/model.gguf ("gguf", gguf_type f16 by default:
     gguf_format.py); by default in the source's layout. Streams module by module."""
@@ -270,7 +292,6 @@ def main():
     parser.add_argument("--gguf_type", default=None, help="with --out_format gguf: f16 (default), bf16, q8_0 or "
                                                            "f32 (norms and biases always f32)")
     parser.add_argument("--offload_path", default=None, help="where offload folders live")
-    parser.add_argument("--debug", default="0")
     a = parser.parse_args()
     if a.shards is not None and a.shards < 1:
         raise UserError(f"--shards={a.shards}: must be at least 1")
@@ -281,8 +302,8 @@ def main():
     if a.out_format == "gguf":  # checked before the conversion: the type, and that gguf is installed
         import gguf_format
         gguf_format.check_type(a.gguf_type or "f16")
-    model = load_llama2(a.src, offload_path=a.offload_path)
-    save_llama2(model, a.dst, shards=a.shards, dtype=a.dtype, out_format=a.out_format, gguf_type=a.gguf_type)
+    model = load_model(a.src, offload_path=a.offload_path)
+    save_model(model, a.dst, shards=a.shards, dtype=a.dtype, out_format=a.out_format, gguf_type=a.gguf_type)
     model.close()
 
 

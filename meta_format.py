@@ -122,6 +122,20 @@ def shard_files(model_dir):
                             f"consolidated.{len(files) - 1:02d}.pth without gaps")
     return files
 
+def read_source(model_dir):
+    """(params, ModelArgs, shard files, the first shard memory-mapped) of a Meta folder: params.json's
+    settings with what the first shard tells (tied embeddings where it has no output.weight: Llama 3.2 1B,
+    3B; the vocabulary from the table where params.json says -1). Only the shard's headers are read."""
+    params, shards = read_params(model_dir), shard_files(model_dir)
+    first = read_shard(shards[0])
+    if "tok_embeddings.weight" not in first:
+        raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
+    params = {**params, "tie_embeddings": "output.weight" not in first}
+    vocab = params.get("vocab_size", -1)
+    args = model_args(params, vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0])
+    return params, args, shards, first
+
+
 def read_shard(path):
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)

@@ -1,24 +1,26 @@
 """Modules that live on disk: the Blackbox, the background reader and writer, recycled buffers and
 the memory plan.
 
-A Blackbox holds one module (the token embeddings, a block, the final norm or the output) in a file:
-read into memory when used (the next one in the background meanwhile), let go after, written back
-by the background writer when training changed it. The memory plan decides what stays in memory.
+A Blackbox holds one module's tensors in a file (the token embeddings, a block, the final norm, the
+output; any piece a step may need alone): read into memory when used (the next one in the background
+meanwhile), let go after, written back by the background writer when training changed it. Nothing in a
+Blackbox knows which module it holds but what its owner tells it. The memory plan decides what stays in
+memory.
 """
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from files import (FILE_BYTES, WINDOW_BYTES, evict_from_page_cache, map_tensors, mappable, read_ahead, read_tensors,
-                   write_tensors)
+from files import WINDOW_BYTES, evict_from_page_cache, map_tensors, mappable, read_ahead, read_tensors, write_tensors
 from llama import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
-PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers (measured: 221 MB after the imports, 266
-# after the matmuls of a GEMM probe; 340 leaves room for what allocations round up to)
+PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers, with room for what allocations round
+# up to (bench.py's peaks against its plans check it)
 
 
 def take_one_thread():
@@ -28,7 +30,8 @@ def take_one_thread():
 
 class Offload:
     """What the modules on disk share: one background thread that reads and writes their files in
-    order, the buffers reads go into (recycled), the device and compute dtype, the run folder."""
+    order, the buffers reads go into (recycled), the device and compute dtype, the run folder of a
+    training run (run_folder.RunFolder; None otherwise), and the bytes of module files read and written."""
 
     def __init__(self, device, compute_dtype, prefetch=True, evict_before_read=False):
         self.device, self.compute_dtype = device, compute_dtype
@@ -38,11 +41,8 @@ class Offload:
         self.io = ThreadPoolExecutor(max_workers=1)
         self.io_on_one_thread = False
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
-        self.run_dir, self.committed, self.written = None, set(), set()  # of a training run
-        self.share = (0, 1)  # (part, parts): several processes of one machine (parallel.py) each update
-        # and copy their part of every weight's rows in the shared mapped files
-        self.writes = True  # whether this process writes files no mapping changes (the machine's first)
-        self.tag = ""  # in the names of the files each process writes for itself
+        self.run = None  # run_folder.RunFolder of a training run
+        self.bytes = {"read": 0, "written": 0}  # module file data moved, memory-mapped reads included
         self.seconds = dict.fromkeys(("wait_read", "wait_write", "reading", "writing"), 0.0)  # where time went
 
     def timed(self, what, fn, *args):
@@ -80,11 +80,6 @@ class Offload:
             yield box
             box.release(keep=box in keep)
 
-    def own_rows(self, n):
-        """The rows r0:r1 of n this process updates in a shared mapped file."""
-        part, parts = self.share
-        return n * part // parts, n * (part + 1) // parts
-
     def background_on_one_thread(self):
         """From now on the background thread's torch work runs on that thread alone: for runs whose
         steps only map files. The background thread has little to do then, and an OpenMP team of its
@@ -110,29 +105,41 @@ class Offload:
 
 
 class Blackbox:
-    """One module whose weights live in a file: loaded on use and let go after, unless resident."""
+    """One module whose tensors live in a file: loaded on use and let go after, unless resident.
 
-    def __init__(self, name, file, shapes, offload, grad_uses=1):
+    What its owner sets: resident (the memory plan), file (where it is read from: the offload, a slot of
+    the run folder, LoRA's fp32 copy of the base), lora ({key: (A, B, scale, dropout)}, adapters applied on
+    top of its weights) and, with start_training, whether it is trained and the optimizer its gradients go
+    to. The rest is its own state while in memory."""
+
+    def __init__(self, name, file, shapes, offload, grad_uses=1, looked_up=False):
         self.name, self.file, self.shapes, self.offload = name, file, shapes, offload
         self.grad_uses = grad_uses  # gradients per micro-batch: 2 for a table that is embeddings and output
+        self.looked_up = looked_up  # rows are looked up (an embedding table), never multiplied
         self.compute_dtype = offload.compute_dtype
-        self.resident = name == "norm"  # the final norm is tiny: always in memory
-        self.trainable = False
-        self.optimizer = None  # where gradients go when trainable (optim.Optimizer)
+        self.resident = False
+        self.trainable, self.optimizer = False, None
+        self.lora = {}
         self.weights = None  # key -> tensor while in memory: the fp32 working copy when trainable
         self.compute = None  # key -> tensor the matmuls use (a compute-dtype copy where it differs)
         self.optim = {}  # key -> optimizer state (AdamW moments), stored beside the weights
         self.grads = {}  # key -> gradient being accumulated over the micro-batches of a step
-        self.lora = {}  # key -> (A, B, scale, dropout) adapter applied on top of the weight
-        self.reading = self.writing = None  # futures of the background reader and writer
+        self.dirty = False  # changed since it was read or written
+        self.stale = False  # the compute-dtype copies lag behind updated weights
+        self.mapped = False  # the weights are views of a shared mapping of self.file: changes go straight into it
+        self.mapping = None  # the file's pages the weights are views of (mmap), or
         self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
-        self.mapping = None  # or the file's pages the weights are views of (mmap)
-        self.mapped = False  # the mapping is shared: changes to the weights go straight into self.file
         self.compute_buffer = None  # the memory of the compute-dtype copies, likewise
+        self.reading = self.writing = None  # futures of the background reader and writer
         self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
         self.grad_file = None
-        self.dirty = False
-        self.stale = False  # the compute-dtype copies lag behind updated weights
+
+    def start_training(self, optimizer, trainable):
+        """From now on: gradients go to optimizer, and the weights change when trainable (full
+        fine-tuning); whatever was in memory is read again."""
+        self.trainable, self.optimizer = trainable, optimizer
+        self.weights = self.compute = None
+        self.optim = {}
 
     def numel(self):
         return sum(math.prod(s) for s in self.shapes.values())
@@ -158,9 +165,8 @@ class Blackbox:
         return not mappable(self.file, self.compute_dtype)
 
     def copies_for_compute(self, dtype):
-        """Whether matrices read in dtype get compute-dtype copies (not the embedding table: it is only
-        looked up)."""
-        return dtype != self.compute_dtype and self.name != "tok_embeddings"
+        """Whether matrices read in dtype get compute-dtype copies (not a table that is only looked up)."""
+        return dtype != self.compute_dtype and not self.looked_up
 
     def take_grad(self, key, rows):
         self.optimizer.take(self, key, rows)
@@ -200,29 +206,29 @@ class Blackbox:
         shared mapping's changes to the disk every few seconds)."""
         o = self.offload
         dtype = torch.float32 if self.trainable else o.compute_dtype
-        shared = self.trainable and not self.resident and self.file.parent == o.run_dir and \
-            self.file.name not in o.committed
-        # a frozen table that is only looked up (embeddings not tied to the output): its pages come in
-        # as rows are read, a few MB a step, not the whole table
-        looked_up = self.name == "tok_embeddings" and not self.trainable and self.grad_uses == 1
-        mapped = map_tensors(self.file, dtype, shared, populate=not looked_up) if o.device.type == "cpu" else None
+        shared = self.trainable and not self.resident and o.run is not None and o.run.is_open_slot(self.file)
+        # a frozen table that is only looked up: its pages come in as rows are read, not the whole table
+        rows_only = self.looked_up and not self.trainable and self.grad_uses == 1
+        mapped = map_tensors(self.file, dtype, shared, populate=not rows_only) if o.device.type == "cpu" else None
         if mapped is None:  # converted on the way in, or bound for another device
             data, buffer = read_tensors(self.file, o.take_buffer, dtype)
             mapping, shared = None, False
+            if o.device.type != "cpu":
+                buffer = None  # everything is moved to the device: the buffer is free again
         else:
             (data, mapping), buffer = mapped, None
+        o.bytes["read"] += self.file.stat().st_size
         weights = {k: data[k].to(o.device) for k in self.shapes}
         optim = {}
         for name, t in data.items():
             if ":" in name:  # "attention.wq.weight:exp_avg"
                 key, state = name.split(":")
                 optim.setdefault(key, {})[state] = t.to(o.device)
-        if o.device.type != "cpu":
-            buffer = None  # everything was moved to the device: the buffer is free again
         compute, compute_buffer = self._compute_copies(weights)
         grads = {}
         if self.grad_file is not None:
             grads = {k: t.to(o.device) for k, t in read_tensors(self.grad_file)[0].items()}
+            o.bytes["read"] += self.grad_file.stat().st_size
             self.grad_file.unlink()
             self.grad_file = None
         return weights, compute, optim, grads, buffer, compute_buffer, mapping, shared
@@ -256,8 +262,8 @@ class Blackbox:
             self.write()
         if not (self.resident or keep):
             if self.grads:  # gradient clipping: the gradients wait on disk for the global norm
-                self.grad_file = o.run_dir / f"{self.name}.grad{o.tag}.safetensors"
-                self.writing = o.io.submit(o.timed, "writing", write_tensors, self.grads, self.grad_file)
+                self.grad_file = o.run.grad_file(self.name)
+                self.writing = o.io.submit(o.timed, "writing", self._write_file, self.grads, self.grad_file)
                 self.grads = {}
             buffers = [b for b in (self.buffer, self.compute_buffer) if b is not None]
             if buffers:
@@ -265,32 +271,31 @@ class Blackbox:
             self.weights = self.compute = self.buffer = self.compute_buffer = self.mapping = None
             self.optim, self.mapped, self.dirty = {}, False, False  # a mapping closes once no view of it is left
 
-    def slot(self):
-        """The file the next state goes to. Each module has two slot files in the run folder: the last
-        committed state is in one, newer states overwrite the other, so a kill mid-write tears only
-        a slot that no committed manifest names."""
-        o = self.offload
-        slots = [o.run_dir / f"{self.name}.{slot}.safetensors" for slot in (0, 1)]
-        return slots[1] if slots[0].name in o.committed else slots[0]
+    def _write_file(self, tensors, path, in_place=False):
+        write_tensors(tensors, path, in_place)
+        self.offload.bytes["written"] += sum(t.numel() * t.element_size() for t in tensors.values())
 
     def prepare_update(self, states):
         """Before the weights change: the optimizer state is there (states: the fp32 tensors per weight,
         made as zeros the first time), and on the CPU the weights are views of a shared mapping of the
         slot file, so updates go straight into its pages (the OS writes them to the disk in the
         background: no copy and no write of the module afterwards). The first update after the module
-        was read from elsewhere or its file was committed copies the module into the slot first."""
+        was read from elsewhere or its file was committed copies the module into the slot first (each
+        process of a machine its own rows of it)."""
         if self.dirty:  # prepared at its first update since it was read or written
             return
         self.dirty = True
-        o = self.offload
+        o, run = self.offload, self.offload.run
         for key, weight in self.weights.items():
             if states and key not in self.optim:
                 self.optim[key] = {"step": torch.tensor(0.0), **{s: torch.zeros_like(weight) for s in states}}
-        if self.mapped and self.file.name not in o.committed:
-            FILE_BYTES["written"] += sum(t.numel() * 4 for t in self.state().values()) // o.share[1]  # by the OS
+        nbytes = sum(t.numel() * 4 for t in self.state().values()) // run.group.local_world
+        if self.mapped and run.is_open_slot(self.file):
+            o.bytes["written"] += nbytes  # by the OS
         elif o.device.type == "cpu" and not self.resident:  # into the slot (this process's part), then mapped
-            self.file = self.slot()
-            write_tensors(self.state(), self.file, in_place=True, part=o.share)
+            self.file = run.slot(self.name)
+            write_tensors(self.state(), self.file, in_place=True, rows=run.own_rows)
+            o.bytes["written"] += nbytes
             tensors, self.mapping = map_tensors(self.file, torch.float32, True)
             for key in self.weights:
                 if self.compute[key] is self.weights[key]:
@@ -298,7 +303,7 @@ class Blackbox:
                 self.weights[key] = tensors[key]
             self.optim = {key: {s: tensors[f"{key}:{s}"] for s in state} for key, state in self.optim.items()}
             self.buffer, self.mapped = None, True
-            o.written.add(self.file)
+            run.written.add(self.file)
 
     def state(self):
         """{name: tensor} as stored: the weights and, as "key:state", their optimizer state."""
@@ -307,19 +312,27 @@ class Blackbox:
     def write(self):
         """Write the weights (and optimizer state) to the slot file in the background, unless they are
         views of it already."""
-        o = self.offload
+        o, run = self.offload, self.offload.run
         self.dirty = False
         if self.mapped:
             return
-        self.file = self.slot()
-        if o.writes:  # else the machine's first process writes the same bytes
-            self.writing = o.io.submit(o.timed, "writing", write_tensors, self.state(), self.file, True)
-            o.written.add(self.file)
+        self.file = run.slot(self.name)
+        if run.writes:  # else the machine's first process writes the same bytes
+            self.writing = o.io.submit(o.timed, "writing", self._write_file, self.state(), self.file, True)
+            run.written.add(self.file)
 
     def wait_write(self):
         if self.writing is not None:
             self.offload.timed("wait_write", self.writing.result)
             self.writing = None
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    graph_budget: int  # bytes of blocks' activations kept for the backward pass
+    prefetch_in_memory: bool  # the next module is read into memory ahead of its use (else into the page cache)
+    peak: int  # the planned peak of the process, bytes
+    resident: frozenset  # names of the modules that stay in memory
 
 
 def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_batches=1, whole_grads=False,
@@ -328,10 +341,9 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     or output beside it (at the turns of the step both are in memory), the gradient rows being applied
     (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
     one table: whole_grads), each block's input, the logits and their gradient, the block being computed.
-    Then, in order of what
-    they save: blocks' activations (a quarter of a block's arithmetic each), reading the next module
-    into memory ahead of its use (else the OS reads it ahead), and the last modules staying resident.
-    Sets box.resident; returns (activation bytes kept, prefetch into memory, planned peak)."""
+    Then, in order of what they save: blocks' activations (a quarter of a block's arithmetic each),
+    reading the next module into memory ahead of its use (else the OS reads it ahead), and the last
+    modules staying resident (the final norm always: it is tiny and used at every turn)."""
     modules = list(dict.fromkeys([embeddings, *layers, output]))  # the output may be the embeddings
     block = max((box.memory_bytes() for box in layers), default=0)
     big = max(embeddings.memory_bytes(), output.memory_bytes())
@@ -349,12 +361,12 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     free = budget - needed - graph_budget
     prefetch_in_memory = free >= prefetch
     free -= prefetch * prefetch_in_memory
-    suffix = True  # residents are the last modules: those in use at the turn of the step
-    for box in reversed(modules):
-        box.resident = suffix and box.memory_bytes() <= free
-        free -= box.memory_bytes() if box.resident else 0
-        suffix = box.resident
-    norm.resident = True  # tiny, and used at every turn
+    resident = {norm.name}
+    for box in reversed(modules):  # residents are the last modules: those in use at the turn of the step
+        if box.memory_bytes() > free:
+            break
+        resident.add(box.name)
+        free -= box.memory_bytes()
     peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.memory_bytes() for box in modules
-                                                                       if box.resident)
-    return graph_budget, prefetch_in_memory, peak
+                                                                       if box.name in resident)
+    return MemoryPlan(graph_budget, prefetch_in_memory, peak, frozenset(resident))

@@ -13,22 +13,24 @@ import math
 import torch
 
 from offload import CHUNK_BYTES
-from parallel import Group, checksum
+from parallel import checksum
 
 
 class Optimizer:
-    def __init__(self, kind, device, compute_dtype, micro_batches=1, grad_clip=0.0, adapters=(), group=None,
-                 **settings):
-        self.kind, self.device, self.compute_dtype = kind, device, compute_dtype
-        self.micro_batches, self.grad_clip, self.settings = micro_batches, grad_clip, settings
-        self.group = group or Group()
+    """optim: settings.Optim (its kind for the weights; LoRA's adapters take AdamW); run: the RunFolder, whose
+    group is this process's place in a parallel run and whose own_rows are the rows it updates."""
+
+    def __init__(self, optim, device, compute_dtype, micro_batches, adapters, run):
+        self.kind, self.device, self.compute_dtype = optim.kind, device, compute_dtype
+        self.micro_batches, self.grad_clip, self.settings = micro_batches, optim.grad_clip, optim.adamw()
+        self.run, self.group = run, run.group
         self.pending = {}  # module name -> [(key, summing)]: gradients being summed over the processes
         self.step_before = {}  # (module, key) -> AdamW's step count before this step, read before summing
         self.checksums = {}  # (module, key, r0, r1) -> checksum of the rows as last updated, in a parallel run
-        self.states = 2 if kind == "adamw" else 0  # fp32 tensors kept beside each weight (the moments)
+        self.states = 2 if self.kind == "adamw" else 0  # fp32 tensors kept beside each weight (the moments)
         self.lr, self.clip_coef, self.grad_norms, self.counts, self.chunks = 0.0, None, [], {}, {}
         self.adapters = list(adapters)
-        self.adapter_optimizer = torch.optim.AdamW(self.adapters, lr=0.0, **settings) if self.adapters else None
+        self.adapter_optimizer = torch.optim.AdamW(self.adapters, lr=0.0, **self.settings) if self.adapters else None
 
     @property
     def whole_grads(self):
@@ -96,7 +98,7 @@ class Optimizer:
         box.prepare_update(("exp_avg", "exp_avg_sq") if self.kind == "adamw" else ())
         full = box.weights[key]
         if box.mapped and self.group.local_world > 1:
-            r0, r1 = box.offload.own_rows(len(full))
+            r0, r1 = self.run.own_rows(len(full))
             grad = grad[r0:r1]
         weight = full[r0:r0 + len(grad)]
         if self.kind == "sgd":

@@ -4,12 +4,11 @@ add up their gradients, so every process applies the same update.
 Without torchrun's environment (WORLD_SIZE) a run is one process and nothing here talks to anyone.
 With it: backend nccl on cuda (LOCAL_RANK picks the GPU), gloo elsewhere. The processes of one
 machine share its offload and run folders: a module file being trained is memory-mapped by all of
-them, and each updates its own part of every weight's rows in the shared pages (offload.Offload.share),
-so the machine writes each module once, as a single process would. A collective that fails or does
-not finish within the timeout (a process died) is one UserError line.
+them, and each updates its own part of every weight's rows in the shared pages (run_folder.py says who
+writes what), so the machine writes each module once, as a single process would. A collective that
+fails or does not finish within the timeout (a process died) is one UserError line.
 """
 import datetime
-import fcntl
 import os
 import time
 
@@ -27,7 +26,6 @@ class Group:
         self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
         self.device = torch.device(device)  # where the backend sums (nccl: the GPU)
         self.wait_s = 0.0
-        self.lock = None
 
     def call(self, fn, *args):
         """A collective (or a wait on one), timed; a failure is a UserError."""
@@ -122,20 +120,3 @@ def start(device, timeout_s):
     except (RuntimeError, ValueError) as e:
         raise UserError(f"process {rank} of {world}: cannot join the process group with {backend} ({e})")
     return Group(rank, world, local_rank, local_world, device if backend == "nccl" else "cpu"), device
-
-
-def lock_run_folder(group, out):
-    """Hold out/.lock while the run lives (the OS lets go when the process ends): a second run in
-    the same out_path, from another terminal or another torchrun, is refused. The machine's first
-    process holds it for its group."""
-    def take():
-        out.mkdir(parents=True, exist_ok=True)
-        group.lock = open(out / ".lock", "w")
-        try:
-            fcntl.flock(group.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            group.lock.close()
-            group.lock = None
-            raise UserError(f"out_path={out}: another run is using this folder; wait for it to end or choose "
-                            "another out_path")
-    group.agree(take)

@@ -31,11 +31,7 @@ writes have reached it: "cold", at the fsync'd write speed (as bench.py --cold, 
 evicts every file before reading it: the worst case). The plan prints both and counts the run at the
 one that applies.
 
-Measured against bench.py on a 2-core VM with a shared virtual disk (7B shape cut to 8 blocks, SGD,
-fp32, 2 x 128 tokens, memory_budget 2.4; a plan just before each bench run): warm, 2-18% under the
-measured step time in four runs; cold, 17-20% over in an 8-step run on a quiet machine, -33% to +54% in
-others, where the machine's load or its disk changed between the plan and the run (cold steps wait on
-flushes, whose speed moves with everything else that writes to the disk).
+How close the plan comes to bench.py's measured steps is in docs/performance.md.
 """
 import json
 import math
@@ -47,64 +43,58 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import hf_format as hf
+from adapters import add_lora, base_copy_bytes
 from blackbox_model import Transformer
 from default_model import default_model
 from files import evict_from_page_cache
 from llama import module_shapes
-from loader import FORMAT, fingerprint, offload_dir_for, read_manifest, source_files
-from meta_format import model_args, read_params, read_shard, shard_files
-from utils import (UserError, check_device, choose_compute_dtype, dtype_name, gb, mem_available_bytes, parse_dtype,
-                   synchronize, total_ram_bytes)
+from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifest, source_files
+from meta_format import model_args, read_source
+from run_folder import RunFolder
+from utils import (check_device, choose_compute_dtype, dtype_name, duration, gb, matmul_rate, mem_available_bytes,
+                   parse_dtype)
+
+MATMUL_PROBE_S = 2.0  # seconds of matmuls the device's rate is measured over
 
 # --- the model without converting it ---
 
-def planning_model(cfg, log=lambda *a: None):
+def planning_model(s, log=lambda *a: None):
     """(model, converted): a Transformer with the run's shapes and memory budget, made from the offload
     folder's manifest when the model is converted already, else from the source folder (nothing written)."""
-    device = check_device(cfg.device)
-    compute_dtype = choose_compute_dtype(cfg.compute_dtype, device, log)
-    source = Path(cfg.model_path or default_model()).resolve()
+    device = check_device(s.device)
+    compute_dtype = choose_compute_dtype(s.compute_dtype, device, log)
+    source = Path(s.model_path or default_model()).resolve()
     fp = fingerprint(source)  # also: the folder and its config exist
-    folder = offload_dir_for(source, cfg.offload_path or None)
+    folder = offload_dir_for(source, s.offload_path or None)
     manifest = read_manifest(folder)
     converted = bool(manifest and manifest.get("format") == FORMAT and manifest.get("fingerprint") == fp)
     if converted:
         args = model_args(manifest["params"], manifest["vocab_size"])
         storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
-    elif hf.is_hf_folder(source):
+    elif layout_of(source) == "hf":
         params, config = hf.read_config(source)
         args = model_args(params, params["vocab_size"])
         storage = parse_dtype(config.get("torch_dtype") or "bfloat16")
     else:
-        params, shards = read_params(source), shard_files(source)
-        first = read_shard(shards[0])  # memory-mapped: only the headers are read
-        if "tok_embeddings.weight" not in first:
-            raise UserError(f"{shards[0]}: no tok_embeddings.weight tensor; is this a Llama checkpoint?")
-        params = {**params, "tie_embeddings": "output.weight" not in first}
-        vocab = params.get("vocab_size", -1)
-        args = model_args(params, vocab if vocab and vocab > 0 else first["tok_embeddings.weight"].shape[0])
+        _, args, _, first = read_source(source)
         storage = first["tok_embeddings.weight"].dtype
         del first
-    budget = total_ram_bytes() // 2 if cfg.memory_budget < 0 else int(cfg.memory_budget * 2**30)
     manifest = {"source": str(source), "fingerprint": fp}
-    model = Transformer(args, folder, manifest, None, storage, device, compute_dtype, budget, cfg.dropout)
+    model = Transformer(args, folder, manifest, None, storage, device, compute_dtype, s.memory_budget_bytes(),
+                        s.dropout)
     model.source_bytes = 0 if converted else sum(f.stat().st_size for f in source_files(source))
     return model, converted
 
 
-def plan_memory(model, cfg):
+def plan_memory(model, s):
     """The memory plan training makes (setup_training), in a temporary run folder that is removed."""
-    if cfg.mode == "lora":
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), cfg.seed)
+    if s.mode == "lora":
+        add_lora(model, s.lora, s.seed)
     with tempfile.TemporaryDirectory(prefix="slowllama-plan-") as tmp:
-        model.setup_training(tmp, mode=cfg.mode, optimizer=cfg.optimizer, grad_clip=cfg.grad_clip,
-                             micro_batches=cfg.grad_accum, keep_activations=bool(cfg.keep_activations),
-                             tokens_per_step=cfg.batch_size * cfg.seq_len, base_copy=0, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, weight_decay=cfg.weight_decay)
-    model.offload.run_dir = None
+        model.setup_training(RunFolder(tmp), s.mode, s.optim, s.data.micro_batch_tokens, s.data.grad_accum,
+                             s.keep_activations, base_copy=0)
 
 
 # --- measuring this machine ---
@@ -175,143 +165,115 @@ def matmul_params(args):
     return args.n_layers * block + args.vocab_size * args.dim
 
 
-def matmul_rate(args, tokens, dtype, device, seconds=2.0):
-    """FLOP/s of the step's three matmul kinds (y = x W^T, dx = dy W, dW = dy^T x) at the model's block
-    shapes for micro-batches of tokens, in the compute dtype: rounds over the shapes for about seconds of
-    matmuls (at most twice that in all: small models spend more time making the random operands)."""
-    shapes = [s for s in module_shapes(args, "layers").values() if len(s) == 2]
-    flops, spent, rounds, begin = 0, 0.0, 0, time.perf_counter()
-    while rounds == 0 or spent < seconds and time.perf_counter() - begin < 2 * seconds:
-        for n_out, n_in in shapes:
-            w = torch.randn(n_out, n_in, device=device).to(dtype)
-            x, dy = torch.randn(tokens, n_in, device=device).to(dtype), torch.randn(tokens, n_out, device=device).to(dtype)
-            for f in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x):
-                if rounds == 0:  # warm-up: the first call of a shape and kind
-                    f()
-                synchronize(device)
-                start = time.perf_counter()
-                f()
-                synchronize(device)
-                spent += time.perf_counter() - start
-                flops += 2 * tokens * n_in * n_out
-            del w, x, dy
-        rounds += 1
-    return flops / spent
+def block_matmul_shapes(args):
+    """The (out, in) shapes of a block's matrices: what matmul_rate is measured at."""
+    return [s for s in module_shapes(args, "layers").values() if len(s) == 2]
 
 
 # --- the figures ---
 
-def step_traffic(model, cfg, base_copy=0):
+def step_traffic(model, s, base_copy=0):
     """(bytes read by the forward pass, by the backward pass, bytes written) of one step, from the memory
     plan (modules that stay resident move nothing). The forward pass reads each streamed file once: the
     step's working set, and what each of an evaluation's passes reads. base_copy: LoRA reads an fp32 copy."""
-    full = cfg.mode == "full"
+    full = s.mode == "full"
     unit = 4 * (1 + model.optimizer.states) if full else 4 if base_copy else model.storage_dtype.itemsize
     size = lambda box: 0 if box.resident else box.numel() * unit
     ends = list(dict.fromkeys([model.embeddings, model.output]))  # one table when tied
     forward = sum(map(size, ends)) + sum(map(size, model.layers))
     backward = sum(map(size, model.layers[:-1]))  # the last block is kept from the forward pass
     writes = forward if full else 0  # each changed module once, the embeddings and output included
-    if full and cfg.grad_clip:  # gradients wait on disk for the norm; a third pass applies them
+    if full and s.optim.grad_clip:  # gradients wait on disk for the norm; a third pass applies them
         grads = sum(0 if box.resident else 4 * box.numel() for box in model.boxes.values())
         backward, writes = backward + forward + grads, writes + grads
     return forward, backward, writes
 
 
-def step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, warm, copies_share_cpu):
-    """Seconds a step takes: in each pass, the slower of its arithmetic and its disk traffic (reading
-    ahead and writing behind overlap with the arithmetic). The forward pass has forward_share of the
-    arithmetic (2 of 6 FLOPs per parameter and token; 2 of 4 for LoRA) and reads every streamed module;
-    the backward pass reads them again and writes them.
-    copies_share_cpu (device cpu): the arithmetic uses every core, so the memory copies of the I/O
-    (from the page cache into the module buffers, into the page cache when writing) take their time
-    from it: they are added to the arithmetic, at the page-cache speed.
-    Warm: reads come from the page cache, and the writes drain to the disk in the background through
-    both passes (the page cache holds them): the step is at least writes / stream_write speed.
+def step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, copies_share_cpu):
+    """Seconds of a step's parts and of the step, warm and cold: in each pass, the slower of its arithmetic and
+    its disk traffic (reading ahead and writing behind overlap with the arithmetic). The forward pass has
+    forward_share of the arithmetic (2 of 6 FLOPs per parameter and token; 2 of 4 for LoRA) and reads every
+    streamed module; the backward pass reads them again and writes them.
+    copies_share_cpu (device cpu): the arithmetic uses every core, so the memory copies of the I/O (from the
+    page cache into the module buffers, into the page cache when writing) take their time from it: they are
+    added to the arithmetic, at the page-cache speed.
+    Warm: reads come from the page cache, and the writes drain to the disk in the background through both
+    passes (the page cache holds them): the step is at least writes / stream_write speed.
     Cold: the disk serves the reads too, and a file is read back only once its writes are on the disk
-    (bench.py --cold flushes each file before reading it): the backward pass's disk time is its reads
-    and its writes at the fsync'd write speed, one after the other."""
-    cache = speeds["cache_read"]
-    forward_s = compute_s * forward_share + (reads_forward / cache if copies_share_cpu else 0)
-    backward_s = compute_s * (1 - forward_share) + ((reads_backward + writes) / cache if copies_share_cpu else 0)
-    if warm:
-        passes = max(forward_s, reads_forward / cache) + max(backward_s, reads_backward / cache)
-        return max(passes, writes / speeds["stream_write"])
-    return max(forward_s, reads_forward / speeds["disk_read"]) + \
-        max(backward_s, reads_backward / speeds["disk_read"] + writes / speeds["write"])
+    (bench.py --cold flushes each file before reading it): the backward pass's disk time is its reads and its
+    writes at the fsync'd write speed, one after the other."""
+    cache, disk = speeds["cache_read"], speeds["disk_read"]
+    t = {"forward_s": compute_s * forward_share + (reads_forward / cache if copies_share_cpu else 0),
+         "backward_s": compute_s * (1 - forward_share) + ((reads_backward + writes) / cache if copies_share_cpu else 0),
+         "drain_s": writes / speeds["stream_write"], "cold_forward_disk_s": reads_forward / disk,
+         "cold_backward_disk_s": reads_backward / disk + writes / speeds["write"]}
+    t["warm_forward_s"], t["warm_backward_s"] = max(t["forward_s"], reads_forward / cache), \
+        max(t["backward_s"], reads_backward / cache)
+    t["warm_step_s"] = max(t["warm_forward_s"] + t["warm_backward_s"], t["drain_s"])
+    t["cold_step_s"] = max(t["forward_s"], t["cold_forward_disk_s"]) + max(t["backward_s"], t["cold_backward_disk_s"])
+    return t
 
 
-def n_evaluations(cfg, first_step):
-    if not cfg.eval_period:
+def n_evaluations(s, first_step):
+    if not s.eval_period:
         return 0
-    return (first_step == 0) + sum(1 for s in range(first_step + 1, cfg.iters) if s % cfg.eval_period == 0) + 1
-
-
-def duration(seconds):
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 72 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    return (first_step == 0) + sum(1 for i in range(first_step + 1, s.iters) if i % s.eval_period == 0) + 1
 
 
 def tb(nbytes):
     return f"{nbytes / 1e12:.1f} TB" if nbytes >= 1e12 else gb(nbytes)
 
 
-def plan(cfg, disk_needs, out=print):
-    """Measure, compute and print the plan of a run; returns its figures (also printed last as JSON)."""
-    if cfg.plan_mb < 1:
-        raise UserError(f"--plan_mb={cfg.plan_mb}: must be at least 1")
-    model, converted = planning_model(cfg)
+def plan(s, disk_needs, out=print):
+    """Measure, compute and print the plan of a run of settings s; returns its figures (also printed last as
+    JSON)."""
+    model, converted = planning_model(s)
     try:
-        plan_memory(model, cfg)
+        plan_memory(model, s)
     finally:
         model.close()
     first_step = 0
-    state_file = Path(cfg.out_path) / "run" / "state.json"
-    if cfg.resume and state_file.is_file():
+    state_file = Path(s.out_path) / "run" / "state.json"
+    if s.resume and state_file.is_file():
         first_step = json.loads(state_file.read_text()).get("step", 0)
-    steps = max(0, cfg.iters - first_step)
-    full = cfg.mode == "full"
-    needs = disk_needs(model, cfg)
-    base_copy = 0 if full else model.base_copy_bytes(cfg.base_copy, needs[0][2], existing(Path(cfg.out_path)))
-    traffic_dir = Path(cfg.out_path) if full or base_copy else model.offload_dir
-    speeds = disk_speeds(traffic_dir, cfg.plan_mb << 20)
-    tokens = cfg.batch_size * cfg.seq_len
-    rate = matmul_rate(model.args, tokens, model.compute_dtype, model.device)
-    tokens_per_step = tokens * cfg.grad_accum
+    steps = max(0, s.iters - first_step)
+    full = s.mode == "full"
+    needs = disk_needs(model, s)
+    base_copy = 0 if full else base_copy_bytes(model, s.base_copy, needs[0][2], existing(Path(s.out_path)))
+    traffic_dir = Path(s.out_path) if full or base_copy else model.offload_dir
+    speeds = disk_speeds(traffic_dir, s.plan_mb << 20)
+    tokens = s.data.micro_batch_tokens
+    rate = matmul_rate(block_matmul_shapes(model.args), tokens, model.compute_dtype, model.device, MATMUL_PROBE_S)
+    tokens_per_step = tokens * s.data.grad_accum
     flops = (6 if full else 4) * matmul_params(model.args) * tokens_per_step
     compute_s = flops / rate
-    reads_forward, reads_backward, writes = step_traffic(model, cfg, base_copy)
+    reads_forward, reads_backward, writes = step_traffic(model, s, base_copy)
     reads, working_set = reads_forward + reads_backward, reads_forward
-    cache_room = mem_available_bytes() - model.peak_estimate
+    peak = model.memory.peak
+    cache_room = mem_available_bytes() - peak
     forward_share = 2 / (6 if full else 4)
     copies_share_cpu = model.device.type == "cpu" and not base_copy  # LoRA's fp32 copy is mapped: no copies
-    warm_step_s, cold_step_s = (step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds,
-                                             warm, copies_share_cpu) for warm in (True, False))
+    t = step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, copies_share_cpu)
     warm = working_set <= cache_room
-    step_s = warm_step_s if warm else cold_step_s
-    n_evals = n_evaluations(cfg, first_step)
-    passes = cfg.gen_tokens + (cfg.val_fraction > 0)  # each generated token streams the whole model once
+    step_s = t["warm_step_s"] if warm else t["cold_step_s"]
+    n_evals = n_evaluations(s, first_step)
+    passes = s.gen_tokens + (s.data.val_fraction > 0)  # each generated token streams the whole model once
     eval_s = passes * working_set / speeds["cache_read" if warm else "disk_read"]
     total_s = steps * step_s + n_evals * eval_s
     if base_copy:
-        needs.insert(1, ("fp32 copy of the base (LoRA; removed at the end)", Path(cfg.out_path) / "run", base_copy))
+        needs.insert(1, ("fp32 copy of the base (LoRA; removed at the end)", Path(s.out_path) / "run", base_copy))
     if not converted:
         needs = [("offload (conversion, once)", model.offload_dir.parent, model.source_bytes)] + needs
-    n_commits = steps // cfg.save_period + 1
+    n_commits = steps // s.save_period + 1
     resident_writes = sum(box.numel() * 4 * (1 + model.optimizer.states) for box in model.boxes.values()
                           if box.resident) if full else 0
     run_writes = steps * writes + n_commits * resident_writes + sum(n for what, _, n in needs if what != "run folder")
     n_resident = sum(box.resident for box in model.boxes.values())
     n_params = sum(box.numel() for box in model.boxes.values())
 
-    figures = {"params": n_params, "mode": cfg.mode, "optimizer": model.optimizer.kind,
+    figures = {"params": n_params, "mode": s.mode, "optimizer": model.optimizer.kind,
                "compute_dtype": dtype_name(model.compute_dtype), "tokens_per_step": tokens_per_step,
-               "steps": steps, "disk_folder": str(existing(traffic_dir)), "probe_bytes": cfg.plan_mb << 20,
+               "steps": steps, "disk_folder": str(existing(traffic_dir)), "probe_bytes": s.plan_mb << 20,
                "write_bps": speeds["write"], "stream_write_bps": speeds["stream_write"],
                "disk_read_bps": speeds["disk_read"], "copies_share_cpu": copies_share_cpu,
                "cache_read_bps": speeds["cache_read"], "matmul_flops": rate, "matmul_params": matmul_params(model.args),
@@ -319,19 +281,19 @@ def plan(cfg, disk_needs, out=print):
                "compute_s": compute_s, "forward_share": forward_share, "read_bytes_per_step": reads,
                "forward_read_bytes": reads_forward, "backward_read_bytes": reads_backward,
                "write_bytes_per_step": writes, "working_set_bytes": working_set, "cache_room_bytes": cache_room,
-               "warm": warm, "warm_step_s": warm_step_s, "cold_step_s": cold_step_s, "step_s": step_s,
+               "warm": warm, "warm_step_s": t["warm_step_s"], "cold_step_s": t["cold_step_s"], "step_s": step_s,
                "evaluations": n_evals,
-               "eval_s": eval_s, "total_s": total_s, "peak_ram_bytes": model.peak_estimate,
+               "eval_s": eval_s, "total_s": total_s, "peak_ram_bytes": peak,
                "resident_modules": n_resident, "modules": len(model.boxes), "converted": converted,
                "disk_space_bytes": sum(n for _, _, n in needs), "run_write_bytes": run_writes,
                "base_copy_bytes": base_copy}
 
     source = Path(model.manifest["source"])
     count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.1f} M"
-    out(f"plan: {source.name} ({count} parameters, {model.args.n_layers} blocks), mode={cfg.mode}, "
+    out(f"plan: {source.name} ({count} parameters, {model.args.n_layers} blocks), mode={s.mode}, "
         f"optimizer={figures['optimizer']}, compute {figures['compute_dtype']} on {model.device.type}, "
-        f"{tokens_per_step} tokens a step (batch_size {cfg.batch_size} x seq_len {cfg.seq_len} x grad_accum "
-        f"{cfg.grad_accum}), {steps} steps{f' (from step {first_step})' if first_step else ''}")
+        f"{tokens_per_step} tokens a step (batch_size {s.data.batch_size} x seq_len {s.data.seq_len} x grad_accum "
+        f"{s.data.grad_accum}), {steps} steps{f' (from step {first_step})' if first_step else ''}")
     out(f"measured: disk in {figures['disk_folder']} (a {gb(figures['probe_bytes'])} file, deleted): write "
         f"{speeds['write'] / 1e9:.2f} GB/s with fsync, {speeds['stream_write'] / 1e9:.2f} GB/s streaming (O_DIRECT); "
         f"read {speeds['disk_read'] / 1e9:.2f} GB/s from the disk, {speeds['cache_read'] / 1e9:.2f} GB/s from the page "
@@ -340,26 +302,24 @@ def plan(cfg, disk_needs, out=print):
         + ")" if full else "the run folder (an fp32 copy of the frozen base, made once)" if base_copy else \
         "the offload folder (the frozen base, converted to fp32 at every read)" if model.compute_dtype != \
         model.storage_dtype else "the offload folder (the frozen base)"
-    out(f"memory: about {gb(model.peak_estimate)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
+    out(f"memory: about {gb(peak)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
         f"{n_resident} of {len(model.boxes)} modules stay in memory"
         + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed"))
     out(f"per step: {flops / 1e12:.2f} TFLOP ({6 if full else 4} per matmul parameter per token) = {compute_s:.1f} s "
         f"of arithmetic ({forward_share * compute_s:.1f} s forward, {(1 - forward_share) * compute_s:.1f} s backward); "
         f"reads {gb(reads_forward)} forward + {gb(reads_backward)} backward = {gb(reads)}, writes {gb(writes)}")
     cr, dr, wr, sw = speeds["cache_read"], speeds["disk_read"], speeds["write"], speeds["stream_write"]
-    fwd_s = forward_share * compute_s + (reads_forward / cr if copies_share_cpu else 0)
-    bwd_s = (1 - forward_share) * compute_s + ((reads_backward + writes) / cr if copies_share_cpu else 0)
+    fwd_s, bwd_s = t["forward_s"], t["backward_s"]
     if copies_share_cpu:
         out(f"  on the CPU the I/O's memory copies take time from the arithmetic: forward {fwd_s:.1f} s "
             f"(+ {gb(reads_forward)} / {cr / 1e9:.2f} GB/s), backward {bwd_s:.1f} s "
             f"(+ {gb(reads_backward + writes)} / {cr / 1e9:.2f} GB/s)")
-    warm_passes = max(fwd_s, reads_forward / cr) + max(bwd_s, reads_backward / cr)
-    out(f"  warm (reads from the page cache): forward {max(fwd_s, reads_forward / cr):.1f} s + backward "
-        f"{max(bwd_s, reads_backward / cr):.1f} s = {warm_passes:.1f} s; the writes drain to the disk meanwhile: "
-        f"{gb(writes)} / {sw / 1e9:.2f} GB/s = {writes / sw:.1f} s -> {warm_step_s:.1f} s/step")
+    out(f"  warm (reads from the page cache): forward {t['warm_forward_s']:.1f} s + backward "
+        f"{t['warm_backward_s']:.1f} s = {t['warm_forward_s'] + t['warm_backward_s']:.1f} s; the writes drain to the "
+        f"disk meanwhile: {gb(writes)} / {sw / 1e9:.2f} GB/s = {t['drain_s']:.1f} s -> {t['warm_step_s']:.1f} s/step")
     out(f"  cold (reads from the disk):       forward max({fwd_s:.1f} s, {gb(reads_forward)} / {dr / 1e9:.2f} GB/s = "
-        f"{reads_forward / dr:.1f} s) + backward max({bwd_s:.1f} s, {gb(reads_backward)} / {dr / 1e9:.2f} GB/s + "
-        f"{gb(writes)} / {wr / 1e9:.2f} GB/s = {reads_backward / dr + writes / wr:.1f} s) -> {cold_step_s:.1f} s/step")
+        f"{t['cold_forward_disk_s']:.1f} s) + backward max({bwd_s:.1f} s, {gb(reads_backward)} / {dr / 1e9:.2f} GB/s + "
+        f"{gb(writes)} / {wr / 1e9:.2f} GB/s = {t['cold_backward_disk_s']:.1f} s) -> {t['cold_step_s']:.1f} s/step")
     fit = f"the {gb(working_set)} the step reads {'fit' if warm else 'do not fit'} in the page cache " \
           f"({gb(max(0, cache_room))} of RAM free beside the run's peak)"
     bound = "arithmetic" if step_s <= (fwd_s + bwd_s) * 1.001 else "disk"

@@ -2,6 +2,9 @@
 matching the committed run), out_path/loss.png, out_path/report.md, and the progress shown while
 it runs (a tqdm bar on a terminal, a line per step otherwise)."""
 import json
+import os
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -10,9 +13,10 @@ import torch
 
 from files import write_text
 from plot import draw_run, read_metrics, smooth, smoothing_window
-from utils import gb, proc_io
+from utils import duration, gb, proc_io
 
 IO_KEYS = ("rchar", "wchar", "read_bytes", "write_bytes")
+HERE = Path(__file__).resolve().parent
 
 
 class RunLog:
@@ -28,10 +32,11 @@ class RunLog:
     out_path/loss.png is drawn from it at each evaluation and at the end; report.md sums it up at the end.
     Progress: one tqdm bar on a terminal, else the line per step."""
 
-    def __init__(self, cfg, out, model, step, processes=1):
-        self.cfg, self.out, self.path, self.processes = cfg, out, out / "metrics.jsonl", processes
-        self.tokens_per_step = processes * cfg.batch_size * cfg.grad_accum * cfg.seq_len  # of every process
-        final_eval_again = step >= cfg.iters  # a finished run resumed: its final evaluation runs again
+    def __init__(self, s, out, model, step, processes=1):
+        """s: the run's settings (settings.Settings)."""
+        self.s, self.out, self.path, self.processes = s, out, out / "metrics.jsonl", processes
+        self.tokens_per_step = processes * s.data.micro_batch_tokens * s.data.grad_accum  # of every process
+        final_eval_again = step >= s.iters  # a finished run resumed: its final evaluation runs again
         self.records = [r for r in read_metrics(self.path) if step and r["step"] <= step
                         and not (final_eval_again and r.get("kind") == "eval" and r["step"] == step)]
         write_text("".join(json.dumps(r) + "\n" for r in self.records), self.path)
@@ -43,12 +48,14 @@ class RunLog:
         self.bar, self.plot_failed = None, False
         self.write({"kind": "run", "step": step, "model": Path(model.manifest["source"]).name,
                     "source": model.manifest["source"], "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
-                    "resumed": bool(step), "processes": processes, **{k: getattr(cfg, k) for k in (
-                        "mode", "optimizer", "lr", "batch_size", "seq_len", "grad_accum", "iters", "lora_rank",
-                        "lora_targets", "grad_clip", "data_path", "device")}})
+                    "resumed": bool(step), "processes": processes, "mode": s.mode, "optimizer": s.optim.kind,
+                    "lr": s.optim.lr, "batch_size": s.data.batch_size, "seq_len": s.data.seq_len,
+                    "grad_accum": s.data.grad_accum, "iters": s.iters, "lora_rank": s.lora.rank,
+                    "lora_targets": ",".join(s.lora.targets), "grad_clip": s.optim.grad_clip,
+                    "data_path": s.data.path, "device": s.device})
         if sys.stdout.isatty() and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=cfg.iters, initial=step, unit="step", dynamic_ncols=True, desc="training")
+            self.bar = tqdm(total=s.iters, initial=step, unit="step", dynamic_ncols=True, desc="training")
 
     def write(self, record):
         now = time.time()
@@ -80,7 +87,7 @@ class RunLog:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss {loss:.4f}, {self.tokens_per_step / seconds:.0f} tok/s", refresh=True)
         else:
-            print(f"step {step}/{self.cfg.iters} | loss {loss:.4f} | {self.tokens_per_step / seconds:.0f} tok/s | "
+            print(f"step {step}/{self.s.iters} | loss {loss:.4f} | {self.tokens_per_step / seconds:.0f} tok/s | "
                   f"{seconds:.2f} s/step | {left:.0f} s left", flush=True)
 
     def evaluation(self, step, result, seconds):
@@ -90,7 +97,7 @@ class RunLog:
     def plot(self):
         """out_path/loss.png; without matplotlib the run goes on, saying so once."""
         try:
-            draw_run(self.out, label=f"out_path={self.cfg.out_path}")
+            draw_run(self.out, label=f"out_path={self.s.out_path}")
         except Exception as e:  # a picture is not worth a run: it goes on
             if not self.plot_failed:
                 hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
@@ -106,33 +113,35 @@ class RunLog:
         self.close_bar()
         self.file.close()
 
-    def finish(self, cfg):
-        """At the end of a run: loss.png, and a short report, printed and written as out_path/report.md."""
+    def finish(self, source, chat):
+        """At the end of a run: loss.png, and a short report, printed and written as out_path/report.md.
+        source: the base model's folder; chat: whether the model has a chat format."""
         self.close()
         self.plot()
-        text = self.report(cfg)
+        text = self.report(source, chat)
         write_text(text, self.out / "report.md")
         print(text.rstrip("\n"), flush=True)
 
-    def report(self, cfg):
+    def report(self, source, chat):
+        s = self.s
         train = [r for r in self.records if r.get("kind") == "train"]
         evals = [r for r in self.records if r.get("kind") == "eval"]
-        out = Path(cfg.out_path)
+        out = Path(s.out_path)
         tail = proc_io()  # the export's bytes, after the last record
         io = {key: sum(r.get(key, 0) for r in self.records) + (tail[key] - self.io_mark[key]) * self.has_io
               for key in IO_KEYS}
         step_s = sum(r["seconds"] for r in train)
         run = [r for r in self.records if r.get("kind") == "run"][-1]
         lines = [f"# slowllama run: {out}", "",
-                 f"{run['model']}, mode={cfg.mode}, optimizer={cfg.optimizer}, lr={cfg.lr:g}, "
-                 f"{f'{self.processes}x' if self.processes > 1 else ''}{cfg.batch_size}x{cfg.seq_len}"
-                 f"{f'x{cfg.grad_accum}' if cfg.grad_accum > 1 else ''} tokens a step, "
-                 f"compute {run['compute_dtype']} on {cfg.device}", ""]
+                 f"{run['model']}, mode={s.mode}, optimizer={s.optim.kind}, lr={s.optim.lr:g}, "
+                 f"{f'{self.processes}x' if self.processes > 1 else ''}{s.data.batch_size}x{s.data.seq_len}"
+                 f"{f'x{s.data.grad_accum}' if s.data.grad_accum > 1 else ''} tokens a step, "
+                 f"compute {run['compute_dtype']} on {s.device}", ""]
         if train:
             elapsed = max(r.get("elapsed", 0.0) for r in self.records)
             tail_mean = smooth([r["loss"] for r in train], smoothing_window(len(train)))[-1]
-            lines += [f"- trained: {len(train)} steps, {train[-1]['tokens']:,} tokens in {fmt_seconds(elapsed)} "
-                      f"({fmt_seconds(step_s)} in steps: {train[-1]['tokens'] / max(step_s, 1e-9):.1f} tokens/s on average)",
+            lines += [f"- trained: {len(train)} steps, {train[-1]['tokens']:,} tokens in {duration(elapsed)} "
+                      f"({duration(step_s)} in steps: {train[-1]['tokens'] / max(step_s, 1e-9):.1f} tokens/s on average)",
                       f"- loss: {train[0]['loss']:.4f} -> {train[-1]['loss']:.4f} (step {train[0]['step']} -> "
                       f"{train[-1]['step']}; the mean of the last {smoothing_window(len(train)) // 2 + 1}: {tail_mean:.4f})"]
         with_val = [r for r in evals if "val_loss" in r]
@@ -149,18 +158,39 @@ class RunLog:
         exported = sorted(f.name for f in out.iterdir() if f.name not in skip and not f.name.startswith("."))
         lines += [f"- model: {out}/ ({', '.join(exported)})",
                   f"- loss plot: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}",
-                  f"- run it: python test_gen.py {out}   (a chat: python test_gen.py {out} --chat)"]
-        if cfg.mode == "lora":
-            lines.append(f"- the adapter alone: {out / 'adapter.pt'} (python test_gen.py MODEL --lora "
-                         f"{out / 'adapter.pt'}), for PEFT: {out / 'peft'}")
+                  *how_to_run(out, source, s.export[0] or "", s.mode == "lora", chat)]
         return "\n".join(lines) + "\n"
 
 
-def fmt_seconds(seconds):
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+def command(program, *args):
+    """A command line as a shell takes it: a script of this project as `python SCRIPT` (its path from the
+    current folder), the arguments quoted where they need it."""
+    if program.endswith(".py"):
+        program = f"python {shlex.quote(os.path.relpath(HERE / program))}"
+    return " ".join([program, *(shlex.quote(str(a)) for a in args)])
 
 
+def how_to_run(out, source, layout, lora, chat):
+    """The lines of report.md saying how to run the result, each command in backticks and working as
+    printed from the folder the run was started in: test_gen.py on a Meta or Hugging Face export; the
+    commands of llama.cpp, Ollama and LM Studio on a GGUF one (out_path/Modelfile is Ollama's); a LoRA
+    run's adapter alone on its base model, merged, and in PEFT's layout."""
+    chat_flag = ["--chat"] if chat else []
+    if layout != "gguf":
+        lines = [f"- run it: `{command('test_gen.py', out)}`"
+                 + (f" (a chat: `{command('test_gen.py', out, '--chat')}`)" if chat else "")]
+    else:
+        gguf, name = out / "model.gguf", re.sub(r"[^a-z0-9._-]+", "-", out.resolve().name.lower()).strip("-.") or "slowllama"
+        lines = [f"- run it (GGUF) in llama.cpp: `{command('llama-cli', '-m', gguf, *(['-cnv'] if chat else []))}`; "
+                 f"in Ollama: `{command('ollama', 'create', name, '-f', out / 'Modelfile')}` then "
+                 f"`{command('ollama', 'run', name)}`; in LM Studio: `{command('lms', 'import', gguf)}`"]
+    if lora:
+        adapter = out / "adapter.pt"
+        lines.append(f"- the adapter alone: {adapter}, on its base model: "
+                     f"`{command('test_gen.py', source, '--lora', adapter, *chat_flag)}`; merged into it: "
+                     f"`{command('merge_lora.py', source, adapter, out / 'merged')}`; for PEFT: {out / 'peft'}")
+        if layout == "gguf" and (out / "adapter.gguf").exists():
+            base = out / "base-gguf"
+            lines.append(f"- the GGUF adapter on the base model's GGUF: `{command('loader.py', source, base, '--out_format', 'gguf')}` "
+                         f"then `{command('llama-cli', '-m', base / 'model.gguf', '--lora', out / 'adapter.gguf')}`")
+    return lines

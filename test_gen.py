@@ -11,13 +11,14 @@ import torch
 
 from adapters import attach_adapter
 from chat import chat_format, encode_rendered
-from loader import load_llama2
+from loader import load_model
 from utils import UserError, main_guard, synchronize
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Complete a prompt with a Meta-format Llama model.")
-    parser.add_argument("model_dir", nargs="?", default=None, help="model folder (default: the built-in model)")
+    parser = argparse.ArgumentParser(description="Complete a prompt (or answer a chat message) with a model.")
+    parser.add_argument("model_dir", nargs="?", default=None,
+                        help="model folder in Meta's or Hugging Face's layout (default: the built-in model)")
     parser.add_argument("device", nargs="?", default="cpu", help="cpu, cuda or mps")
     parser.add_argument("--prompt", default="The basic problem is one of size.")
     parser.add_argument("--chat", action="store_true", help="the prompt is a user's message, in the model's chat format")
@@ -29,11 +30,10 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--compute_dtype", default="auto", help="float32, bfloat16 or auto (bf16 where native)")
     parser.add_argument("--offload_path", default=None, help="where converted models are kept")
-    parser.add_argument("--debug", default="0")
     a = parser.parse_args()
     if a.tokens < 1:
         raise UserError(f"--tokens={a.tokens}: must be at least 1")
-    model = load_llama2(a.model_dir, offload_path=a.offload_path, device=a.device, compute_dtype=a.compute_dtype)
+    model = load_model(a.model_dir, offload_path=a.offload_path, device=a.device, compute_dtype=a.compute_dtype)
     if a.lora:
         attach_adapter(model, a.lora)
     model.eval()

@@ -35,16 +35,29 @@ LLAMA3_STOPS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 
 def load_tokenizer(folder):
     """The tokenizer of a model folder (or offload folder), its stop ids from config.json and
-    generation_config.json added."""
+    generation_config.json added. tokenizer.json is read where there is one, as transformers reads it;
+    one that encodes plain text to no tokens is refused, or passed over for a tokenizer.model beside it
+    (tokenizer.note says which file is used and why when there is a choice)."""
     folder = Path(folder)
     main = tokenizer_files(folder)[0]
+    spm, note = folder / "tokenizer.model", None
     if main.name == "tokenizer.json":
-        tokenizer = HFTokenizer(main, {**read_optional(folder / "special_tokens_map.json"),
-                                       **read_optional(folder / "tokenizer_config.json")})
-    elif is_ranks_file(main):
-        tokenizer = MetaTokenizer(main)
-    else:
-        tokenizer = Tokenizer(main)
+        tokenizer = HFTokenizer(main, {**read_json_object(folder / "special_tokens_map.json", optional=True),
+                                       **read_json_object(folder / "tokenizer_config.json", optional=True)})
+        if not tokenizer.encodes_text() and not spm.is_file():
+            raise UserError(f"{main}: encodes plain text to no tokens (a vocabulary of {tokenizer.n_words} without "
+                            "byte fallback?); use the tokenizer the model was trained with")
+        if not tokenizer.encodes_text():
+            note = f"{main.name} encodes plain text to no tokens: {spm.name} is used"
+            main = spm
+        elif spm.is_file():
+            other = MetaTokenizer(spm) if is_ranks_file(spm) else Tokenizer(spm)
+            if other.n_words != tokenizer.n_words:
+                note = (f"{main.name} ({tokenizer.n_words} tokens) is used, not {spm.name} ({other.n_words} tokens), "
+                        "as transformers uses it")
+    if main.name != "tokenizer.json":
+        tokenizer = MetaTokenizer(main) if is_ranks_file(main) else Tokenizer(main)
+    tokenizer.note = note
     configured = config_eos_ids(folder)
     if tokenizer.eos_id is None and configured:
         tokenizer.eos_id = configured[0]
@@ -63,15 +76,11 @@ def tokenizer_files(folder):
     return files
 
 
-def read_optional(path):
-    return read_json_object(path) if Path(path).is_file() else {}
-
-
 def config_eos_ids(folder):
     """eos_token_id of config.json and generation_config.json (an integer or a list), in order."""
     ids = []
     for path in (Path(folder) / "config.json", Path(folder) / "generation_config.json"):
-        value = read_optional(path).get("eos_token_id")
+        value = read_json_object(path, optional=True).get("eos_token_id")
         for v in value if isinstance(value, list) else [] if value is None else [value]:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UserError(f"{path}: eos_token_id must be a token id or a list of them, not {value!r}")
@@ -87,7 +96,7 @@ def is_ranks_file(path):
 
 
 class BaseTokenizer:
-    kind, bos_id, eos_id, stop_ids, special_tokens = "", None, None, frozenset(), {}
+    kind, bos_id, eos_id, stop_ids, special_tokens, note = "", None, None, frozenset(), {}, None
 
     def encode(self, text, bos=True, eos=False, allow_special=False):
         """Token ids of text: bos puts the tokenizer's BOS first (never a second one, should the text
@@ -207,8 +216,15 @@ class HFTokenizer(BaseTokenizer):
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.n_words = max(vocab.values()) + 1  # ids may leave gaps
         self.special_tokens = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        if not self.encodes_text():
+            return  # refused by load_tokenizer, or passed over for a tokenizer.model
         self.bos_id = self.first_token(config, vocab)
         self.eos_id = vocab.get(token_text(config.get("eos_token")))
+
+    def encodes_text(self):
+        """Whether a plain word becomes tokens (a vocabulary without its pieces and without byte fallback
+        drops unknown text)."""
+        return bool(self.tok.encode("hello", add_special_tokens=False).ids)
 
     def first_token(self, config, vocab):
         """BOS as transformers puts it: the special token the post-processor puts before a text (Llama 3's,

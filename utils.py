@@ -1,4 +1,5 @@
 """Small helpers: errors, devices, RNG state, memory and I/O figures, file writes, progress."""
+import errno
 import functools
 import json
 import math
@@ -13,8 +14,8 @@ from pathlib import Path
 
 # PyTorch's CPU allocator asks the OS for 2 MB pages (transparent huge pages, where the OS gives them on
 # request) for tensors of 2 MB and more. A block's activations and gradients are fresh memory at every
-# step; faulted in 4 KB at a time they cost about 4% of a 1B LoRA step, and the matmuls over them miss
-# the TLB more (bench.py). Read at the first tensor's allocation, so set on import, before any exists;
+# step; faulted in 4 KB at a time they cost time of their own, and the matmuls over them miss the TLB
+# more (docs/performance.md). Read at the first tensor's allocation, so set on import, before any exists;
 # THP_MEM_ALLOC_ENABLE=0 in the environment keeps 4 KB pages.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
@@ -26,14 +27,23 @@ class UserError(Exception):
 
 
 def main_guard(main):
-    """Run a script's main(); a UserError or Ctrl-C becomes one line and a non-zero exit."""
-    debug = "--debug=1" in sys.argv
+    """Run a script's main(); a UserError, a full disk or Ctrl-C becomes one line and a non-zero exit.
+    --debug=1 (taken out of sys.argv here, so every script has it) shows the traceback instead."""
+    flags = [a for a in sys.argv[1:] if a == "--debug" or a.startswith("--debug=")]
+    sys.argv = [a for a in sys.argv if a not in flags]
+    debug = any(a in ("--debug", "--debug=1") for a in flags)
     try:
         return main()
     except UserError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if debug or e.errno != errno.ENOSPC:
+            raise
+        where = e.filename or "a file being written"
+        print(f"error: {where}: no space left on its disk; free some space and run the command again", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:
@@ -101,13 +111,13 @@ def sysctl(name):
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
     """Whether the CPU multiplies bf16 natively: AVX-512 BF16 or AMX on x86, the BF16 extension on
-    Arm. Without them torch converts bf16 to fp32 and back around every matmul (measured on a Xeon with
-    AVX-512F only: 43 against 107 GFLOP/s in fp32)."""
+    Arm. Without them torch converts bf16 to fp32 and back around every matmul, slower than fp32 itself
+    (bench.py and README's performance notes give the rates)."""
     if sys.platform == "darwin":
         return sysctl("hw.optional.arm.FEAT_BF16") == "1"
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN runs torch's bf16 matmuls on x86
     if limit not in ("", "ALL", "DEFAULT") and not any(isa in limit for isa in ("BF16", "AMX", "FP16", "AVX10")):
-        return False  # held below the bf16 instructions (e.g. AVX512_CORE: 77 against 2000 GFLOP/s here)
+        return False  # held below the bf16 instructions (e.g. AVX512_CORE): its bf16 matmuls are emulated
     try:
         flags = {word for line in open(cpuinfo) if line.startswith(("flags", "Features"))
                  for word in line.split(":", 1)[1].split()}
@@ -124,17 +134,32 @@ def bf16_is_native(device):
     return cpu_has_bf16()
 
 
-def matmul_gflops(device, dtype, n=1024, seconds=0.2):
+def matmul_rate(shapes, tokens, dtype, device, seconds=2.0):
+    """FLOP/s of the three matmul kinds of a training step (y = x W^T, dx = dy W, dW = dy^T x) for weights of
+    the given (out, in) shapes and micro-batches of tokens, in dtype: rounds over the shapes for about
+    seconds of matmuls (at most twice that in all: small shapes spend more time making the random operands)."""
+    flops, spent, rounds, begin = 0, 0.0, 0, time.perf_counter()
+    while rounds == 0 or spent < seconds and time.perf_counter() - begin < 2 * seconds:
+        for n_out, n_in in shapes:
+            w = torch.randn(n_out, n_in, device=device).to(dtype)
+            x, dy = torch.randn(tokens, n_in, device=device).to(dtype), torch.randn(tokens, n_out, device=device).to(dtype)
+            for f in (lambda: x @ w.t(), lambda: dy @ w, lambda: dy.t() @ x):
+                if rounds == 0:  # warm-up: the first call of a shape and kind
+                    f()
+                synchronize(device)
+                start = time.perf_counter()
+                f()
+                synchronize(device)
+                spent += time.perf_counter() - start
+                flops += 2 * tokens * n_in * n_out
+            del w, x, dy
+        rounds += 1
+    return flops / spent
+
+
+def matmul_gflops(device, dtype, n=1024):
     """A short measure of the device's matmul rate in a dtype (square n x n products)."""
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    synchronize(device)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-        synchronize(device)
-    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+    return matmul_rate([(n, n)], n, dtype, device, seconds=0.2) / 1e9
 
 
 def choose_compute_dtype(name, device, log):
@@ -196,6 +221,19 @@ def total_ram_bytes():
         return 16 * 2**30
 
 
+def local_processes():
+    """Processes of this run on this machine: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
+
+
+def memory_budget_bytes(gigabytes=-1.0, processes=None):
+    """The memory_budget setting in bytes: gigabytes (GiB) as given, or with -1 (the default) half of this
+    machine's RAM shared among its processes of the run."""
+    if gigabytes is not None and gigabytes >= 0:
+        return int(gigabytes * 2**30)
+    return total_ram_bytes() // 2 // (processes or local_processes())
+
+
 MMAP_THRESHOLD = 4 << 20  # glibc serves blocks of this size and more from the OS (return_freed_memory_to_os)
 
 
@@ -214,9 +252,9 @@ def glibc():
 
 def return_freed_memory_to_os():
     """glibc keeps freed blocks of up to 32 MB in its heap for reuse; with a block's activations and
-    gradients coming and going, a step's peak then grows by a gigabyte of freed but kept memory.
-    Blocks of MMAP_THRESHOLD and more are given back to the OS at once instead (measured: 1b shape,
-    budget 2 GB, peak RSS 3.4 GB -> 2.4 GB at the same step time)."""
+    gradients coming and going, a step's peak then grows by up to a gigabyte of freed but kept memory.
+    Blocks of MMAP_THRESHOLD and more are given back to the OS at once instead, which keeps the peak at
+    the memory plan at the same step time (docs/performance.md)."""
     libc = glibc()
     if libc:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD, fixed (no longer adaptive)
@@ -224,8 +262,8 @@ def return_freed_memory_to_os():
 
 def release_heap_holes():
     """Give the OS the pages of the heap's free blocks (malloc_trim): where a step's tensors are
-    smaller than MMAP_THRESHOLD, those freed between kept activations stay in the heap (7B shape, 128
-    tokens: about 0.2 GB). The pages come back as faults when reused (1B LoRA: about 4% of a step)."""
+    smaller than MMAP_THRESHOLD, those freed between kept activations stay in the heap. The pages come back
+    as faults when reused, which costs time: called only where the memory plan needs it."""
     libc = glibc()
     if libc:
         libc.malloc_trim(0)
@@ -245,6 +283,27 @@ def proc_io():
 
 def gb(nbytes):
     return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+def duration(seconds):
+    """A span of time for people: seconds, minutes, hours or days."""
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 72 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def mount_point(folder):
+    """The mount point of the disk a folder (or the nearest existing folder above it) is on."""
+    path = Path(folder).resolve()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def check_disk(needs, log=print):
@@ -319,11 +378,14 @@ def parse_settings(argv, defaults):
     return settings
 
 
-def read_json_object(path, missing=""):
-    """A JSON file that must hold an object; every way it can fail is one line naming the file."""
+def read_json_object(path, missing="", optional=False):
+    """A JSON file that must hold an object; every way it can fail is one line naming the file. optional:
+    {} when the file is absent."""
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
+        if optional:
+            return {}
         raise UserError(f"{path}: not found{missing}")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})")

@@ -1,9 +1,9 @@
-"""test_backprop.py's data mode (outputs saved on one CPU, checked on any other): it still catches a wrong
-gradient, and it passes whatever sign float rounding gives the gradients that are at rounding level."""
+"""test_backprop.py's data mode (outputs saved on one CPU, checked on any other; compare.py): it still catches
+a wrong gradient, and it passes whatever sign float rounding gives the gradients that are at rounding level."""
 import pytest
 import torch
 
-import test_backprop as tb
+import compare as tb
 from default_model import default_model
 from reference import read_meta_folder
 
@@ -23,15 +23,15 @@ def reference_vs_saved(data, optimizer, edit_grads=None):
     """The reference run on this CPU (gradients edited by edit_grads), the saved data, the start values."""
     saved, initial = data
     model_dir = default_model()
-    adapters = tb.make_adapters(model_dir) if optimizer == "lora" else None
-    got = tb.reference_run(model_dir, optimizer, saved["batches"], CPU, adapters=adapters, edit_grads=edit_grads)
+    steps = [[batch] for batch in saved["batches"]]
+    got = tb.backprop_reference(model_dir, optimizer, steps, CPU, edit_grads=edit_grads)
     start = tb.initial_values(model_dir, optimizer, initial)
     return got, tb.unpack_expected(saved[optimizer], start), start
 
 
 def compare(optimizer, got, want, start, capsys):
     capsys.readouterr()
-    return tb.compare(optimizer, got, want, start), capsys.readouterr().out
+    return tb.report(optimizer, got, want, start, tb.LR[optimizer]), capsys.readouterr().out
 
 
 def unmarked(want):

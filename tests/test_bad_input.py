@@ -1,5 +1,7 @@
 """Bad input: one clear line naming the file or setting, a non-zero exit, no traceback, nothing written."""
+import errno
 import json
+import shlex
 import shutil
 import sys
 
@@ -8,7 +10,8 @@ import torch
 
 import default_model
 import loader
-from conftest import folder_hash, run
+from families import save_as_hf
+from helpers import read_shards, refused, run_main
 
 
 def copy_model(src, dst):
@@ -29,6 +32,10 @@ CASES = [
     ("missing model folder", lambda m, t: shutil.rmtree(m), [], "model folder not found"),
     ("model path is a file", lambda m, t: (shutil.rmtree(m), m.write_text("x")), [], "model folder not found"),
     ("params.json missing", lambda m, t: (m / "params.json").unlink(), [], "params.json: not found"),
+    ("a folder holding no model", lambda m, t: (shutil.rmtree(m), m.mkdir(), (m / "notes.txt").write_text("x")), [],
+     "holds no model slowllama reads; it looks for params.json with consolidated.*.pth"),
+    ("a folder holding only GGUF files", lambda m, t: (shutil.rmtree(m), m.mkdir(), (m / "model.gguf").write_bytes(
+        b"GGUF")), [], "its .gguf files are exports for llama.cpp, Ollama and LM Studio, not read here"),
     ("params.json not JSON", lambda m, t: (m / "params.json").write_text("{'dim': 64"), [], "not valid JSON"),
     ("params.json lacks a key", lambda m, t: edit_params(m, n_layers=None), [], "missing the key 'n_layers'"),
     ("params.json wrong type", lambda m, t: edit_params(m, dim="64"), [], "dim must be a positive integer"),
@@ -68,39 +75,196 @@ def test_bad_input(make, tmp_path, name, breaks, settings, message):
     model = copy_model(make(), tmp_path / "model")
     if breaks:
         breaks(model, tmp_path)
-    before = folder_hash(model) if model.is_dir() else None
     args = [s.format(m=model, t=tmp_path) for s in settings]
-    rc, out, err = run("finetune.py", f"--model_path={model}", f"--out_path={tmp_path}/out",
-                       f"--offload_path={tmp_path}/offload", "--iters=2", "--seq_len=16", *args)
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc != 0 and "Traceback" not in err, err
-    assert len(errors) == 1 and message in errors[0], err
+    refused("finetune.py", f"--model_path={model}", f"--out_path={tmp_path}/out", f"--offload_path={tmp_path}/offload",
+            "--iters=2", "--seq_len=16", *args, messages=[message], protect=[model] if model.is_dir() else [])
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert not list((tmp_path / "offload").glob("*.tmp-*")) if (tmp_path / "offload").exists() else True
-    if before:
-        assert folder_hash(model) == before  # the source folder is never written to
+
+
+def truncate(path, size):
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def three_token_tokenizer_json(path):
+    """What transformers 5 writes converting a small sentencepiece model without byte fallback: a BPE of
+    three special pieces whose post-processor adds nothing; it encodes plain text to no tokens."""
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.BPE(vocab={"<unk>": 0, "<s>": 1, "</s>": 2}, merges=[])).save(str(path))
+
+
+def index_of(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def another_models_tensor(folder):
+    """A safetensors file holding the layer's tensors of a model of another width."""
+    import safetensors.torch
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(128, 128, dtype=torch.bfloat16)
+    safetensors.torch.save_file(tensors, folder / "model.safetensors")
+
+
+def integer_tensor(folder):
+    import safetensors.torch
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(64, dtype=torch.int64)
+    safetensors.torch.save_file(tensors, folder / "model.safetensors")
+
+
+def missing_tensor(folder):
+    import safetensors.torch
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    safetensors.torch.save_file(tensors, folder / "model.safetensors")
+
+
+# Hugging Face's layout: (name, how to break a copy of a good folder, what the one error line says)
+HF_CASES = [
+    ("config.json missing", lambda m: (m / "config.json").unlink(), "config.json: not found"),
+    ("config.json empty", lambda m: (m / "config.json").write_text(""), "config.json: not valid JSON"),
+    ("config.json a list", lambda m: (m / "config.json").write_text("[1]"), "config.json: expected a JSON object"),
+    ("weights missing", lambda m: (m / "model.safetensors").unlink(), "no model.safetensors or pytorch_model.bin"),
+    ("safetensors truncated", lambda m: truncate(m / "model.safetensors", 5000), "not a complete safetensors file"),
+    ("safetensors cut in its header", lambda m: truncate(m / "model.safetensors", 100), "not a complete safetensors"),
+    ("safetensors empty", lambda m: (m / "model.safetensors").write_bytes(b""), "not a complete safetensors file"),
+    ("safetensors is text", lambda m: (m / "model.safetensors").write_text("<html>404</html>"),
+     "not a complete safetensors file"),
+    ("a tensor missing", missing_tensor, "missing tensor model.layers.1.mlp.up_proj.weight"),
+    ("another model's tensor", another_models_tensor, "has shape (128, 128)"),
+    ("integer weights", integer_tensor, "norm.weight is stored as int64"),
+    ("index not JSON", lambda m: (m / "model.safetensors.index.json").write_text("{"), "index.json: not valid JSON"),
+    ("index without weight_map", lambda m: (m / "model.safetensors.index.json").write_text("{}"),
+     "weight_map must map tensor names"),
+    ("index names a missing file", lambda m: index_of(m, {"model.norm.weight": "model-00002-of-00002.safetensors"}),
+     "model-00002-of-00002.safetensors: not found, but model.safetensors.index.json names it"),
+    ("pytorch_model.bin truncated", lambda m: ((m / "model.safetensors").rename(m / "pytorch_model.bin"),
+                                               truncate(m / "pytorch_model.bin", 3000)), "pytorch_model.bin: cannot be read"),
+    ("tokenizer.json broken", lambda m: (m / "tokenizer.json").write_text("{}"), "not a Hugging Face tokenizer"),
+    ("tokenizer.json that encodes nothing", lambda m: ((m / "tokenizer.model").unlink(),
+                                                       three_token_tokenizer_json(m / "tokenizer.json")),
+     "tokenizer.json: encodes plain text to no tokens"),
+    ("tokenizer.model empty", lambda m: (m / "tokenizer.model").write_bytes(b""), "not a sentencepiece model"),
+    ("generation_config.json not JSON", lambda m: (m / "generation_config.json").write_text("{"),
+     "generation_config.json: not valid JSON"),
+    ("eos_token_id not an id", lambda m: (m / "generation_config.json").write_text('{"eos_token_id": "2"}'),
+     "eos_token_id must be a token id"),
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model(make, tmp_path_factory):
+    return save_as_hf(make(seed=62), tmp_path_factory.mktemp("hf") / "hf")
+
+
+@pytest.mark.parametrize("name,breaks,message", HF_CASES, ids=[c[0] for c in HF_CASES])
+def test_a_damaged_hugging_face_folder(hf_model, tmp_path, name, breaks, message):
+    model = copy_model(hf_model, tmp_path / "model")
+    breaks(model)
+    refused("finetune.py", f"--model_path={model}", f"--out_path={tmp_path}/out", f"--offload_path={tmp_path}/offload",
+            "--iters=2", "--seq_len=16", messages=[message], protect=[model])
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / "offload").glob("*.tmp-*")) if (tmp_path / "offload").exists() else True
+
+
+def test_a_tokenizer_json_that_encodes_nothing_is_passed_over_for_the_tokenizer_model(hf_model, tmp_path):
+    """Beside a tokenizer.model, the broken tokenizer.json is not used, and the conversion says which file is."""
+    model = copy_model(hf_model, tmp_path / "model")
+    three_token_tokenizer_json(model / "tokenizer.json")
+    code, out, err = run_main("test_gen.py", model, "cpu", "--tokens", "3", "--offload_path", tmp_path / "off")
+    assert code == 0, err
+    assert "tokenizer.json encodes plain text to no tokens: tokenizer.model is used" in err
+    assert out.startswith("The basic problem is one of size.")
+
+
+def test_tokenizer_files_of_other_sizes_say_which_is_used(hf_model, hf_json, tmp_path):
+    model = copy_model(hf_model, tmp_path / "model")
+    (model / "tokenizer.json").write_text(hf_json[True])  # 300 tokens beside the 256 of tokenizer.model
+    with open(model / "config.json") as f:
+        config = json.load(f)
+    config["vocab_size"] = 320
+    (model / "config.json").write_text(json.dumps(config))
+    code, _, err = run_main("loader.py", model, tmp_path / "out", "--offload_path", tmp_path / "off")
+    assert "tokenizer.json (300 tokens) is used, not tokenizer.model (256 tokens), as transformers uses it" in err
+
+
+# The run folder, damaged between a run and its resumption
+def torn_slot(out):
+    slot = next((out / "run").glob("layers.0.*.safetensors"))
+    truncate(slot, slot.stat().st_size // 2)
+
+
+RUN_CASES = [
+    ("state.json not JSON", lambda out: (out / "run" / "state.json").write_text("{"), "state.json: cannot be read"),
+    ("checkpoint truncated", lambda out: truncate(next((out / "run").glob("checkpoint.*.pt")), 100),
+     "cannot be read as plain tensors"),
+    ("a committed slot torn", torn_slot, "safetensors: truncated"),
+    ("adapter.pt truncated", None, "adapter.pt: cannot be read as plain tensors"),
+]
+
+
+@pytest.mark.parametrize("name,breaks,message", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_a_damaged_run_folder(make, tmp_path, name, breaks, message):
+    lora = breaks is None
+    model, out = finished_run(make, tmp_path, *(["--mode=lora"] if lora else []))
+    if lora:  # the adapter a LoRA run leaves, given to test_gen.py
+        truncate(out / "adapter.pt", 100)
+        refused("test_gen.py", model, "cpu", "--lora", out / "adapter.pt", "--offload_path", tmp_path / "off",
+                messages=[message])
+        return
+    breaks(out)
+    refused("finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
+            "--iters=4", "--seq_len=16", "--eval_period=0", "--resume=1", messages=[message])
+
+
+def test_a_disk_that_fills_during_the_run(make, tmp_path, monkeypatch):
+    """The run folder's disk fills once a step is committed: one line naming the folder, its disk, what the run
+    needs and the command that continues it; the committed step stays, and the run resumed after space is
+    freed ends as an uninterrupted one."""
+    import run_folder
+    model = make(seed=63)
+    settings = [f"--model_path={model}", f"--offload_path={tmp_path}/off", "--iters=4", "--seq_len=16",
+                "--eval_period=0", "--save_period=2", "--optimizer=sgd"]
+    code, _, err = run_main("finetune.py", *settings, f"--out_path={tmp_path}/whole")
+    assert code == 0, err
+    real, calls = run_folder.save_tensors, []
+
+    def full_disk(state, path):
+        calls.append(path)
+        if len(calls) == 2:  # the second commit's checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(state, path)
+    monkeypatch.setattr(run_folder, "save_tensors", full_disk)
+    out = tmp_path / "out"
+    line = refused("finetune.py", *settings, f"--out_path={out}")
+    assert "is full writing checkpoint.000004.pt" in line and "committed step 2" in line and "--resume=1" in line, line
+    assert str(out / "run") in line
+    monkeypatch.undo()
+    assert json.loads((out / "run" / "state.json").read_text())["step"] == 2
+    printed = shlex.split(line.split("continue with: ")[1])  # the command it printed, as printed
+    assert printed[:2] == ["python", "finetune.py"] and printed[-1] == "--resume=1"
+    code, _, err = run_main(*printed[1:])
+    assert code == 0, err
+    assert [t.tolist() for s in read_shards(out) for t in s.values()] == \
+        [t.tolist() for s in read_shards(tmp_path / "whole") for t in s.values()]
 
 
 def test_debug_shows_the_traceback(make, tmp_path):
-    rc, _, err = run("finetune.py", f"--model_path={tmp_path}/none", "--debug=1")
-    assert rc != 0 and "Traceback" in err and "model folder not found" in err
+    with pytest.raises(loader.UserError, match="model folder not found"):  # main_guard lets it through
+        run_main("finetune.py", f"--model_path={tmp_path}/none", "--debug=1")
 
 
 def finished_run(make, tmp_path, *settings):
     model = make()
     out = tmp_path / "out"
-    rc, _, err = run("finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
-                     "--iters=2", "--seq_len=16", "--eval_period=0", *settings)
+    rc, _, err = run_main("finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
+                          "--iters=2", "--seq_len=16", "--eval_period=0", *settings)
     assert rc == 0, err
     return model, out
 
 
 def expect_refusal(args, message, out):
-    before = folder_hash(out)
-    rc, _, err = run(*args)
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc != 0 and "Traceback" not in err and len(errors) == 1 and message in errors[0], err
-    assert folder_hash(out) == before  # the earlier run is left as it was
+    refused(*args, messages=[message], protect=[out])  # the earlier run is left as it was
 
 
 def test_resume_from_another_model_is_refused(make, tmp_path):
@@ -137,18 +301,18 @@ def test_a_full_disk_is_refused_before_anything_is_written(make, tmp_path, monke
     import utils
     src = make()
     real = shutil.disk_usage
-    loader.load_llama2(src, offload_path=tmp_path / "off", log=lambda *a: None).close()
+    loader.load_model(src, offload_path=tmp_path / "off", log=lambda *a: None).close()
     monkeypatch.setattr(utils.shutil, "disk_usage", lambda path: real(path)._replace(free=10_000))
     with pytest.raises(utils.UserError, match="free"):  # converting
-        loader.load_llama2(src, offload_path=tmp_path / "off2", log=lambda *a: None)
+        loader.load_model(src, offload_path=tmp_path / "off2", log=lambda *a: None)
     assert not (tmp_path / "off2").exists()
     monkeypatch.setattr(sys, "argv", ["finetune.py", f"--model_path={src}", f"--out_path={tmp_path}/out",
                                       f"--offload_path={tmp_path}/off", "--seq_len=16"])
     with pytest.raises(utils.UserError, match="run folder"):  # training
         finetune.main()
     assert not (tmp_path / "out").exists()
-    model = loader.load_llama2(src, offload_path=tmp_path / "off", log=lambda *a: None)
+    model = loader.load_model(src, offload_path=tmp_path / "off", log=lambda *a: None)
     with pytest.raises(utils.UserError, match="export"):  # exporting
-        loader.save_llama2(model, tmp_path / "exported", log=lambda *a: None)
+        loader.save_model(model, tmp_path / "exported", log=lambda *a: None)
     assert not (tmp_path / "exported").exists()
     model.close()

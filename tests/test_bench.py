@@ -2,10 +2,13 @@
 import json
 import sys
 
+import pytest
+
 import bench
 import utils
 
 
+@pytest.mark.slow
 def test_figures_are_printed_with_the_cache_behind_a_symlink(tmp_path, monkeypatch, capsys):
     real = tmp_path / "bigger_disk"
     real.mkdir()

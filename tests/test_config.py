@@ -12,8 +12,8 @@ import torch
 import hf_format as hf
 import loader
 import meta_format
-from conftest import ROOT, run
-from test_hf import save_as_hf
+from families import save_as_hf
+from helpers import ROOT, refused
 from utils import UserError
 
 DELETE = object()  # a case's value meaning "the key removed"
@@ -64,7 +64,7 @@ def edited(src, tmp_path, name, **changes):
 
 def refusal(folder, tmp_path):
     with pytest.raises(UserError) as e:
-        loader.load_llama2(folder, offload_path=tmp_path / "offload", log=lambda *a: None)
+        loader.load_model(folder, offload_path=tmp_path / "offload", log=lambda *a: None)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -143,17 +143,15 @@ def test_good_optional_config_values_are_taken(hf_model, tmp_path, changes):
 
 def test_hidden_dim_stands_for_multiple_of(meta_model, tmp_path):
     path = edited(meta_model, tmp_path, "params.json", multiple_of=DELETE, hidden_dim=224)
-    model = loader.load_llama2(path.parent, offload_path=tmp_path / "offload", log=lambda *a: None)
+    model = loader.load_model(path.parent, offload_path=tmp_path / "offload", log=lambda *a: None)
     assert model.args.hidden_dim == 224
     model.close()
 
 
 def test_a_null_dim_is_one_line_from_the_command_line(meta_model, tmp_path):
     path = edited(meta_model, tmp_path, "params.json", dim=None)
-    rc, _, err = run("test_gen.py", path.parent, "cpu", "--offload_path", tmp_path / "offload", timeout=120)
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 2 and "Traceback" not in err, err
-    assert errors == [f"error: {path}: dim must be a positive integer, not None"], err
+    line = refused("test_gen.py", path.parent, "cpu", "--offload_path", tmp_path / "offload")
+    assert line == f"error: {path}: dim must be a positive integer, not None"
 
 
 def test_large_tensors_get_huge_pages_where_the_os_gives_them():
@@ -177,35 +175,41 @@ def test_large_tensors_get_huge_pages_where_the_os_gives_them():
 BACKGROUND_THREADS = """
 import os, sys, threading, torch, default_model, loader
 from pathlib import Path
-from conftest import TINY
+from adapters import add_lora
+from helpers import TINY, lora, setup
 mode, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), Path(sys.argv[3])
 tokenizer = default_model.train_tokenizer(default_model.DEFAULT_TEXT, 256)
 source = default_model.make_model(out / "source", TINY, tokenizer, 1, 0, torch.bfloat16)
-model = loader.load_llama2(source, offload_path=out / "offload", compute_dtype=dtype, memory_budget=0, log=print)
+model = loader.load_model(source, offload_path=out / "offload", compute_dtype=dtype, memory_budget=0, log=print)
 if mode == "lora":
-    model.add_lora(4, 8.0, 0.0, ["wq", "wv"])
-model.setup_training(out / "run", mode=mode, optimizer="adamw", tokens_per_step=8, base_copy=1, log=print)
+    add_lora(model, lora(4, 8.0, 0.0, ["wq", "wv"]))
+setup(model, out, mode, "adamw", tokens=8, base_copy=1)
 tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
 for _ in range(2):
     model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
-threads = len(os.listdir("/proc/self/task"))
-model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
+new = []  # threads each later step leaves: a team made at every step would show in each
+for _ in range(3):
+    threads = len(os.listdir("/proc/self/task"))
+    model.train_step([(tokens[:, :-1], tokens[:, 1:])], 1e-3)
+    new.append(len(os.listdir("/proc/self/task")) - threads)
 later = []
 thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
 thread.start()
 thread.join()
-print(torch.get_num_threads(), model.offload.io.submit(torch.get_num_threads).result(),
-      len(os.listdir("/proc/self/task")) - threads, later[0])
+print(torch.get_num_threads(), model.offload.io.submit(torch.get_num_threads).result(), min(new), later[0])
 """
 
 
 @pytest.mark.parametrize("mode,dtype,background", [("lora", "float32", 1), ("full", "float32", 1),
                                                    ("full", "bfloat16", 2)])
+@pytest.mark.slow
 def test_the_background_thread_runs_on_one_thread_where_steps_only_map_files(tmp_path, mode, dtype, background):
     """Steps that only map files (fp32 LoRA over the fp32 copy, full fp32 over the working copy) leave
     the background thread's torch work on that thread: no OpenMP team of its own beside the step's
     (more OpenMP threads than cores make OpenMP put idle threads to sleep at once). Steps that convert
-    at every read (bf16 copies of fp32 weights) keep its team. Threads started later get the usual count."""
+    at every read (bf16 copies of fp32 weights) keep its team. Threads started later get the usual count.
+    (A thread the OS shows for a moment, on a loaded machine, may fall into one step's count: the check is
+    that some step leaves none.)"""
     if not torch.backends.openmp.is_available() or (os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"):
         pytest.skip("needs OpenMP, two cores and /proc")
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}

@@ -15,13 +15,12 @@ import torch
 
 import chat
 import gguf_format
-import tokenizer
 import loader
-from conftest import run
+import tokenizer
+from adapters import add_lora
+from families import config_of, meta_rows_by_definition, read_folder, rope_formulas
+from helpers import TEXTS, lora, refused, run_main, tokenizer_folder
 from reference import read_meta_folder
-from test_families import config_of, hf_folder, meta_rows_by_definition, read_folder, rope_formulas  # noqa: F401
-from test_tokenizer import TEXTS, hf_json, ranks  # noqa: F401 (fixtures)
-from test_tokenizer import hf_folder as tokenizer_folder
 from utils import UserError
 
 Q = gguf.GGMLQuantizationType
@@ -30,7 +29,7 @@ SP_TEXTS = ["The basic problem is one of size.", "slowllama fine-tunes models on
 
 
 def export(model, out, gguf_type="f16", logs=None):
-    loader.save_llama2(model, out, out_format="gguf", gguf_type=gguf_type,
+    loader.save_model(model, out, out_format="gguf", gguf_type=gguf_type,
                        log=(logs.append if logs is not None else lambda *a: None))
     return out / "model.gguf"
 
@@ -321,7 +320,7 @@ def test_lora_adapter_applies_to_the_base_gguf(make, hf_folder, load, tmp_path, 
     model = load(make() if family == "meta" else hf_folder("qwen2", seed=5))
     arch = "llama" if family == "meta" else "qwen2"
     _, base = read(export(model, tmp_path / "base", "f32"))
-    model.add_lora(4, 8.0, 0.0, ["wq", "wk", "w2", "output"], seed=1)
+    add_lora(model, lora(4, 8.0, 0.0, ["wq", "wk", "w2", "output"]), seed=1)
     with torch.no_grad():
         for _, b in model.lora.values():
             b.normal_(generator=torch.Generator().manual_seed(2))
@@ -343,7 +342,7 @@ def test_lora_adapter_applies_to_the_base_gguf(make, hf_folder, load, tmp_path, 
 
 def test_no_adapter_gguf_for_an_output_adapter_of_a_tied_model(hf_folder, load, tmp_path):
     model = load(hf_folder("smollm2"))
-    model.add_lora(4, 8.0, 0.0, ["wq", "output"])
+    add_lora(model, lora(4, 8.0, 0.0, ["wq", "output"]))
     logs = []
     assert gguf_format.write_adapter(model, tmp_path / "adapter.gguf", 8.0, log=logs.append) is None
     assert "no output tensor" in logs[0] and not list(tmp_path.glob("adapter.gguf*"))
@@ -359,9 +358,9 @@ def test_bad_input_writes_nothing(make, hf_folder, load, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"gguf_type='q4_0' is not supported; use f16, bf16, q8_0, f32"):
         export(model, out, "q4_0")
     with pytest.raises(UserError, match="shards and dtype are for the meta and hf layouts"):
-        loader.save_llama2(model, out, dtype="float16", out_format="gguf")
+        loader.save_model(model, out, dtype="float16", out_format="gguf")
     with pytest.raises(UserError, match="gguf_type='q8_0' is for out_format=gguf, not hf"):
-        loader.save_llama2(model, out, out_format="hf", gguf_type="q8_0")
+        loader.save_model(model, out, out_format="hf", gguf_type="q8_0")
     assert not out.exists()
     calls = []
 
@@ -389,12 +388,13 @@ def test_bad_input_writes_nothing(make, hf_folder, load, tmp_path, monkeypatch):
 def test_command_line(make, tmp_path):
     folder = make()
     offload = ["--offload_path", tmp_path / "offload"]
-    code, _, err = run("loader.py", folder, tmp_path / "bad", "--out_format", "gguf", "--gguf_type", "q4_k", *offload)
-    assert code == 2 and err.strip() == "error: gguf_type='q4_k' is not supported; use f16, bf16, q8_0, f32"
+    line = refused("loader.py", folder, tmp_path / "bad", "--out_format", "gguf", "--gguf_type", "q4_k", *offload)
+    assert line == "error: gguf_type='q4_k' is not supported; use f16, bf16, q8_0, f32"
     assert not (tmp_path / "bad").exists() and not (tmp_path / "offload").exists()  # refused before converting
-    code, _, err = run("loader.py", folder, tmp_path / "bad", "--gguf_type", "q8_0", *offload)
-    assert code == 2 and err.strip() == "error: --gguf_type=q8_0 is for --out_format gguf"
-    code, _, err = run("loader.py", folder, tmp_path / "out", "--out_format", "gguf", "--gguf_type", "q8_0", *offload)
+    line = refused("loader.py", folder, tmp_path / "bad", "--gguf_type", "q8_0", *offload)
+    assert line == "error: --gguf_type=q8_0 is for --out_format gguf"
+    code, _, err = run_main("loader.py", folder, tmp_path / "out", "--out_format", "gguf", "--gguf_type", "q8_0",
+                            *offload)
     assert code == 0, err
     fields, tensors = read(tmp_path / "out" / "model.gguf")
     assert fields["general.file_type"] == 7 and tensors["blk.1.attn_v.weight"].tensor_type == Q.Q8_0
@@ -496,7 +496,7 @@ def byte_fallback_tokenizer():
                                   "qwen3", "yarn", "lora", "lora_qwen2"])
 def test_llama_cpp_runs_the_gguf(hf_folder, load, tmp_path, request, byte_fallback_tokenizer, case):
     import default_model
-    from conftest import TINY
+    from helpers import TINY
     texts = SP_TEXTS
     if case in ("sentencepiece", "lora"):
         folder = default_model.make_model(tmp_path / "meta", {**TINY, "vocab_size": -1}, byte_fallback_tokenizer, 2, 5)
@@ -518,7 +518,7 @@ def test_llama_cpp_runs_the_gguf(hf_folder, load, tmp_path, request, byte_fallba
     path = export(model, tmp_path / "out", "f32")
     adapter = None
     if case.startswith("lora"):
-        model.add_lora(4, 8.0, 0.0, ["wq", "wk", "wv", "w2"], seed=1)
+        add_lora(model, lora(4, 8.0, 0.0, ["wq", "wk", "wv", "w2"]), seed=1)
         with torch.no_grad():
             for _, b in model.lora.values():
                 b.normal_(generator=torch.Generator().manual_seed(2)).mul_(0.2)

@@ -13,7 +13,8 @@ import safetensors.torch
 import torch
 
 import loader
-from conftest import ROOT
+from adapters import add_lora
+from helpers import ROOT, lora, run_main
 from parallel import Group
 
 SETTINGS = ["--iters=4", "--seq_len=32", "--eval_period=0", "--save_period=2", "--compute_dtype=float32", "--dropout=0",
@@ -36,6 +37,11 @@ def launch(processes, out, offload, *settings):
 
 
 def train(processes, out, offload, *settings):
+    """A run of processes (torchrun); one process runs in this one."""
+    if processes == 1:
+        code, log, err = run_main("finetune.py", f"--out_path={out}", f"--offload_path={offload}", *settings)
+        assert code == 0, err[-3000:]
+        return log + err
     p = launch(processes, out, offload, *settings)
     log, _ = p.communicate(timeout=240)
     assert p.returncode == 0, log[-3000:]
@@ -70,13 +76,14 @@ def initial(offload):
 
 def lora_start(offload, settings):
     """The adapters a LoRA run of the built-in model starts from (seed 1337, rank 8)."""
-    model = loader.load_llama2(None, offload_path=offload, log=lambda *_: None)
+    model = loader.load_model(None, offload_path=offload, log=lambda *_: None)
     targets = next(s for s in settings if s.startswith("--lora_targets=")).split("=")[1].split(",")
-    model.add_lora(8, 16.0, 0.0, targets, seed=1337)
+    add_lora(model, lora(8, 16.0, 0.0, targets), seed=1337)
     model.close()
     return {f"{k}:{i}": t.detach() for k, pair in model.lora.items() for i, t in enumerate(pair)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one_with_their_rows(tmp_path, case):
     mode = "lora" if "--mode=lora" in CASES[case] else "full"
@@ -121,6 +128,7 @@ def children(pid):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's processes in /proc")
 def test_a_killed_process_stops_the_run_and_it_resumes_exactly(tmp_path):
     settings = [*SETTINGS, "--iters=8", "--batch_size=2", "--optimizer=adamw", "--memory_budget=0"]
@@ -143,19 +151,19 @@ def test_a_killed_process_stops_the_run_and_it_resumes_exactly(tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])][:5]
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     p = launch(1, tmp_path / "out", tmp_path / "off", *SETTINGS, "--iters=2000", "--batch_size=2")
     for line in p.stdout:
         if line.startswith("step 1/"):
             break
     try:
-        second = subprocess.run(command(1, tmp_path / "out", tmp_path / "off", *SETTINGS, "--overwrite=1"), cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        code, _, err = run_main(*command(1, tmp_path / "out", tmp_path / "off", *SETTINGS, "--overwrite=1")[1:])
     finally:
         p.kill()
         p.wait()
-    assert second.returncode != 0
-    assert second.stderr.strip().splitlines()[-1] == \
+    assert code != 0
+    assert err.strip().splitlines()[-1] == \
         f"error: out_path={tmp_path / 'out'}: another run is using this folder; wait for it to end or choose another out_path"
 
 

@@ -12,16 +12,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from conftest import ROOT, folder_hash, run
+import plan as plan_module
+from helpers import ROOT, folder_hash, records, run_main
 
 IO_FIELDS = ("rchar", "wchar", "read_bytes", "write_bytes")
 HAS_PROC_IO = Path("/proc/self/io").exists()
-
-
-def records(out, kind=None):
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    rs = [json.loads(line) for line in lines]
-    return [r for r in rs if kind is None or r["kind"] == kind]
 
 
 def picture(path):
@@ -34,17 +29,6 @@ def picture(path):
 def has_colour(image, hex_colour, tolerance=0.03, min_pixels=30):
     rgb = np.array([int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
     return int((np.abs(image[..., :3] - rgb).max(axis=-1) < tolerance).sum()) >= min_pixels
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """The default run (the built-in model, slowllama.txt), 12 steps with evaluations at 0, 5, 10, 12."""
-    tmp = tmp_path_factory.mktemp("default_run")
-    out = tmp / "out"
-    rc, log, err = run("finetune.py", "--iters=12", "--eval_period=5", "--val_fraction=0.1",
-                       f"--out_path={out}", f"--offload_path={tmp / 'offload'}")
-    assert rc == 0, err
-    return out, tmp / "offload", log
 
 
 def test_metrics_file_has_a_line_per_step_and_evaluation(default_run):
@@ -98,16 +82,17 @@ def test_plot_two_runs(default_run, tmp_path):
     lines += [{"kind": "eval", "step": s, "val_loss": 7.2 - 0.1 * s, "completion": ""} for s in (0, 10, 20)]
     (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "tr')  # torn
     png = tmp_path / "both.png"
-    rc, stdout, err = run("plot.py", out, other, f"--out={png}")
+    rc, stdout, err = run_main("plot.py", out, other, f"--out={png}")
     assert rc == 0, err
     assert f"wrote {png}" in stdout
     image = picture(png)
     assert image.shape[0] >= 400 and image.shape[1] >= 700
     assert has_colour(image, "#1f77b4") and has_colour(image, "#d62728")  # one colour per run
-    rc, _, err = run("plot.py", tmp_path / "nothing-here", f"--out={tmp_path / 'x.png'}")
+    rc, _, err = run_main("plot.py", tmp_path / "nothing-here", f"--out={tmp_path / 'x.png'}")
     assert rc != 0 and "no metrics" in err and not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_resumed_run_has_every_step_once(tmp_path):
     """Killed after a commit and after later steps were recorded, then resumed: steps 1..12 once each,
     the records of steps that were not committed dropped, tokens and time carried on."""
@@ -128,7 +113,7 @@ def test_resumed_run_has_every_step_once(tmp_path):
     committed = json.loads((out / "run" / "state.json").read_text())["step"]
     with open(out / "metrics.jsonl", "a") as f:  # as if killed further on, mid-line
         f.write(json.dumps({"kind": "train", "step": committed + 1, "loss": 1.0}) + '\n{"kind": "train", "st')
-    rc, log, err = run(*args[1:], "--resume=1")
+    rc, log, err = run_main(*args[1:], "--resume=1")
     assert rc == 0, err
     assert f"resuming {out / 'run'} from step {committed}" in log
     train = records(out, "train")
@@ -143,10 +128,13 @@ def test_resumed_run_has_every_step_once(tmp_path):
     assert "12 steps" in (out / "report.md").read_text()
 
 
-def plan(tmp_path, *extra):
-    out, offload = tmp_path / "plan-out", tmp_path / "plan-offload"
-    rc, stdout, err = run("finetune.py", "--plan=1", "--plan_mb=16", f"--out_path={out}",
-                          f"--offload_path={offload}", *extra)
+def plan(tmp_path, *extra, offload=None):
+    """finetune.py --plan=1's figures and what it printed (the matmul rate measured over a shorter time)."""
+    out, offload = tmp_path / "plan-out", offload or tmp_path / "plan-offload"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plan_module, "MATMUL_PROBE_S", 0.3)
+        rc, stdout, err = run_main("finetune.py", "--plan=1", "--plan_mb=16", f"--out_path={out}",
+                                   f"--offload_path={offload}", *extra)
     assert rc == 0, err
     return json.loads(stdout.strip().splitlines()[-1]), stdout
 
@@ -161,10 +149,11 @@ def check_plan(f, stdout):
     assert f["forward_share"] == pytest.approx(1 / 3 if f["mode"] == "full" else 1 / 2)
     rf, rb, w = f["forward_read_bytes"], f["backward_read_bytes"], f["write_bytes_per_step"]
     assert rf + rb == f["read_bytes_per_step"] and rf == f["working_set_bytes"]
-    assert f["copies_share_cpu"] and f["stream_write_bps"] >= f["write_bps"]  # device cpu
-    cache = f["cache_read_bps"]
-    fwd = f["compute_s"] * f["forward_share"] + rf / cache  # on the CPU the copies take time from the arithmetic
-    bwd = f["compute_s"] * (1 - f["forward_share"]) + (rb + w) / cache
+    # device cpu: the I/O's memory copies take time from the arithmetic, unless LoRA maps an fp32 copy of the base
+    assert f["copies_share_cpu"] == (f["base_copy_bytes"] == 0) and f["stream_write_bps"] >= f["write_bps"]
+    cache, copies = f["cache_read_bps"], f["copies_share_cpu"]
+    fwd = f["compute_s"] * f["forward_share"] + rf / cache * copies
+    bwd = f["compute_s"] * (1 - f["forward_share"]) + (rb + w) / cache * copies
     warm = max(max(fwd, rf / cache) + max(bwd, rb / cache), w / f["stream_write_bps"])
     cold = max(fwd, rf / f["disk_read_bps"]) + max(bwd, rb / f["disk_read_bps"] + w / f["write_bps"])
     assert f["warm_step_s"] == pytest.approx(warm, rel=1e-6)
@@ -204,26 +193,27 @@ def test_plan_writes_nothing_and_adds_up(tmp_path):
 
 def test_plan_of_lora_before_the_conversion(tmp_path):
     """LoRA streaming every module of a model not yet converted: the plan reads the source's shapes and
-    writes nothing (no offload file exists to look into)."""
-    f, stdout = plan(tmp_path, "--mode=lora", "--memory_budget=0", "--iters=40", "--eval_period=0")
+    writes nothing (no offload file exists to look into). In fp32 over the built-in model's bf16 weights
+    the plan counts the fp32 copy of the base that the run would map (set here, not left to auto)."""
+    f, stdout = plan(tmp_path, "--mode=lora", "--memory_budget=0", "--iters=40", "--eval_period=0",
+                     "--compute_dtype=float32")
     assert not (tmp_path / "plan-out").exists() and not (tmp_path / "plan-offload").exists()
     assert not f["converted"] and f["mode"] == "lora" and f["resident_modules"] == 1
+    assert f["compute_dtype"] == "float32" and f["base_copy_bytes"] > 0 and not f["copies_share_cpu"]
     check_plan(f, stdout)
     assert f["write_bytes_per_step"] == 0 and f["read_bytes_per_step"] > 0
 
 
 def test_plan_of_a_converted_model_and_lora(default_run, tmp_path):
     """With the model converted already, the offload folder is left as it is; LoRA writes nothing a step
-    and does 4 FLOPs per parameter per token instead of 6."""
+    and does 4 FLOPs per parameter per token instead of 6. In bf16 over the bf16 base (set here, not left
+    to auto) the base is mapped as it is: no copy."""
     _, offload, _ = default_run
     state = folder_hash(offload)
-    out = tmp_path / "plan-out"
-    rc, stdout, err = run("finetune.py", "--plan=1", "--plan_mb=16", f"--out_path={out}", f"--offload_path={offload}",
-                          "--mode=lora", "--memory_budget=0")
-    assert rc == 0, err
-    f = json.loads(stdout.strip().splitlines()[-1])
-    assert folder_hash(offload) == state and not out.exists()
+    f, stdout = plan(tmp_path, "--mode=lora", "--memory_budget=0", "--compute_dtype=bfloat16", offload=offload)
+    assert folder_hash(offload) == state and not (tmp_path / "plan-out").exists()
     assert f["converted"] and f["mode"] == "lora"
+    assert f["compute_dtype"] == "bfloat16" and f["base_copy_bytes"] == 0 and f["copies_share_cpu"]
     check_plan(f, stdout)
     assert f["write_bytes_per_step"] == 0 and f["read_bytes_per_step"] > 0
     assert f["flops_per_step"] == 4 * f["matmul_params"] * f["tokens_per_step"]

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import run
+from helpers import run_main
 
 
 class Payload:
@@ -23,7 +23,7 @@ def plant(path, marker):
 
 
 def expect_refused(args, marker):
-    rc, _, err = run(*args)
+    rc, _, err = run_main(*args)
     assert rc != 0 and "Traceback" not in err, err
     assert any(line.startswith("error:") for line in err.splitlines()), err
     assert not marker.exists(), "the payload ran"
@@ -31,8 +31,8 @@ def expect_refused(args, marker):
 
 def trained(make, tmp_path, *settings):
     model, out = make(), tmp_path / "out"
-    rc, _, err = run("finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
-                     "--iters=2", "--seq_len=16", "--eval_period=0", *settings)
+    rc, _, err = run_main("finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
+                          "--iters=2", "--seq_len=16", "--eval_period=0", *settings)
     assert rc == 0, err
     return model, out
 
@@ -70,7 +70,7 @@ def test_payload_in_a_run_checkpoint(make, tmp_path, mode):
 
 def test_payload_in_the_offload(make, tmp_path):
     model, marker = make(), tmp_path / "ran"
-    assert run("test_gen.py", model, "--tokens", "1", "--offload_path", tmp_path / "off")[0] == 0
+    assert run_main("test_gen.py", model, "--tokens", "1", "--offload_path", tmp_path / "off")[0] == 0
     offload = next((tmp_path / "off").glob("llama-*"))
     plant(offload / "extras.pt", marker)
     expect_refused(["loader.py", model, tmp_path / "copy", "--offload_path", tmp_path / "off"], marker)

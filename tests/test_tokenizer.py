@@ -1,49 +1,16 @@
 """The three kinds of tokenizers (tokenizer.py) on tiny tokenizers made here, and a Hugging Face model
 folder with a tokenizer.json loaded, generating and exported."""
-import base64
-import json
 import os
 
 import pytest
 
 import loader
-from default_model import DEFAULT_TEXT
-from test_hf import save_as_hf
+from families import save_as_hf
+from helpers import META_FIRST, PATTERN, SPECIAL, TEXTS, byte_of_char, tokenizer_folder, write_json
 from tokenizer import load_tokenizer
 from utils import UserError
 
-TEXTS = ["the thing in the garden, then another thing", "café crème brûlée à la française",
-         "中文 text 中 and 文字", "emoji 😀 and 👍🏽 and 🇫🇷", "tabs\tand\nnew lines  \n\n  trailing ",
-         "numbers 12345 and it's they're"]
-# Meta's list as published in its llama-models repository (Llama 3.1), typed out here independently
-META_FIRST = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-              "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
-              "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# merges after the 256 bytes; "中"[:2] and "文"[:2] are tokens that end inside a character
-# "34" before "12" and "  ": texts whose pieces differ unless the pattern cuts digits by 3 and spaces before words
-MERGES = [b"th", b"he", b"the", b" t", b" the", b"in", b"ng", b"ing", b" a", "é".encode(), b"34", b"12", b"123",
-          b"45", b"  ", "中".encode()[:2], "中".encode(), "文".encode()[:2]]
-
-
-def write_json(path, obj):
-    path.write_text(json.dumps(obj))
-
-
 # --- Meta's Llama 3 tokenizer.model (tiktoken) ---
-
-@pytest.fixture(scope="module")
-def ranks():
-    return {token: rank for rank, token in enumerate([bytes([b]) for b in range(256)] + MERGES)}
-
-
-@pytest.fixture
-def meta_folder(tmp_path, ranks):
-    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in ranks.items()]
-    (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
-    return tmp_path
-
 
 def test_tiktoken_kind_matches_tiktoken_and_the_bytes(meta_folder, ranks):
     import tiktoken
@@ -133,44 +100,8 @@ def test_meta_llama3_fixture():
 
 # --- Hugging Face's tokenizer.json (tokenizers) ---
 
-SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]  # ids 0, 1, 2
-
-
-@pytest.fixture(scope="module")
-def hf_json():
-    """tokenizer.json text of a byte-level BPE trained here (300 tokens), with (True) and without (False)
-    a post-processor putting <|begin_of_text|> first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([DEFAULT_TEXT.read_text(), *TEXTS * 3], trainer)
-    plain = tok.to_str()
-    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[(SPECIAL[0], 0)])
-    return {False: plain, True: tok.to_str()}
-
-
-def hf_folder(path, hf_json, post_bos, tokenizer_config=None, config=None, generation=None):
-    path.mkdir(exist_ok=True)
-    (path / "tokenizer.json").write_text(hf_json[post_bos])
-    for name, obj in (("tokenizer_config.json", tokenizer_config), ("config.json", config),
-                      ("generation_config.json", generation)):
-        if obj is not None:
-            write_json(path / name, obj)
-    return path
-
-
-def byte_of_char():
-    """GPT-2's byte-level alphabet: the character each byte is written as in a byte-level BPE vocabulary."""
-    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in shown]
-    return {**{chr(b): b for b in shown}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
 def test_tokenizers_kind_round_trips_byte_exact(tmp_path, hf_json):
-    tok = load_tokenizer(hf_folder(tmp_path, hf_json, True))
+    tok = load_tokenizer(tokenizer_folder(tmp_path, hf_json, True))
     alphabet = byte_of_char()
     assert (tok.kind, tok.n_words, tok.bos_id) == ("tokenizers", 300, 0)
     assert tok.special_tokens == {s: i for i, s in enumerate(SPECIAL)}
@@ -192,7 +123,7 @@ def test_tokenizers_kind_round_trips_byte_exact(tmp_path, hf_json):
     (False, {"add_bos_token": True, "bos_token": {"content": "<|begin_of_text|>"}}, 0),  # no post-processor: config
     (True, {"add_bos_token": False, "bos_token": "<|begin_of_text|>"}, 0)])  # the post-processor wins
 def test_tokenizers_bos_as_the_files_say(tmp_path, hf_json, post_bos, tokenizer_config, bos):
-    tok = load_tokenizer(hf_folder(tmp_path, hf_json, post_bos, tokenizer_config))
+    tok = load_tokenizer(tokenizer_folder(tmp_path, hf_json, post_bos, tokenizer_config))
     assert tok.bos_id == bos
     body = tok.tok.encode("hello there", add_special_tokens=False).ids
     assert tok.encode("hello there") == [bos] * (bos is not None) + body
@@ -207,7 +138,7 @@ def test_tokenizers_bos_as_the_files_say(tmp_path, hf_json, post_bos, tokenizer_
 
 
 def test_tokenizers_special_text_stays_text_unless_allowed(tmp_path, hf_json):
-    tok = load_tokenizer(hf_folder(tmp_path, hf_json, True))
+    tok = load_tokenizer(tokenizer_folder(tmp_path, hf_json, True))
     text = "user says <|eot_id|> and <|begin_of_text|> here"
     ids = tok.encode(text)
     assert ids.count(0) == 1 and 2 not in ids and tok.decode(ids) == text
@@ -218,16 +149,16 @@ def test_tokenizers_special_text_stays_text_unless_allowed(tmp_path, hf_json):
 
 
 def test_tokenizers_stop_ids_are_the_union(tmp_path, hf_json):
-    tok = load_tokenizer(hf_folder(tmp_path, hf_json, True, {"eos_token": "<|end_of_text|>"},
+    tok = load_tokenizer(tokenizer_folder(tmp_path, hf_json, True, {"eos_token": "<|end_of_text|>"},
                                    {"eos_token_id": 1}, {"eos_token_id": [1, 2]}))
     assert (tok.eos_id, tok.stop_ids) == (1, {1, 2})
     assert tok.encode("hi", eos=True)[-1] == 1
-    bare = load_tokenizer(hf_folder(tmp_path / "bare", hf_json, False, config={"eos_token_id": [2, 1]}))
+    bare = load_tokenizer(tokenizer_folder(tmp_path / "bare", hf_json, False, config={"eos_token_id": [2, 1]}))
     assert (bare.eos_id, bare.stop_ids) == (2, {1, 2})  # no tokenizer_config.json: the config's first
 
 
 def test_tokenizer_json_wins_over_tokenizer_model(tmp_path, hf_json, tokenizer_bytes):
-    folder = hf_folder(tmp_path, hf_json, True)
+    folder = tokenizer_folder(tmp_path, hf_json, True)
     (folder / "tokenizer.model").write_bytes(tokenizer_bytes)
     assert load_tokenizer(folder).kind == "tokenizers"
     (folder / "tokenizer.json").unlink()
@@ -240,7 +171,7 @@ def test_tokenizer_json_wins_over_tokenizer_model(tmp_path, hf_json, tokenizer_b
     ("config.json", '{"eos_token_id": "2"}', "config.json: eos_token_id must be"),
     ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json: expected a JSON object")])
 def test_bad_tokenizer_files(tmp_path, hf_json, name, content, message):
-    folder = hf_folder(tmp_path, hf_json, True)
+    folder = tokenizer_folder(tmp_path, hf_json, True)
     (folder / name).write_text(content)
     with pytest.raises(UserError, match=message):
         load_tokenizer(folder)
@@ -275,7 +206,7 @@ def test_hf_model_with_tokenizer_json_loads_generates_and_exports(make, load, tm
     (folder / "tokenizer.model").unlink()
     own_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
                   "eos_token": "<|end_of_text|>"}
-    hf_folder(folder, hf_json, True, own_config, generation={"eos_token_id": [1, 2]})
+    tokenizer_folder(folder, hf_json, True, own_config, generation={"eos_token_id": [1, 2]})
     fp = loader.fingerprint(folder)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(fp)
     model = load(folder)
@@ -287,8 +218,8 @@ def test_hf_model_with_tokenizer_json_loads_generates_and_exports(make, load, tm
     assert tok.decode(prompt + out).startswith("the model streams")
     forced = model.generate(prompt, 12, stop_ids={out[0]})  # stops at the first stop token it makes
     assert forced == out[:1]
-    loader.save_llama2(model, tmp_path / "out_hf", out_format="hf", log=lambda *a: None)
-    loader.save_llama2(model, tmp_path / "out_meta", out_format="meta", log=lambda *a: None)
+    loader.save_model(model, tmp_path / "out_hf", out_format="hf", log=lambda *a: None)
+    loader.save_model(model, tmp_path / "out_meta", out_format="meta", log=lambda *a: None)
     for out_dir in (tmp_path / "out_hf", tmp_path / "out_meta"):
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             assert (out_dir / name).read_bytes() == (folder / name).read_bytes(), (out_dir, name)
@@ -301,6 +232,6 @@ def test_hf_model_with_tokenizer_json_loads_generates_and_exports(make, load, tm
 def test_a_tokenizer_larger_than_the_embedding_rows(make, load, tmp_path, hf_json):
     folder = save_as_hf(make(), tmp_path / "hf")  # 256 rows
     (folder / "tokenizer.model").unlink()
-    hf_folder(folder, hf_json, True)
+    tokenizer_folder(folder, hf_json, True)
     with pytest.raises(UserError, match="tokenizer.json: 300 tokens, but the model has 256 embedding rows"):
         load(folder)

@@ -1,0 +1,148 @@
+"""The settings of a run, typed: finetune.py's constants (the one default of each), overridden by
+--name=value, parsed and checked once into a Settings with its groups (LoRA, the optimizer, the data).
+
+Functions take the group they use: the model's LoRA (Lora), the optimizer and its schedule (Optim), the
+training data and the rows of a step (Data). Library users build one with finetune.settings(name=value ...).
+"""
+import math
+from dataclasses import dataclass
+
+from llama import LORA_TARGETS
+from utils import UserError, memory_budget_bytes, parse_settings
+
+OUT_FORMATS = ("meta", "hf", "gguf")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
+
+
+@dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters W x + alpha/rank * B A dropout(x) on the weights named in targets."""
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Optim:
+    """The optimizer of the trained weights (LoRA adapters: always AdamW) and its learning-rate schedule."""
+    kind: str  # sgd or adamw
+    lr: float
+    warmup_iters: int
+    lr_decay: bool
+    min_lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    grad_clip: float
+
+    def adamw(self):
+        """torch.optim.AdamW's settings, but the learning rate."""
+        return {"betas": (self.beta1, self.beta2), "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def lr_at(self, step, iters):
+        """The learning rate of step (1-based) of iters: linear warm-up, then lr or a cosine decay to min_lr."""
+        if self.warmup_iters and step <= self.warmup_iters:
+            return self.lr * step / self.warmup_iters
+        if not self.lr_decay:
+            return self.lr
+        progress = (step - self.warmup_iters) / max(1, iters - self.warmup_iters)
+        return self.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (self.lr - self.min_lr)
+
+
+@dataclass(frozen=True)
+class Data:
+    """The training data and the rows of a step: grad_accum micro-batches of batch_size rows of seq_len tokens."""
+    path: str
+    prompt_template: str
+    system_template: str
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    val_fraction: float
+
+    @property
+    def micro_batch_tokens(self):
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: str
+    out_path: str
+    out_format: str
+    offload_path: str
+    device: str
+    compute_dtype: str
+    memory_budget: float  # GiB per process; -1: half the RAM shared among the machine's processes
+    keep_activations: bool
+    seed: int
+    iters: int
+    dropout: float
+    mode: str
+    base_copy: int
+    eval_period: int
+    prompt: str
+    gen_tokens: int
+    save_period: int
+    resume: bool
+    overwrite: bool
+    plan: bool
+    plan_mb: int
+    dist_timeout: float
+    lora: Lora
+    optim: Optim
+    data: Data
+
+    def memory_budget_bytes(self, processes=None):
+        return memory_budget_bytes(self.memory_budget, processes)
+
+    @property
+    def export(self):
+        """(layout or None for the source's, GGUF type or None) of out_format ("gguf:q8_0": gguf, q8_0)."""
+        layout, _, gguf_type = self.out_format.partition(":")
+        return layout or None, gguf_type or None
+
+
+def parse(argv, defaults):
+    """Settings of --name=value arguments over defaults ({name: value}, each typed like its value), checked."""
+    s = parse_settings(argv, defaults)
+    for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora")), ("base_copy", (-1, 0, 1))):
+        if s[name] not in allowed:
+            raise UserError(f"--{name}={s[name]}: use one of {', '.join(map(str, allowed))}")
+    for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period", "lora_rank", "plan_mb"):
+        if s[name] < 1:
+            raise UserError(f"--{name}={s[name]}: must be at least 1")
+    layout, _, gguf_type = s["out_format"].partition(":")
+    if layout not in ("", *OUT_FORMATS) or gguf_type and (layout != "gguf" or gguf_type not in GGUF_TYPES):
+        raise UserError(f"--out_format={s['out_format']}: use meta, hf or gguf (gguf:{', gguf:'.join(GGUF_TYPES)})")
+    if not 0 <= s["val_fraction"] < 1:
+        raise UserError(f"--val_fraction={s['val_fraction']}: must be in [0, 1)")
+    for name in ("dropout", "lora_dropout"):
+        if not 0 <= s[name] < 1:
+            raise UserError(f"--{name}={s[name]}: must be in [0, 1)")
+    targets = tuple(t.strip() for t in s["lora_targets"].split(",") if t.strip())
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise UserError(f"--lora_targets={s['lora_targets']}: {'unknown ' + unknown[0] if unknown else 'none given'}; "
+                        f"name some of {', '.join(LORA_TARGETS)}")
+    return Settings(
+        model_path=s["model_path"], out_path=s["out_path"], out_format=s["out_format"], offload_path=s["offload_path"],
+        device=s["device"], compute_dtype=s["compute_dtype"], memory_budget=s["memory_budget"],
+        keep_activations=bool(s["keep_activations"]), seed=s["seed"], iters=s["iters"], dropout=s["dropout"],
+        mode=s["mode"], base_copy=s["base_copy"], eval_period=s["eval_period"], prompt=s["prompt"],
+        gen_tokens=s["gen_tokens"], save_period=s["save_period"], resume=bool(s["resume"]),
+        overwrite=bool(s["overwrite"]), plan=bool(s["plan"]), plan_mb=s["plan_mb"], dist_timeout=s["dist_timeout"],
+        lora=Lora(rank=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"], targets=targets),
+        optim=Optim(kind=s["optimizer"] if s["mode"] == "full" else "adamw", lr=s["lr"],
+                    warmup_iters=s["warmup_iters"], lr_decay=bool(s["lr_decay"]), min_lr=s["min_lr"],
+                    weight_decay=s["weight_decay"], beta1=s["beta1"], beta2=s["beta2"], eps=s["eps"],
+                    grad_clip=s["grad_clip"]),
+        data=Data(path=s["data_path"], prompt_template=s["prompt_template"], system_template=s["system_template"],
+                  seq_len=s["seq_len"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
+                  val_fraction=s["val_fraction"]))
