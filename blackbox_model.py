@@ -159,74 +159,24 @@ class Transformer:
     def train_step(self, batches, lr):
         """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch
         passes through a module while it is in memory. Returns the mean loss over all targets."""
-        full, opt, stream = self.mode == "full", self.optimizer, self.offload.stream
+        full, opt = self.mode == "full", self.optimizer
         self.check_window(batches[0][0].shape[1])
         opt.start_step(lr)
         xs = [x.to(self.device) for x, _ in batches]
         ys = [y.to(self.device) for _, y in batches]
         n_targets = self.group.sum(torch.tensor(sum(int((y != -1).sum()) for y in ys)))  # of every process
-        n_targets = max(1, int(n_targets))
         rope = rope_tables(self.args, 0, xs[0].shape[1], self.device)
-        graph_bytes = xs[0].numel() * graph_bytes_per_token(self.args, self.compute_dtype)
-        graph_budget, peak = self.memory.graph_budget, self.memory.peak
-        kept_bytes, saved = 0, []  # saved[i][j]: (input, RNG state, output with its graph or None)
-
-        # forward: each block's input is kept, and its autograd graph too while the budget allows
-        forward = stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
-        emb = next(forward)
-        hs = [embed(emb, x) for x in xs]
-        for i, box in zip(range(len(self.layers)), forward):
-            saved.append([])
-            for j, x in enumerate(hs):
-                x.requires_grad_(full or i > 0)
-                rng = get_rng_state(self.device)
-                with torch.enable_grad():  # also when recomputing later: the same kernels, the same bits
-                    y = block_forward(box, x, self.args, rope, self.training, self.dropout)
-                keep = self.keep_activations and kept_bytes + graph_bytes <= graph_budget
-                kept_bytes += graph_bytes if keep else 0
-                saved[i].append((x, rng, y if keep else None))
-                hs[j] = y.detach()
-
-        # the turn: final norm and output, forward and backward at once (the output is updated here)
-        next(forward)
-        grads, loss = [], 0.0
-        for h, y in zip(hs, ys):
-            h.requires_grad_()
-            with torch.enable_grad():
-                batch_loss = loss_sum(head(self.norm.load(), self.output, h, self.args.norm_eps, self.training), y) / n_targets
-            if not torch.isfinite(batch_loss) and self.group.world == 1:  # else every process finds the
-                raise FloatingPointError(f"the loss is {batch_loss.item()}")  # summed gradients non-finite
-            batch_loss.backward()
-            grads.append(h.grad)
-            loss += batch_loss.item()
-        rng_after_forward = get_rng_state(self.device)
-        del hs
-        next(forward, None)  # lets the output module go
-        if rss_bytes() + max(box.memory_bytes() for box in self.layers) + graph_bytes > peak:
-            release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free
-            # pages (between kept activations, where the step's tensors are small) go back to the OS
-
-        # backward through the blocks in reverse. y.backward hands each weight's gradient to the
-        # optimizer as autograd computes it (Linear/Scale -> box.take_grad -> opt.take), which updates
-        # the weight right there, a block of rows at a time, unless gradients accumulate or are clipped
-        backward = stream(self.layers[::-1] + [self.embeddings] * full, keep=[self.embeddings])
-        for i, box in zip(reversed(range(len(self.layers))), backward):
-            for j, (x, rng, y) in enumerate(saved[i]):
-                if y is None:  # recompute the block's forward with the random state it had
-                    set_rng_state(rng, self.device)
-                    with torch.enable_grad():
-                        y = block_forward(box, x, self.args, rope, self.training, self.dropout)
-                y.backward(grads[j])
-                grads[j] = x.grad
-            saved[i] = None
+        forward = self.offload.stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
+        hs, saved = forward_keeping_inputs(self, forward, xs, rope)
+        grads, loss = the_turn(self, forward, hs, ys, max(1, int(n_targets)))
+        backward_through_blocks(self, saved, grads, rope)
         if full:
-            opt.take(next(backward), "weight", self.embedding_grad(xs, grads), parts=len(xs))
-            next(backward, None)
-        set_rng_state(rng_after_forward, self.device)
+            opt.take(self.embeddings, "weight", embedding_grad(xs, grads, self.device), parts=len(xs))
+            self.embeddings.release(keep=True)
         for box in self.boxes.values():  # the final norm is never let go: its summed gradient is applied here
             opt.finish(box)
         if full and opt.grad_clip:
-            opt.apply_clipped(stream(list(self.boxes.values())[::-1], keep=[self.embeddings]))
+            opt.apply_clipped(self.offload.stream(list(self.boxes.values())[::-1], keep=[self.embeddings]))
         if not full:
             opt.step_adapters()
         if self.group.world > 1:  # the others read what this process wrote once this step is done everywhere
@@ -234,18 +184,6 @@ class Transformer:
                 box.wait_write()
             loss = self.group.sum(torch.tensor(loss, dtype=torch.float64)).item()
         return loss
-
-    def embedding_grad(self, xs, grads):
-        """The embedding table's gradient as rows(r0, r1, out): the gradients at each token's position
-        summed into its row (in fp32: a row may sum many)."""
-        tokens, dys = torch.cat([x.flatten() for x in xs]), torch.cat([g.flatten(0, 1) for g in grads])
-
-        def rows(r0, r1, out):
-            picked = (tokens >= r0) & (tokens < r1)
-            if out is None or out.dtype != torch.float32:
-                out = torch.empty(r1 - r0, dys.shape[1], device=self.device)
-            return out.zero_().index_add_(0, tokens[picked] - r0, dys[picked].float())
-        return rows
 
     def flush(self):
         """Write every changed module and wait for all writes: {module: file} of the current state, on the disk."""
@@ -273,3 +211,85 @@ class Transformer:
             for key, (a, b, scale, _) in box.lora.items():
                 weights[key] = weights[key].float() + scale * (b.detach() @ a.detach()).to(weights[key].device)
         return weights
+
+# --- the parts of a training step ---
+
+def forward_keeping_inputs(model, forward, xs, rope):
+    """The forward pass through the embeddings and the blocks (forward: the stream of modules): (the last
+    block's outputs, saved[i][j] = (block i's input of micro-batch j, the random state before it, its output
+    with the autograd graph while the memory plan has room for graphs, else None))."""
+    graph_bytes = xs[0].numel() * graph_bytes_per_token(model.args, model.compute_dtype)
+    kept_bytes, saved = 0, []
+    table = next(forward)
+    hs = [embed(table, x) for x in xs]
+    for i, box in zip(range(len(model.layers)), forward):
+        saved.append([])
+        for j, x in enumerate(hs):
+            x.requires_grad_(model.mode == "full" or i > 0)
+            rng = get_rng_state(model.device)
+            with torch.enable_grad():  # also when recomputing later: the same kernels, the same bits
+                y = block_forward(box, x, model.args, rope, model.training, model.dropout)
+            keep = model.keep_activations and kept_bytes + graph_bytes <= model.memory.graph_budget
+            kept_bytes += graph_bytes if keep else 0
+            saved[i].append((x, rng, y if keep else None))
+            hs[j] = y.detach()
+    return hs, saved
+
+
+def the_turn(model, forward, hs, ys, n_targets):
+    """The head of the step: final norm, output and loss, forward and backward at once (the output is updated
+    here). Returns (the gradients at the last block's outputs, the loss over n_targets)."""
+    next(forward)
+    grads, loss = [], 0.0
+    for h, y in zip(hs, ys):
+        h.requires_grad_()
+        with torch.enable_grad():
+            logits = head(model.norm.load(), model.output, h, model.args.norm_eps, model.training)
+            batch_loss = loss_sum(logits, y) / n_targets
+        if not torch.isfinite(batch_loss) and model.group.world == 1:  # else every process finds the summed
+            raise FloatingPointError(f"the loss is {batch_loss.item()}")  # gradients non-finite
+        batch_loss.backward()
+        grads.append(h.grad)
+        loss += batch_loss.item()
+    next(forward, None)  # lets the output module go
+    graph_bytes = hs[0].shape[0] * hs[0].shape[1] * graph_bytes_per_token(model.args, model.compute_dtype)
+    if rss_bytes() + max(box.memory_bytes() for box in model.layers) + graph_bytes > model.memory.peak:
+        release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free pages
+        # (between kept activations, where the step's tensors are small) go back to the OS
+    return grads, loss
+
+
+def backward_through_blocks(model, saved, grads, rope):
+    """The blocks in reverse: each block's kept graph, or its forward recomputed with the random state it had,
+    takes the gradient from above (grads, replaced by the gradients at the blocks' inputs). y.backward hands
+    each weight's gradient to the optimizer as autograd computes it (Linear/Scale -> box.take_grad ->
+    opt.take), which updates the weight right there, a block of rows at a time, unless gradients accumulate
+    or are clipped. Full fine-tuning ends with the embedding table loaded, for its update."""
+    rng_after_forward = get_rng_state(model.device)
+    full = model.mode == "full"
+    backward = model.offload.stream(model.layers[::-1] + [model.embeddings] * full, keep=[model.embeddings])
+    for i, box in zip(reversed(range(len(model.layers))), backward):
+        for j, (x, rng, y) in enumerate(saved[i]):
+            if y is None:
+                set_rng_state(rng, model.device)
+                with torch.enable_grad():
+                    y = block_forward(box, x, model.args, rope, model.training, model.dropout)
+            y.backward(grads[j])
+            grads[j] = x.grad
+        saved[i] = None
+    if full:
+        next(backward)  # the embedding table, loaded (the stream keeps it: let go by the caller)
+    set_rng_state(rng_after_forward, model.device)
+
+
+def embedding_grad(xs, grads, device):
+    """The embedding table's gradient as rows(r0, r1, out): the gradients at each token's position summed
+    into its row (in fp32: a row may sum many)."""
+    tokens, dys = torch.cat([x.flatten() for x in xs]), torch.cat([g.flatten(0, 1) for g in grads])
+
+    def rows(r0, r1, out):
+        picked = (tokens >= r0) & (tokens < r1)
+        if out is None or out.dtype != torch.float32:
+            out = torch.empty(r1 - r0, dys.shape[1], device=device)
+        return out.zero_().index_add_(0, tokens[picked] - r0, dys[picked].float())
+    return rows

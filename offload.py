@@ -84,8 +84,8 @@ class Offload:
         """From now on the background thread's torch work runs on that thread alone: for runs whose
         steps only map files. The background thread has little to do then, and an OpenMP team of its
         own (made by any earlier conversion) would leave more OpenMP threads than cores: OpenMP then
-        lets the step's idle threads sleep at once rather than wait for its next operation (1B LoRA:
-        2300 sleeps a step, 5% of its cores' time idle). Where reads convert at every step, the step's
+        lets the step's idle threads sleep at once rather than wait for its next operation (idle
+        cores; docs/performance.md). Where reads convert at every step, the step's
         threads had better yield to the background thread's team: that stays. The old thread ends
         here, and its team with it."""
         if not self.io_on_one_thread:
@@ -224,7 +224,8 @@ class Blackbox:
             if ":" in name:  # "attention.wq.weight:exp_avg"
                 key, state = name.split(":")
                 optim.setdefault(key, {})[state] = t.to(o.device)
-        compute, compute_buffer = self._compute_copies(weights)
+        compute, compute_buffer = compute_copies(weights, self.compute_dtype, self.copies_for_compute,
+                                                 o.take_buffer if o.device.type == "cpu" else None)
         grads = {}
         if self.grad_file is not None:
             grads = {k: t.to(o.device) for k, t in read_tensors(self.grad_file)[0].items()}
@@ -232,24 +233,6 @@ class Blackbox:
             self.grad_file.unlink()
             self.grad_file = None
         return weights, compute, optim, grads, buffer, compute_buffer, mapping, shared
-
-    def _compute_copies(self, weights):
-        """(weights in the compute dtype for the matmuls, the buffer the copies live in): copies of
-        the matrices where copies_for_compute says so."""
-        o, cdt = self.offload, self.compute_dtype
-        convert = [k for k, w in weights.items() if w.dim() == 2 and self.copies_for_compute(w.dtype)]
-        if not convert:
-            return dict(weights), None
-        sizes = [weights[k].numel() * cdt.itemsize for k in convert]
-        buffer = o.take_buffer(sum(sizes)) if o.device.type == "cpu" else None
-        compute, offset = dict(weights), 0
-        for key, size in zip(convert, sizes):
-            if buffer is None:
-                compute[key] = weights[key].to(cdt)
-                continue
-            compute[key] = buffer[offset:offset + size].view(cdt).view(weights[key].shape).copy_(weights[key])
-            offset += size
-        return compute, buffer
 
     # --- letting go and writing ---
 
@@ -325,6 +308,24 @@ class Blackbox:
         if self.writing is not None:
             self.offload.timed("wait_write", self.writing.result)
             self.writing = None
+
+
+def compute_copies(weights, dtype, wanted, take_buffer=None):
+    """(weights in the compute dtype for the matmuls, the buffer the copies live in): copies in dtype of the
+    matrices where wanted(their dtype) says so, in one buffer of take_buffer (None: each a tensor of its own)."""
+    convert = [k for k, w in weights.items() if w.dim() == 2 and wanted(w.dtype)]
+    if not convert:
+        return dict(weights), None
+    sizes = [weights[k].numel() * dtype.itemsize for k in convert]
+    buffer = take_buffer(sum(sizes)) if take_buffer else None
+    compute, offset = dict(weights), 0
+    for key, size in zip(convert, sizes):
+        if buffer is None:
+            compute[key] = weights[key].to(dtype)
+            continue
+        compute[key] = buffer[offset:offset + size].view(dtype).view(weights[key].shape).copy_(weights[key])
+        offset += size
+    return compute, buffer
 
 
 @dataclass(frozen=True)
