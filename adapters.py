@@ -5,8 +5,9 @@ import shutil
 
 import torch
 
+from architectures import FUSED
 from files import load_tensors, read_tensors, write_tensors
-from llama import lora_target, module_of, module_shapes
+from model import lora_target, module_of, module_shapes
 from settings import Lora
 from utils import UserError, gb, mem_available_bytes
 
@@ -85,6 +86,30 @@ def attach_adapter(model, path):
     data = read_adapter(path, model)
     add_lora(model, lora_of(data["config"]), tensors=data["tensors"])
     return data
+
+
+def stacked_adapters(model, target, rows):
+    """{target(key): (A, B, parts)} of model.lora, for a layout that names the weights differently: B's rows as
+    rows(key, B) puts them; the adapters of the parts of one fused projection (Phi-3's q|k|v, gate|up:
+    architectures.FUSED) stacked into one adapter of it: A the parts' A one under the other, B each part's B
+    in that part's rows and its own columns (the product is the parts' products in their rows); parts: how
+    many are stacked."""
+    args, out = model.args, {}
+    for key, (a, b) in model.lora.items():
+        a, b = a.detach().cpu().float(), b.detach().cpu().float()
+        b = rows(key, b) if key.startswith("layers.") else b
+        local = key.split(".", 2)[-1]
+        fused = [p for p in FUSED.get(args.family, {}).values() if local in p] if key.startswith("layers.") else []
+        if not fused:
+            out[target(key)] = (a, b, 1)
+            continue
+        sizes = [module_shapes(args, "layers")[part][0] for part in fused[0]]
+        start = sum(sizes[:fused[0].index(local)])
+        placed = torch.zeros(sum(sizes), b.shape[1])
+        placed[start:start + b.shape[0]] = b
+        a0, b0, n = out.get(target(key), (torch.zeros(0, a.shape[1]), torch.zeros(sum(sizes), 0), 0))
+        out[target(key)] = (torch.cat((a0, a)), torch.cat((b0, placed), 1), n + 1)
+    return out
 
 
 # --- the fp32 copy of the frozen base ---

@@ -31,7 +31,7 @@ import finetune
 import loader
 from adapters import add_lora
 from files import evict_from_page_cache
-from llama import module_names, module_shapes
+from model import module_names, module_shapes
 from meta_format import model_args
 from plan import block_matmul_shapes, matmul_params
 from run_folder import RunFolder

@@ -13,12 +13,12 @@ import torch
 
 from adapters import copy_base
 from files import read_tensors
-from llama import block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes, rope_tables, \
-    sample
+from model import block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes, sample
+from rope import layer_ropes, longrope_switches
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
 from parallel import Group
-from utils import UserError, get_rng_state, release_heap_holes, return_freed_memory_to_os, rss_bytes, set_rng_state
+from utils import get_rng_state, release_heap_holes, return_freed_memory_to_os, rss_bytes, set_rng_state
 
 
 class Transformer:
@@ -73,13 +73,6 @@ class Transformer:
             box.resident = box.name in self.plan.resident
         self.offload.prefetch_in_memory = self.plan.prefetch_in_memory
 
-    def check_window(self, length):
-        """Mistral's sliding window: sequences up to the window are exact; longer ones are refused."""
-        window = self.args.sliding_window
-        if window and length > window:
-            raise UserError(f"{length} positions are more than the model's sliding window of {window} "
-                            "(attention limited to the window is not supported); use shorter sequences")
-
     def close(self):
         for box in self.boxes.values():
             box.wait_write()
@@ -90,20 +83,19 @@ class Transformer:
     @torch.no_grad()
     def forward(self, tokens, targets=None, caches=None, start=0):
         """Logits for a batch of token ids (and the mean loss over targets != -1 when given)."""
-        self.check_window(start + tokens.shape[1])
         if self.plan is None:  # the plan decides what stays in memory
             self.make_plan(0)
         tokens = tokens.to(self.device)
-        rope = rope_tables(self.args, start, tokens.shape[1], self.device)
+        rope = layer_ropes(self.args, start, tokens.shape[1], self.device)
         modules = [self.embeddings, *self.layers, self.output]  # with tied embeddings, the first is the last
         for i, box in enumerate(self.offload.stream(modules)):
             if i == 0:
-                h = embed(box, tokens)
+                h = embed(box, tokens, self.args.embed_scale)
             elif i == len(modules) - 1:
-                logits = head(self.norm.load(), box, h, self.args.norm_eps, self.training)
+                logits = head(self.norm.load(), box, h, self.args, self.training)
             else:
-                h = block_forward(box, h, self.args, rope, self.training, self.dropout, caches[i - 1] if caches else None,
-                                  start)
+                h = block_forward(box, h, self.args, rope, i - 1, self.training, self.dropout,
+                                  caches[i - 1] if caches else None, start)
         if targets is None:
             return logits
         targets = targets.to(self.device)
@@ -115,7 +107,6 @@ class Transformer:
     def generate(self, prompt, max_new, temperature=0.0, top_p=1.0, stop_ids=(), use_cache=True, generator=None):
         """Continue a list of token ids until a stop token (included) or max_new tokens; greedy unless
         temperature > 0 (then top-p sampling)."""
-        self.check_window(len(prompt) + max_new)
         tokens = list(prompt)
         caches, start = None, 0
         if use_cache:
@@ -123,6 +114,8 @@ class Transformer:
             caches = [(torch.zeros(shape, dtype=self.compute_dtype, device=self.device),
                        torch.zeros(shape, dtype=self.compute_dtype, device=self.device)) for _ in self.layers]
         for _ in range(max_new):
+            if use_cache and longrope_switches(self.args, start, len(tokens)):
+                start = 0  # the cached keys were turned with the other longrope factors: all again
             feed = tokens[start:] if use_cache else tokens
             logits = self.forward(torch.tensor([feed]), caches=caches, start=start)[0, -1]
             start = len(tokens) if use_cache else 0
@@ -160,18 +153,17 @@ class Transformer:
         """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch
         passes through a module while it is in memory. Returns the mean loss over all targets."""
         full, opt = self.mode == "full", self.optimizer
-        self.check_window(batches[0][0].shape[1])
         opt.start_step(lr)
         xs = [x.to(self.device) for x, _ in batches]
         ys = [y.to(self.device) for _, y in batches]
         n_targets = self.group.sum(torch.tensor(sum(int((y != -1).sum()) for y in ys)))  # of every process
-        rope = rope_tables(self.args, 0, xs[0].shape[1], self.device)
+        rope = layer_ropes(self.args, 0, xs[0].shape[1], self.device)
         forward = self.offload.stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
         hs, saved = forward_keeping_inputs(self, forward, xs, rope)
         grads, loss = the_turn(self, forward, hs, ys, max(1, int(n_targets)))
         backward_through_blocks(self, saved, grads, rope)
         if full:
-            opt.take(self.embeddings, "weight", embedding_grad(xs, grads, self.device), parts=len(xs))
+            opt.take(self.embeddings, "weight", embedding_grad(xs, grads, self.args, self.device), parts=len(xs))
             self.embeddings.release(keep=True)
         for box in self.boxes.values():  # the final norm is never let go: its summed gradient is applied here
             opt.finish(box)
@@ -218,17 +210,17 @@ def forward_keeping_inputs(model, forward, xs, rope):
     """The forward pass through the embeddings and the blocks (forward: the stream of modules): (the last
     block's outputs, saved[i][j] = (block i's input of micro-batch j, the random state before it, its output
     with the autograd graph while the memory plan has room for graphs, else None))."""
-    graph_bytes = xs[0].numel() * graph_bytes_per_token(model.args, model.compute_dtype)
+    graph_bytes = xs[0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, xs[0].shape[1])
     kept_bytes, saved = 0, []
     table = next(forward)
-    hs = [embed(table, x) for x in xs]
+    hs = [embed(table, x, model.args.embed_scale) for x in xs]
     for i, box in zip(range(len(model.layers)), forward):
         saved.append([])
         for j, x in enumerate(hs):
             x.requires_grad_(model.mode == "full" or i > 0)
             rng = get_rng_state(model.device)
             with torch.enable_grad():  # also when recomputing later: the same kernels, the same bits
-                y = block_forward(box, x, model.args, rope, model.training, model.dropout)
+                y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
             keep = model.keep_activations and kept_bytes + graph_bytes <= model.memory.graph_budget
             kept_bytes += graph_bytes if keep else 0
             saved[i].append((x, rng, y if keep else None))
@@ -244,7 +236,7 @@ def the_turn(model, forward, hs, ys, n_targets):
     for h, y in zip(hs, ys):
         h.requires_grad_()
         with torch.enable_grad():
-            logits = head(model.norm.load(), model.output, h, model.args.norm_eps, model.training)
+            logits = head(model.norm.load(), model.output, h, model.args, model.training)
             batch_loss = loss_sum(logits, y) / n_targets
         if not torch.isfinite(batch_loss) and model.group.world == 1:  # else every process finds the summed
             raise FloatingPointError(f"the loss is {batch_loss.item()}")  # gradients non-finite
@@ -252,7 +244,8 @@ def the_turn(model, forward, hs, ys, n_targets):
         grads.append(h.grad)
         loss += batch_loss.item()
     next(forward, None)  # lets the output module go
-    graph_bytes = hs[0].shape[0] * hs[0].shape[1] * graph_bytes_per_token(model.args, model.compute_dtype)
+    graph_bytes = hs[0].shape[0] * hs[0].shape[1] * graph_bytes_per_token(model.args, model.compute_dtype,
+                                                                           hs[0].shape[1])
     if rss_bytes() + max(box.memory_bytes() for box in model.layers) + graph_bytes > model.memory.peak:
         release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free pages
         # (between kept activations, where the step's tensors are small) go back to the OS
@@ -273,7 +266,7 @@ def backward_through_blocks(model, saved, grads, rope):
             if y is None:
                 set_rng_state(rng, model.device)
                 with torch.enable_grad():
-                    y = block_forward(box, x, model.args, rope, model.training, model.dropout)
+                    y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
             y.backward(grads[j])
             grads[j] = x.grad
         saved[i] = None
@@ -282,13 +275,15 @@ def backward_through_blocks(model, saved, grads, rope):
     set_rng_state(rng_after_forward, model.device)
 
 
-def embedding_grad(xs, grads, device):
-    """The embedding table's gradient as rows(r0, r1, out): the gradients at each token's position summed
-    into its row (in fp32: a row may sum many)."""
+def embedding_grad(xs, grads, args, device):
+    """The embedding table's gradient as rows(r0, r1, out): the gradients at each token's position (times the
+    embeddings' scale) summed into its row (in fp32: a row may sum many), but the padding token's."""
     tokens, dys = torch.cat([x.flatten() for x in xs]), torch.cat([g.flatten(0, 1) for g in grads])
+    if args.embed_scale != 1.0:
+        dys = dys * args.embed_scale
 
     def rows(r0, r1, out):
-        picked = (tokens >= r0) & (tokens < r1)
+        picked = (tokens >= r0) & (tokens < r1) & (tokens != (-1 if args.pad_id is None else args.pad_id))
         if out is None or out.dtype != torch.float32:
             out = torch.empty(r1 - r0, dys.shape[1], device=device)
         return out.zero_().index_add_(0, tokens[picked] - r0, dys[picked].float())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llama import module_shapes
+from model import module_shapes
 from meta_format import model_args, write_checkpoint
 from tokenizer import Tokenizer
 

@@ -72,7 +72,7 @@ import settings as settings_module
 from adapters import add_lora, adapted_params, adapter_state, drop_base_copy, read_adapter
 from data import get_batch, load_tokens
 from files import load_tensors, save_tensors, write_text
-from llama import graph_bytes_per_token
+from model import graph_bytes_per_token
 from loader import load_model, log_line, save_model
 from chat import chat_format
 from report import RunLog, command
@@ -228,7 +228,6 @@ def train(s, group, device):
     model = load_model(s.model_path or None, offload_path=s.offload_path or None, device=device,
                        compute_dtype=s.compute_dtype, memory_budget=s.memory_budget_bytes(group.local_world),
                        dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None)
-    model.check_window(s.data.seq_len)
     train_tokens, val_tokens = load_tokens(s.data, model.tokenizer, model.offload_dir)
     if group.local_rank == 0:
         check_disk(disk_needs(model, s), log_line)
@@ -237,7 +236,8 @@ def train(s, group, device):
     data_rng = torch.Generator().manual_seed(s.seed)
     step = start_training(model, s, run, previous, data_rng)
     if first:
-        plan, graph = model.memory, s.data.micro_batch_tokens * graph_bytes_per_token(model.args, model.compute_dtype)
+        plan = model.memory
+        graph = s.data.micro_batch_tokens * graph_bytes_per_token(model.args, model.compute_dtype, s.data.seq_len)
         log_line(f"RAM: about {gb(plan.peak)} at peak{' per process' if group.local_world > 1 else ''} "
                  f"({len(plan.resident)} of {len(model.boxes)} modules resident, activations of "
                  f"{min(model.args.n_layers, plan.graph_budget // graph)} blocks kept)")

@@ -7,9 +7,11 @@ module in memory, as the other layouts do. The file is written under a temporary
 into place. Metadata and tensor names follow llama.cpp's convert_hf_to_gguf.py:
 
 - architectures: "llama" (Llama 2 / 3.x, CodeLlama, TinyLlama, SmolLM2, Mistral), "qwen2" (q/k/v
-  biases) and "qwen3" (q/k norms). llama's tensors keep Meta's interleaved rotary layout, the one
-  slowllama holds its weights in; qwen2 and qwen3 rotate the two halves of each head (NEOX), so
-  their q/k rows (and biases, norms) go out in Hugging Face's order;
+  biases), "qwen3" (q/k norms), "gemma2", "gemma3", "phi3" and "olmo2". llama's tensors keep Meta's
+  interleaved rotary layout, the one slowllama holds its weights in; the others rotate the two halves of
+  each head (NEOX), so their q/k rows (and biases, norms) go out in Hugging Face's order. Gemma's norms
+  go out as 1 + w (llama.cpp multiplies by the weight), its embeddings unscaled (llama.cpp scales them);
+  Phi-3's q/k/v and gate/up go out fused (attn_qkv, ffn_up), with its longrope factors as tensors;
 - types: f16 (default), bf16, q8_0, f32 for the matrices; 1-D tensors (norms, biases) always f32;
   q8_0 needs rows of a multiple of 32 values, other matrices fall back to f16 (said in the log);
 - llama3 rope scaling as the rope_freqs tensor of per-pair factors, linear and yarn as rope.scaling keys;
@@ -27,8 +29,10 @@ import torch
 
 from files import published
 from gguf_vocab import BYTE, gguf, vocabulary
-from hf_format import permuted_heads, to_hf_rows
-from llama import module_names, module_shapes
+from adapters import stacked_adapters
+from hf_format import hf_rows
+from model import module_names, module_shapes
+from rope import longrope_attention_factor
 from utils import UserError, check_disk, gb, progress
 
 TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -41,11 +45,16 @@ BLOCK_NAMES = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "a
                "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
                "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
                "feed_forward.w3.weight": "ffn_up.weight", "attention_norm.weight": "attn_norm.weight",
-               "ffn_norm.weight": "ffn_norm.weight", "attention.wq.bias": "attn_q.bias",
+               "ffn_norm.weight": "ffn_norm.weight", "post_attention_norm.weight": "post_attention_norm.weight",
+               "post_ffn_norm.weight": "post_ffw_norm.weight", "attention.wq.bias": "attn_q.bias",
                "attention.wk.bias": "attn_k.bias", "attention.wv.bias": "attn_v.bias",
                "attention.q_norm.weight": "attn_q_norm.weight", "attention.k_norm.weight": "attn_k_norm.weight"}
+FUSED = {"phi3": {"attention.wq.weight": "attn_qkv.weight", "attention.wk.weight": "attn_qkv.weight",
+                  "attention.wv.weight": "attn_qkv.weight", "feed_forward.w1.weight": "ffn_up.weight",
+                  "feed_forward.w3.weight": "ffn_up.weight"}}  # Phi-3: q|k|v and gate|up, in that row order
 TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "output.weight": "output.weight"}
+ARCHITECTURES = ("gemma2", "gemma3", "phi3", "olmo2", "qwen2", "qwen3")  # families under their own name
 
 def check_type(name):
     """The GGML type of a --gguf_type name; a UserError for anything else."""
@@ -58,20 +67,34 @@ def file_type(name):
     return {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[name]  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16 ...
 
 
-def gguf_key(key):
-    """GGUF's name of a Meta key: layers.3.attention.wq.weight -> blk.3.attn_q.weight."""
+def gguf_key(key, args):
+    """GGUF's name of a Meta key: layers.3.attention.wq.weight -> blk.3.attn_q.weight (Phi-3's fused q, k, v:
+    blk.3.attn_qkv.weight)."""
     if key in TOP_NAMES:
         return TOP_NAMES[key]
     _, layer, local = key.split(".", 2)
-    return f"blk.{layer}.{BLOCK_NAMES[local]}"
+    return f"blk.{layer}.{FUSED.get(args.family, {}).get(local) or BLOCK_NAMES[local]}"
+
+
+def gguf_tensor(keys, weights, args, arch):
+    """The tensor of a GGUF name made of keys (one, or a fused projection's parts, in row order) of a module's
+    weights ({key in the module: tensor}): q/k rows in Hugging Face's order but for llama; Gemma's norm
+    weights as 1 + w."""
+    parts = []
+    for key in keys:
+        t = weights[key.split(".", 2)[-1] if key.startswith("layers.") else key.split(".", 1)[1]].cpu()
+        parts.append(t if arch == "llama" else hf_rows(key, t, args))
+    t = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return t.float() + 1 if args.norm_offset and keys[0].endswith("norm.weight") else t
 
 
 def architecture(args):
-    """llama, qwen2 or qwen3 for the model's settings; a UserError for what GGUF cannot express."""
+    """llama.cpp's architecture of the model; a UserError for what GGUF cannot express."""
     if args.qkv_bias and args.qk_norm:
         raise UserError("GGUF export: a model with both q/k/v biases and q/k norms is no architecture llama.cpp "
                         "has (qwen2 has the biases, qwen3 the norms)")
-    arch = "qwen2" if args.qkv_bias else "qwen3" if args.qk_norm else "llama"
+    arch = args.family if args.family in ARCHITECTURES else "qwen2" if args.qkv_bias else "qwen3" if args.qk_norm \
+        else "llama"
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type")
     if kind == "llama3" and arch != "llama":
@@ -131,6 +154,18 @@ def encode(t, ggml_type, name, log):
     return out
 
 
+def extra_tensors(args):
+    """{GGUF name: f32 tensor} of what llama.cpp reads of the rope beside the weights: llama3 scaling as
+    rope_freqs, Phi-3's longrope factors as rope_factors_long and rope_factors_short."""
+    s = args.rope_scaling or {}
+    if s.get("rope_type") == "llama3":
+        return {"rope_freqs.weight": rope_factors(args)}
+    if s.get("rope_type") == "longrope":
+        return {f"rope_factors_{kind}.weight": torch.tensor(s[f"{kind}_factor"], dtype=torch.float32)
+                for kind in ("long", "short")}
+    return {}
+
+
 def rope_factors(args):
     """llama3 rope scaling as llama.cpp takes it: per feature pair, the factor its frequency is divided
     by (1: kept, factor: slowed, a blend between), from the definition of the scaling."""
@@ -153,7 +188,8 @@ def rope_factors(args):
 # --- writing ---
 
 def write_metadata(writer, arch, args, vocab, type_name, name):
-    """general.*, the architecture's hyperparameters and the tokenizer, under GGUF's key names."""
+    """general.*, the architecture's hyperparameters (and each family's own) and the tokenizer, under GGUF's key
+    names."""
     g = gguf()
     writer.add_type("model")
     writer.add_name(name)
@@ -165,13 +201,14 @@ def write_metadata(writer, arch, args, vocab, type_name, name):
     writer.add_feed_forward_length(args.hidden_dim)
     writer.add_head_count(args.n_heads)
     writer.add_head_count_kv(args.kv_heads)
-    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_dimension_count(args.rotary_dim or args.head_dim)
     writer.add_layer_norm_rms_eps(args.norm_eps)
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_vocab_size(args.vocab_size)
-    if args.head_dim != args.dim // args.n_heads:
+    if args.head_dim != args.dim // args.n_heads or arch.startswith("gemma"):
         writer.add_key_length(args.head_dim)
         writer.add_value_length(args.head_dim)
+    write_family_metadata(writer, arch, args)
     s = args.rope_scaling or {}
     if s.get("rope_type") in ("linear", "yarn"):  # llama3: the rope_freqs tensor
         writer.add_string(f"{arch}.rope.scaling.type", s["rope_type"])
@@ -199,6 +236,29 @@ def write_metadata(writer, arch, args, vocab, type_name, name):
         writer.add_chat_template(vocab["chat_template"])
 
 
+def write_family_metadata(writer, arch, args):
+    """What llama.cpp reads of Gemma's, Phi-3's and Qwen 2's windows, caps and ropes."""
+    if args.attn_softcap:
+        writer.add_attn_logit_softcapping(args.attn_softcap)
+    if args.final_softcap:
+        writer.add_final_logit_softcapping(args.final_softcap)
+    if args.rope_local_theta:
+        writer.add_float32(f"{arch}.rope.freq_base_swa", float(args.rope_local_theta))
+    if args.sliding_window and arch != "llama" and arch != "qwen2":
+        writer.add_sliding_window(args.sliding_window)
+        default = {"gemma2": 2, "gemma3": 6}.get(arch)
+        types = args.layer_types or ("sliding_attention",) * args.n_layers
+        if default and types != tuple("sliding_attention" if (i + 1) % default else "full_attention"
+                                      for i in range(args.n_layers)):
+            writer.add_array(f"{arch}.attention.sliding_window_pattern", [t == "sliding_attention" for t in types])
+    elif arch == "phi3":
+        writer.add_sliding_window(0)
+    s = args.rope_scaling or {}
+    if s.get("rope_type") == "longrope":
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", int(s["original_max_position_embeddings"]))
+        writer.add_float32(f"{arch}.rope.scaling.attn_factor", float(longrope_attention_factor(s, args.max_seq_len)))
+
+
 def context_length(args):
     """The context the model was trained for; Meta's params.json does not say it: Llama 3.1 to 3.3 (llama3
     rope scaling) have 131072, Llama 2 4096."""
@@ -223,14 +283,19 @@ def write_model(model, out_dir, type_name="f16", log=print):
             f"{args.sliding_window} positions is not in the file (as llama.cpp's own converter leaves it)")
     names = module_names(args)
     if args.tied and "output.weight" in model.lora:  # a merged output adapter: no longer the table
+        if arch == "gemma2":
+            raise UserError("GGUF export: llama.cpp's gemma2 always takes the embedding table as the output; the "
+                            "output adapter merged makes them differ (export as hf, or train without an output adapter)")
         names.append("output")
-    entries = []  # (module, key in the module or None, GGUF name, shape, GGML type)
-    if (args.rope_scaling or {}).get("rope_type") == "llama3":
-        entries.append((None, None, "rope_freqs.weight", (args.head_dim // 2,), g.GGMLQuantizationType.F32))
+    entries = [(None, [tensor], gname, tuple(tensor.shape), g.GGMLQuantizationType.F32)
+               for gname, tensor in extra_tensors(args).items()]  # (module, keys or the tensor, name, shape, type)
     for name in names:
+        grouped = {}  # GGUF name -> [(key, shape)]: one, or the parts of a fused projection
         for key, shape in module_shapes(args, name.split(".")[0]).items():
-            gname = gguf_key(f"{name}.{key}")
-            entries.append((name, key, gname, tuple(shape), tensor_type(gname, shape, qtype, log)))
+            grouped.setdefault(gguf_key(f"{name}.{key}", args), []).append((f"{name}.{key}", shape))
+        for gname, parts in grouped.items():
+            shape = (sum(s[0] for _, s in parts), *parts[0][1][1:])
+            entries.append((name, [k for k, _ in parts], gname, shape, tensor_type(gname, shape, qtype, log)))
     total = sum(nbytes_of(e[3], e[4]) for e in entries)
     check_disk([("GGUF export", out_dir, total)], log)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,16 +311,13 @@ def write_model(model, out_dir, type_name="f16", log=print):
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            if entries[0][0] is None:
-                writer.write_tensor_data(rope_factors(args).numpy())
+            for module, (tensor,), *_ in (e for e in entries if e[0] is None):
+                writer.write_tensor_data(tensor.numpy())
             for name in progress(names, "writing GGUF", unit="module"):
                 weights = model.read_weights(name)
-                for module, key, gname, shape, ggml_type in entries:
+                for module, keys, gname, shape, ggml_type in entries:
                     if module == name:
-                        t, heads = weights[key].cpu(), permuted_heads(f"{name}.{key}", args)
-                        if arch != "llama" and heads:  # NEOX: Hugging Face's half-split row order
-                            t = to_hf_rows(t, heads)
-                        writer.write_tensor_data(encode(t, ggml_type, gname, log))
+                        writer.write_tensor_data(encode(gguf_tensor(keys, weights, args, arch), ggml_type, gname, log))
                 del weights
         finally:
             writer.close()
@@ -283,13 +345,11 @@ def write_adapter(model, path, alpha, log=print):
         log(f"{path.name} not written: the base model's GGUF has no output tensor for the output adapter to "
             f"apply to (tied embeddings); {MODEL_FILE} holds the adapter merged")
         return None
-    tensors = []
-    for key, (a, b) in model.lora.items():
-        b = b.detach().cpu().float()
-        if arch != "llama" and key.startswith("layers.") and permuted_heads(key, args):
-            b = to_hf_rows(b, permuted_heads(key, args))
-        tensors += [(gguf_key(key) + ".lora_a", a.detach().cpu().float().contiguous()),
-                    (gguf_key(key) + ".lora_b", b.contiguous())]
+    stacked = stacked_adapters(model, lambda key: gguf_key(key, args),
+                               lambda key, b: b if arch == "llama" else hf_rows(key, b, args))
+    # llama.cpp scales each adapter by alpha over its own rank: a stack of n parts' B times n keeps each part's
+    tensors = [t for name, (a, b, n) in stacked.items()
+               for t in ((f"{name}.lora_a", a.contiguous()), (f"{name}.lora_b", (b * n).contiguous()))]
     path.parent.mkdir(parents=True, exist_ok=True)
     with published(path) as tmp:
         writer = g.GGUFWriter(tmp, arch)

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 import hf_format as hf
+from architectures import read_config
 from blackbox_model import Transformer
 from default_model import HERE, default_model
 from files import fsync_path, load_tensors, save_tensors, write_json, write_tensors
-from llama import module_names, module_of, module_shapes
+from model import module_names, module_of, module_shapes
 from meta_format import meta_params, model_args, read_meta_module, read_params, read_source, shard_files, \
     write_checkpoint
 from tokenizer import load_tokenizer, tokenizer_files
@@ -33,6 +34,7 @@ from utils import (UserError, check_device, check_disk, choose_compute_dtype, dt
 DEFAULT_OFFLOAD = HERE / "offload"
 
 FORMAT = 2  # of the offload folder; a change makes every offload be converted again
+NOT_META = ("gemma2", "gemma3", "phi3", "olmo2")  # families Meta's layout never held
 
 
 def log_line(text):
@@ -130,7 +132,7 @@ def convert(model_dir, offload_root=None, log=log_line):
     return target, manifest
 
 def n_layers_of(model_dir):
-    return hf.read_config(model_dir)[0]["n_layers"] if layout_of(model_dir) == "hf" else read_params(model_dir)["n_layers"]
+    return read_config(model_dir)[0]["n_layers"] if layout_of(model_dir) == "hf" else read_params(model_dir)["n_layers"]
 
 def read_manifest(folder):
     try:
@@ -141,15 +143,13 @@ def read_manifest(folder):
 def write_offload(model_dir, out, fp, log=log_line):
     """Convert every module into out: one safetensors file each, in the source dtype."""
     if layout_of(model_dir) == "hf":
-        params, config = hf.read_config(model_dir)
+        params, config = read_config(model_dir)
         files = hf.weight_files(model_dir)
         args = model_args(params, params["vocab_size"])
         keys, extras, n_shards = None, {}, 1
         read_module = lambda name: hf.read_module(files, [f"{name}.{k}" for k in module_shapes(
             args, name.split(".")[0])], args)
         (out / "config.json").write_text(json.dumps(config, indent=1))
-        params = meta_params(args)
-        (out / "params.json").write_text(json.dumps(params) + "\n")
     else:
         params, args, shards, first = read_source(model_dir)
         config, keys, n_shards = None, list(first), len(shards)
@@ -182,6 +182,11 @@ def write_offload(model_dir, out, fp, log=log_line):
             dtypes[f"{name}.{key}"] = dtype_name(dtype)
         write_tensors({k.removeprefix(f"{name}."): t for k, t in tensors.items()}, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
+    if config is not None:  # params.json in Meta's terms, the embeddings' scale in their dtype (Gemma)
+        if args.embed_scale != 1.0:
+            args.embed_scale = torch.tensor(args.embed_scale, dtype=parse_dtype(dtypes["tok_embeddings.weight"])).item()
+        params = meta_params(args)
+        (out / "params.json").write_text(json.dumps(params) + "\n")
     for f in tokenizer_files(model_dir):
         shutil.copyfile(f, out / f.name)
     keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])]
@@ -231,6 +236,8 @@ def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=lo
         raise UserError(f"gguf_type={gguf_type!r} is for out_format=gguf, not {out_format}")
     if out_format not in ("meta", "hf"):
         raise UserError(f"out_format={out_format!r}: use meta, hf or gguf")
+    if out_format == "meta" and model.args.family in NOT_META:
+        raise UserError(f"Meta's layout: {model.args.family} models were never published in it; export as hf or gguf")
     n_shards = shards or manifest["n_shards"]
     dtypes = {k: parse_dtype(dtype) if dtype else parse_dtype(d) for k, d in manifest["keys"]}
     extras = load_tensors(model.offload_dir / "extras.pt", mmap=False)

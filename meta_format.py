@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from files import fsync_path, published
-from llama import ModelArgs, module_shapes
+from model import ModelArgs, module_shapes
 from utils import UserError, check_keys, progress, read_json_object
 
 # Meta's model-parallel layout: the dimension along which each weight is split across shards
@@ -73,6 +73,11 @@ def check_heads(path, dim, n_heads, kv, names=("dim", "n_heads", "n_kv_heads")):
                         f"({names[0]} must split into heads of even size, {names[1]} into groups of {names[2]})")
 
 
+# the settings of the other families, under ModelArgs' own names
+VARIANTS = ("family", "norms", "norm_offset", "activation", "embed_scale", "attn_scale", "attn_softcap", "final_softcap",
+            "layer_types", "rope_local_theta", "rotary_dim", "pad_id")
+
+
 def model_args(params, vocab_size):
     """ModelArgs of params in Meta's terms (params.json, or what hf_format.read_config makes of config.json)."""
     scaling = params.get("rope_scaling")
@@ -82,15 +87,17 @@ def model_args(params, vocab_size):
         scaling = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor") or 8.0, "low_freq_factor": 1.0,
                    "high_freq_factor": params.get("rope_high_freq_factor") or 4.0,
                    "original_max_position_embeddings": 8192}
+    qk_norm = params.get("qk_norm")
     return ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
                      vocab_size=vocab_size, n_kv_heads=params.get("n_kv_heads"),
                      multiple_of=params.get("multiple_of", 256), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
                      norm_eps=params["norm_eps"], rope_theta=params.get("rope_theta") or 10000.0,
                      ffn_dim=params.get("hidden_dim"), explicit_head_dim=params.get("head_dim"),
-                     qkv_bias=bool(params.get("qkv_bias")), qk_norm=bool(params.get("qk_norm")),
+                     qkv_bias=bool(params.get("qkv_bias")), qk_norm="head" if qk_norm is True else qk_norm or None,
                      tied=bool(params.get("tie_embeddings")), rope_scaling=scaling,
                      sliding_window=params.get("sliding_window"),
-                     max_seq_len=params.get("max_position_embeddings") or params.get("max_seq_len"))
+                     max_seq_len=params.get("max_position_embeddings") or params.get("max_seq_len"),
+                     **{k: tuple(v) if k == "layer_types" else v for k, v in params.items() if k in VARIANTS})
 
 
 def meta_params(args):
@@ -105,8 +112,10 @@ def meta_params(args):
     variants = {"head_dim": args.explicit_head_dim if args.head_dim != args.dim // args.n_heads else None,
                 "qkv_bias": args.qkv_bias, "qk_norm": args.qk_norm, "tie_embeddings": args.tied,
                 "rope_scaling": args.rope_scaling, "sliding_window": args.sliding_window,
-                "max_position_embeddings": args.max_seq_len}
-    return {**params, **{k: v for k, v in variants.items() if v}}
+                "max_position_embeddings": args.max_seq_len,
+                **{k: getattr(args, k) for k in VARIANTS if getattr(args, k) != ModelArgs.__dataclass_fields__[k].default}}
+    return {**params, **{k: list(v) if k == "layer_types" else v for k, v in variants.items()
+                         if v is not None and v is not False and (v != 0 or k == "pad_id")}}
 
 
 def shard_files(model_dir):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from files import WINDOW_BYTES, evict_from_page_cache, map_tensors, mappable, read_ahead, read_tensors, write_tensors
-from llama import graph_bytes_per_token
+from model import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
 PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers, with room for what allocations round
@@ -352,12 +352,15 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
         4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
     all_tokens = tokens * micro_batches  # tokens: of one micro-batch
     inputs = args.n_layers * all_tokens * args.dim * 4
-    head = 3 * tokens * args.vocab_size * 4  # logits, their fp32 copy, the log-probabilities (their gradient)
-    working = tokens * graph_bytes_per_token(args, embeddings.compute_dtype) + WINDOW_BYTES  # the block being
-    # computed (its activations and their gradients) and the window a converting read maps
+    # logits, their fp32 copy, the log-probabilities (their gradient); capped logits keep two more (Gemma 2)
+    head = (3 + 2 * bool(args.final_softcap)) * tokens * args.vocab_size * 4
+    per_token = graph_bytes_per_token(args, embeddings.compute_dtype, tokens)  # (a row of every token: an upper
+    # bound of attention written out)
+    working = tokens * per_token + WINDOW_BYTES  # the block being computed (its activations and their
+    # gradients) and the window a converting read maps
     needed = PROCESS_BYTES + block + big + grads + inputs + head + working
     prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
-    graphs = args.n_layers * all_tokens * graph_bytes_per_token(args, embeddings.compute_dtype)
+    graphs = args.n_layers * all_tokens * per_token
     graph_budget = max(0, min(budget - needed, graphs if keep_activations else 0))
     free = budget - needed - graph_budget
     prefetch_in_memory = free >= prefetch

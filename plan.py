@@ -44,12 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-import hf_format as hf
 from adapters import add_lora, base_copy_bytes
+from architectures import read_config
 from blackbox_model import Transformer
 from default_model import default_model
 from files import evict_from_page_cache
-from llama import module_shapes
+from model import module_shapes
 from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifest, source_files
 from meta_format import model_args, read_source
 from run_folder import RunFolder
@@ -74,7 +74,7 @@ def planning_model(s, log=lambda *a: None):
         args = model_args(manifest["params"], manifest["vocab_size"])
         storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
     elif layout_of(source) == "hf":
-        params, config = hf.read_config(source)
+        params, config = read_config(source)
         args = model_args(params, params["vocab_size"])
         storage = parse_dtype(config.get("torch_dtype") or "bfloat16")
     else:

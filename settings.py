@@ -7,7 +7,7 @@ training data and the rows of a step (Data). Library users build one with finetu
 import math
 from dataclasses import dataclass
 
-from llama import LORA_TARGETS
+from model import LORA_TARGETS
 from utils import UserError, memory_budget_bytes, parse_settings
 
 OUT_FORMATS = ("meta", "hf", "gguf")

@@ -406,7 +406,7 @@ def check_keys(path, config, required, optional=()):
     tests = {"a positive integer": positive_int,
              "a positive integer or -1": lambda v: positive_int(v) or type(v) is int and v == -1,
              "a positive number": lambda v: positive_int(v) or type(v) is float and math.isfinite(v) and v > 0,
-             "true or false": lambda v: isinstance(v, bool),
+             "true or false": lambda v: isinstance(v, bool), "an object": lambda v: isinstance(v, dict),
              "a non-empty list of strings": lambda v: isinstance(v, list) and len(v) > 0
              and all(isinstance(s, str) for s in v)}
     for key, kind in {**required, **dict(optional)}.items():

@@ -57,11 +57,12 @@ def load(tmp_path):
 
 @pytest.fixture
 def hf_folder(tmp_path, tokenizer_bytes):
-    """hf_folder(family, seed=0, dtype=float32, name=family, **config changes): a Hugging Face folder of a
-    family of families.FAMILIES, random weights, the 256-piece sentencepiece tokenizer."""
-    def make(family, seed=0, dtype=torch.float32, name=None, **changes):
+    """hf_folder(family, seed=0, dtype=float32, name=family, image_text=None, **config changes): a Hugging Face
+    folder of a family of families.FAMILIES, random weights, the 256-piece sentencepiece tokenizer (image_text:
+    as Gemma 3's image-text checkpoints hold their text model, families.write_folder)."""
+    def make(family, seed=0, dtype=torch.float32, name=None, image_text=None, **changes):
         return families.write_folder(tmp_path / (name or family), families.config_of(family, **changes), seed, dtype,
-                                     tokenizer_bytes)
+                                     tokenizer_bytes, image_text)
     return make
 
 

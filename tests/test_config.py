@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import hf_format as hf
+import architectures
 import loader
 import meta_format
 from families import save_as_hf
@@ -138,7 +138,7 @@ def test_good_optional_params_values_are_taken(meta_model, tmp_path, changes):
                                      {"head_dim": 16}, {"tie_word_embeddings": False}, {"rms_norm_eps": 1e-6},
                                      {"max_position_embeddings": 4096}, {"rms_norm_eps": DELETE}], ids=str)
 def test_good_optional_config_values_are_taken(hf_model, tmp_path, changes):
-    hf.read_config(edited(hf_model, tmp_path, "config.json", **changes).parent)
+    architectures.read_config(edited(hf_model, tmp_path, "config.json", **changes).parent)
 
 
 def test_hidden_dim_stands_for_multiple_of(meta_model, tmp_path):

@@ -5,16 +5,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import llama as bm
+import model as bm
+import rope
 from reference import Reference, read_meta_folder
 
 
-@pytest.mark.parametrize("rotate", [bm.apply_rope, bm.rotate_pairs])  # the second: what Apple GPUs run
+@pytest.mark.parametrize("rotate", [rope.apply_rope, rope.rotate_pairs])  # the second: what Apple GPUs run
 def test_rotary_embedding_matches_the_complex_formulation(rotate):
     args = bm.ModelArgs(dim=48, n_layers=1, n_heads=3, vocab_size=10, rope_theta=500.0)
     x = torch.randn(2, 7, 3, 16)
     start = 5
-    cos, sin = bm.rope_tables(args, start, 7, "cpu")
+    cos, sin = rope.rope_tables(args, start, 7, "cpu")
     got = rotate(x, cos, sin)
     # features (2k, 2k+1) as the complex number x_2k + i x_2k+1, times e^(i * position * theta^(-2k/d))
     k = torch.arange(8, dtype=torch.float64)
@@ -39,9 +40,9 @@ def test_grouped_query_attention_equals_explicitly_repeated_heads():
     repeated = {k: t.view(2, hd, 64).repeat_interleave(4, dim=0).reshape(8 * hd, 64) if k[10:12] in ("wk", "wv")
                 else t for k, t in w.items()}
     x = torch.randn(3, 11, 64)
-    rope = bm.rope_tables(gqa, 0, 11, "cpu")
-    got = bm.attention(fake_box(w), x, gqa, rope, False, None, 0)
-    want = bm.attention(fake_box(repeated), x, mha, rope, False, None, 0)
+    tables = rope.layer_ropes(gqa, 0, 11, "cpu")
+    got = bm.attention(fake_box(w), x, gqa, tables, 0, False, None, 0)
+    want = bm.attention(fake_box(repeated), x, mha, tables, 0, False, None, 0)
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -75,7 +76,7 @@ def test_swiglu_and_its_gradients_match_autograd(dtype):
     got_a, got_b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        got = bm.swiglu(got_a * 1, got_b * 1)  # a and b as a projection's output: fresh, used only here
+        got = bm.gated(got_a * 1, got_b * 1)  # a and b as a projection's output: fresh, used only here
     got.backward(g)
     assert torch.equal(got, want)
     assert torch.allclose(got_a.grad.float(), want_a.grad.float(), rtol=1e-6, atol=1e-6)
@@ -99,7 +100,7 @@ def test_graph_bytes_per_token_bounds_what_a_block_keeps():
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.enable_grad():
-            bm.block_forward(box, x, args, bm.rope_tables(args, 0, 48, "cpu"), True)
+            bm.block_forward(box, x, args, rope.layer_ropes(args, 0, 48, "cpu"), 0, True)
         kept.pop(x.untyped_storage().data_ptr(), None)  # the block's input is kept by the caller
         per_token = sum(kept.values()) / 48
         assert per_token <= bm.graph_bytes_per_token(args, torch.float32) <= 1.25 * per_token
