@@ -51,12 +51,24 @@ SHAPES = {  # params.json of the real models; 1b is a 7B-like model cut to dim 2
     "405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "multiple_of": 4096,
              "ffn_dim_multiplier": 1.2, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
 }
-SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8, "8b": 1, "405b": 8}
+GEMMA3_27B = {"dim": 5376, "n_layers": 62, "n_heads": 32, "n_kv_heads": 16, "head_dim": 128, "hidden_dim": 21504,
+              "vocab_size": 262208, "norm_eps": 1e-6, "rope_theta": 1e6, "family": "gemma3", "norms": "sandwich",
+              "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 73.5, "attn_scale": 168 ** -0.5,
+              "qk_norm": "head", "tie_embeddings": True, "sliding_window": 1024, "rope_local_theta": 10000.0,
+              "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "max_position_embeddings": 131072}
+SHAPES.update({  # config.json of Gemma 3 27B (its text model) and Phi-4 (14B) in params.json's terms
+    "gemma3-27b": GEMMA3_27B,
+    "phi4": {"dim": 5120, "n_layers": 40, "n_heads": 40, "n_kv_heads": 10, "hidden_dim": 17920, "vocab_size": 100352,
+             "norm_eps": 1e-5, "rope_theta": 250000.0, "family": "phi3", "max_position_embeddings": 16384}})
+SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8, "8b": 1, "405b": 8, "gemma3-27b": 1, "phi4": 1}
 VOCAB = 32000  # of the synthetic tokenizer (padded to this size); the embedding rows of shapes without a vocab_size
 
 
 def shape_params(shape, layers):
-    return {"norm_eps": 1e-5, "vocab_size": -1, **SHAPES[shape], "n_layers": layers}
+    params = {"norm_eps": 1e-5, "vocab_size": -1, **SHAPES[shape], "n_layers": layers}
+    if params.get("family") == "gemma3":  # five sliding layers, then a full one
+        params["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    return params
 
 
 def shape_args(shape, layers):
@@ -261,6 +273,8 @@ def main():
     if a.layers < 1 or a.steps < 1:
         raise UserError(f"--layers={a.layers}, --steps={a.steps}: both must be at least 1")
     a.optimizer = "adamw" if a.mode == "lora" else a.optimizer  # LoRA adapters are trained with AdamW
+    if a.reference and SHAPES[a.shape].get("family"):
+        raise UserError(f"--reference: the in-memory reference is the Llama family's; {a.shape} is not")
     if a.reference_child:
         return reference_child(a)
     if a.batch_size % a.nproc:

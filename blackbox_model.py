@@ -282,9 +282,10 @@ def embedding_grad(xs, grads, args, device):
     if args.embed_scale != 1.0:
         dys = dys * args.embed_scale
 
-    def rows(r0, r1, out):
+    def rows(r0, r1, out, add=False):
         picked = (tokens >= r0) & (tokens < r1) & (tokens != (-1 if args.pad_id is None else args.pad_id))
         if out is None or out.dtype != torch.float32:
             out = torch.empty(r1 - r0, dys.shape[1], device=device)
-        return out.zero_().index_add_(0, tokens[picked] - r0, dys[picked].float())
+        return (out if add else out.zero_()).index_add_(0, tokens[picked] - r0, dys[picked].float())
+    rows.adds = True
     return rows

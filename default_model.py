@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model import module_shapes
+from model import module_names, module_shapes
 from meta_format import model_args, write_checkpoint
 from tokenizer import Tokenizer
 
@@ -82,7 +82,8 @@ def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch
             return {f"{name}.{k}": (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator).mul_(0.02)).to(dtype)
                     for k, s in shapes.items()}
 
-        names = ["tok_embeddings", "norm", "output"] + [f"layers.{i}" for i in range(args.n_layers)]
+        names = [n for n in ("tok_embeddings", "norm", "output") if n in module_names(args)] + \
+            [f"layers.{i}" for i in range(args.n_layers)]  # (no output with tie_embeddings)
         entries = [(f"{n}.{k}", s, dtype) for n in names for k, s in module_shapes(args, n.split(".")[0]).items()]
         extras = {}
         if rope_freqs:

@@ -127,14 +127,16 @@ def module_of(key):
 
 def graph_bytes_per_token(args, dtype, row_tokens=0):
     """What autograd keeps of one block per token: the residual stream and the norms' inputs in fp32 (two
-    more norms in Gemma's sandwich), the inputs to matmuls, attention and the gated MLP in the compute dtype,
-    and a tenth more for what allocations round up to (tests/test_model.py holds it against what autograd
-    saves of a block). Attention with capped logits (Gemma 2) is computed whole: three (heads x row_tokens)
-    matrices a token."""
+    norms more in Gemma's sandwich, q and k norms'), the inputs to matmuls, attention and the gated MLP in the
+    compute dtype, and a tenth more for what allocations round up to (tests/test_model.py holds it against
+    what autograd saves of a block of each family). Of rows of row_tokens: a sliding window's mask, and
+    attention with capped logits (Gemma 2), computed whole: three (heads x row_tokens) matrices a token."""
     attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
-    norms = 5 + 2 * (args.norms == "sandwich") + (args.qk_norm == "all")
+    norms = (5 + 4 * (args.norms == "sandwich")) * args.dim + 2 * (args.n_heads + args.kv_heads) * args.head_dim * \
+        bool(args.qk_norm)  # the q and k norms' inputs and outputs, in fp32
     capped = 3 * args.n_heads * row_tokens if args.attn_softcap else 0
-    return (norms * args.dim * 4 + (attention + 3 * args.hidden_dim + capped) * torch.finfo(dtype).bits // 8) * 11 // 10
+    mask = row_tokens if args.sliding_window else 0  # a sliding window's mask, in fp32, one for every head
+    return ((norms + mask) * 4 + (attention + 3 * args.hidden_dim + capped) * torch.finfo(dtype).bits // 8) * 11 // 10
 
 
 # --- matmuls and norms whose weights are looked up at use ---

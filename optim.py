@@ -42,7 +42,9 @@ class Optimizer:
 
     def take(self, box, key, grad_rows, parts=1):
         """A gradient given as grad_rows(r0, r1, out): its rows r0:r1 (computed into out when out is a
-        buffer). parts: how many micro-batches it covers."""
+        buffer; where grad_rows.adds, grad_rows(r0, r1, out, add=True) adds them to out instead: a table's
+        second use adds into its first one's gradient, no second whole gradient beside it). parts: how many
+        micro-batches it covers."""
         rows, row_shape = box.shapes[key][0], box.shapes[key][1:]
         if not self.whole_grads and box.grad_uses == 1:
             step = max(1, CHUNK_BYTES // (4 * math.prod(row_shape)))
@@ -53,8 +55,11 @@ class Optimizer:
                     grad = self.chunk_buffer(shape, torch.float32).copy_(grad)
                 self.update(box, key, grad, r0)
             return
-        grad = grad_rows(0, rows, None).float()
-        box.grads[key] = grad if key not in box.grads else box.grads[key].add_(grad)
+        if key in box.grads and getattr(grad_rows, "adds", False):  # summed into the gradient there, in place
+            grad_rows(0, rows, box.grads[key], add=True)
+        else:
+            grad = grad_rows(0, rows, None).float()
+            box.grads[key] = grad if key not in box.grads else box.grads[key].add_(grad)
         count = self.counts[box.name, key] = self.counts.get((box.name, key), 0) + parts
         if count < self.micro_batches * box.grad_uses:
             return

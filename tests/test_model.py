@@ -84,8 +84,17 @@ def test_swiglu_and_its_gradients_match_autograd(dtype):
     assert len(saved) == 2  # a and b, not silu(a) besides
 
 
-def test_graph_bytes_per_token_bounds_what_a_block_keeps():
-    args = bm.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, ffn_dim=160)
+FAMILY_ARGS = {  # the families' blocks as the memory plan must count them
+    "llama": {}, "gemma3": {"norms": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "qk_norm": "head",
+                            "explicit_head_dim": 32, "sliding_window": 16, "layer_types": ("sliding_attention",)},
+    "gemma2": {"norms": "sandwich", "norm_offset": 1.0, "activation": "gelu_tanh", "attn_softcap": 5.0,
+               "sliding_window": 16},
+    "olmo2": {"norms": "post", "qk_norm": "all"}, "phi3": {"rotary_dim": 12, "sliding_window": 16}}
+
+
+@pytest.mark.parametrize("family", FAMILY_ARGS)
+def test_graph_bytes_per_token_bounds_what_a_block_keeps(family):
+    args = bm.ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, ffn_dim=160, **FAMILY_ARGS[family])
     shapes = bm.module_shapes(args, "layers")
     for trainable, adapted in [(True, ()), (False, [k for k in shapes if k.endswith("weight") and "norm" not in k])]:
         generator = torch.Generator().manual_seed(0)
@@ -103,7 +112,8 @@ def test_graph_bytes_per_token_bounds_what_a_block_keeps():
             bm.block_forward(box, x, args, rope.layer_ropes(args, 0, 48, "cpu"), 0, True)
         kept.pop(x.untyped_storage().data_ptr(), None)  # the block's input is kept by the caller
         per_token = sum(kept.values()) / 48
-        assert per_token <= bm.graph_bytes_per_token(args, torch.float32) <= 1.25 * per_token
+        # an upper bound, and not far above (frozen norms keep less: LoRA's bound is looser)
+        assert per_token <= bm.graph_bytes_per_token(args, torch.float32, 48) <= (1.25 if trainable else 1.4) * per_token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
