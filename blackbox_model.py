@@ -5,7 +5,7 @@ their weights live in a file and come into memory only while they are used (or s
 plan allows). The forward pass streams them in order; the backward pass walks them in reverse, runs
 each block again with autograd (or reuses its kept activations), hands each weight's gradient to the
 optimizer (optim.py) and lets the background writer put the updated module back on disk. The math
-of each module is in llama.py; LoRA's adapters in adapters.py; the run folder in run_folder.py.
+of each module is in model.py; LoRA's adapters in adapters.py; the run folder in run_folder.py.
 """
 from pathlib import Path
 

@@ -20,7 +20,7 @@ SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2"
 
 
 def read_meta_folder(folder, mmap=False):
-    """All weights of a Meta-format folder, shards concatenated, as float32."""
+    """All weights of a folder in Meta's layout, shards concatenated, as float32."""
     shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
               for p in sorted(Path(folder).glob("consolidated.*.pth"))]
     weights = {}
