@@ -1,5 +1,5 @@
 """The built-in default model (a tiny Llama trained on the bundled slowllama.txt) and synthetic model
-folders in Meta's exact format for tests and benchmarks."""
+folders in Meta's exact format for tests and benchmarks (SHAPES: the real models' shapes bench.py makes)."""
 import fcntl
 import io
 import itertools
@@ -99,3 +99,35 @@ def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# --- synthetic checkpoints of real shapes (bench.py): random weights, the real models' params.json ---
+
+SHAPES = {  # params.json of the real models; 1b is a 7B-like model cut to dim 2048; 8b and 405b are Llama 3.1
+    "tiny": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2, "multiple_of": 64, "ffn_dim_multiplier": 1.3},
+    "1b": {"dim": 2048, "n_layers": 16, "n_heads": 16, "multiple_of": 256},
+    "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256},
+    "13b": {"dim": 5120, "n_layers": 40, "n_heads": 40, "multiple_of": 256},
+    "70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096, "ffn_dim_multiplier": 1.3},
+    "8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
+           "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+    "405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "multiple_of": 4096,
+             "ffn_dim_multiplier": 1.2, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+    # config.json of Gemma 3 27B (its text model) and of Phi-4 (14B), in params.json's terms
+    "gemma3-27b": {"dim": 5376, "n_layers": 62, "n_heads": 32, "n_kv_heads": 16, "head_dim": 128, "hidden_dim": 21504,
+                   "vocab_size": 262208, "norm_eps": 1e-6, "rope_theta": 1e6, "family": "gemma3", "norms": "sandwich",
+                   "norm_offset": 1.0, "activation": "gelu_tanh", "embed_scale": 73.5, "attn_scale": 168 ** -0.5,
+                   "qk_norm": "head", "tie_embeddings": True, "sliding_window": 1024, "rope_local_theta": 10000.0,
+                   "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "max_position_embeddings": 131072},
+    "phi4": {"dim": 5120, "n_layers": 40, "n_heads": 40, "n_kv_heads": 10, "hidden_dim": 17920, "vocab_size": 100352,
+             "norm_eps": 1e-5, "rope_theta": 250000.0, "family": "phi3", "max_position_embeddings": 16384},
+}
+SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8, "8b": 1, "405b": 8, "gemma3-27b": 1, "phi4": 1}
+
+
+def shape_params(shape, layers):
+    """params.json of SHAPES[shape] cut to its first layers blocks."""
+    params = {"norm_eps": 1e-5, "vocab_size": -1, **SHAPES[shape], "n_layers": layers}
+    if params.get("family") == "gemma3":  # five sliding layers, then a full one
+        params["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    return params

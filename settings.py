@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from model import LORA_TARGETS
-from utils import UserError, memory_budget_bytes, parse_settings
+from utils import UserError, memory_budget_bytes
 
 OUT_FORMATS = ("meta", "hf", "gguf")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -109,9 +109,29 @@ class Settings:
         return layout or None, gguf_type or None
 
 
+def typed_overrides(argv, defaults):
+    """{name: value}: the defaults with --name=value overrides, each typed like its default."""
+    settings = dict(defaults)
+    for arg in argv:
+        name, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise UserError(f"{arg!r}: settings are given as --name=value")
+        if name not in defaults:
+            raise UserError(f"unknown setting --{name}; the settings are: {', '.join(sorted(defaults))}")
+        kind = type(defaults[name])
+        try:
+            settings[name] = value if kind is str else kind(float(value)) if kind is int and "e" in value.lower() \
+                else kind(value)
+        except ValueError:
+            raise UserError(f"--{name}={value}: expected {'an integer' if kind is int else 'a number'}")
+        if kind is int and settings[name] != float(value):
+            raise UserError(f"--{name}={value}: expected an integer")
+    return settings
+
+
 def parse(argv, defaults):
     """Settings of --name=value arguments over defaults ({name: value}, each typed like its value), checked."""
-    s = parse_settings(argv, defaults)
+    s = typed_overrides(argv, defaults)
     for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora")), ("base_copy", (-1, 0, 1))):
         if s[name] not in allowed:
             raise UserError(f"--{name}={s[name]}: use one of {', '.join(map(str, allowed))}")

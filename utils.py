@@ -356,28 +356,6 @@ def progress(items, desc, total=None, unit="it"):
             last = now
 
 
-# --- settings: constants at the top of a script, each overridable as --name=value ---
-
-def parse_settings(argv, defaults):
-    """{name: value}: the defaults with --name=value overrides, each typed like its default."""
-    settings = dict(defaults)
-    for arg in argv:
-        name, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise UserError(f"{arg!r}: settings are given as --name=value")
-        if name not in defaults:
-            raise UserError(f"unknown setting --{name}; the settings are: {', '.join(sorted(defaults))}")
-        kind = type(defaults[name])
-        try:
-            settings[name] = value if kind is str else kind(float(value)) if kind is int and "e" in value.lower() \
-                else kind(value)
-        except ValueError:
-            raise UserError(f"--{name}={value}: expected {'an integer' if kind is int else 'a number'}")
-        if kind is int and settings[name] != float(value):
-            raise UserError(f"--{name}={value}: expected an integer")
-    return settings
-
-
 def read_json_object(path, missing="", optional=False):
     """A JSON file that must hold an object; every way it can fail is one line naming the file. optional:
     {} when the file is absent."""

@@ -64,6 +64,7 @@ CASES = [
     ("mistyped value", None, ["--iters=ten"], "--iters=ten: expected an integer"),
     ("not --name=value", None, ["--iters", "10"], "settings are given as --name=value"),
     ("unknown optimizer", None, ["--optimizer=adam"], "--optimizer=adam"),
+    ("unknown LoRA target", None, ["--mode=lora", "--lora_targets=wq,q_proj"], "--lora_targets=wq,q_proj: unknown q_proj"),
     ("unsupported device", None, ["--device=tpu"], "device='tpu' is not supported"),
     ("out_path is the model", None, ["--out_path={m}"], "never written to"),
     ("out_path inside the model", None, ["--out_path={m}/run1"], "never written to"),

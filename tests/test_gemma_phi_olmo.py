@@ -14,7 +14,7 @@ import compare
 import gguf_format
 import loader
 from adapters import add_lora
-from families import NEW, TIED, family_of, head_dim_of, hf_forward, meta_weights, read_folder, tokens_for
+from families import DROP, NEW, TIED, family_of, head_dim_of, hf_forward, meta_weights, read_folder, tokens_for
 from helpers import assert_step_matches, assert_updates_match, lora, make_batches, ours, refused, run_main, setup
 
 # the definition's LoRA parts of each target (families.hf_forward's lora keys)
@@ -117,6 +117,22 @@ def test_gemma3_image_text_checkpoints_load_their_text_model(hf_folder, load, tm
     assert exported["architectures"] == ["Gemma3ForCausalLM"] and exported["head_dim"] == config["head_dim"]
     got = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
     assert set(got) == set(t) and all(torch.equal(got[k], t[k]) for k in t)
+
+
+def test_gemma3_config_of_transformers_5_is_the_same_model(hf_folder, load):
+    """transformers 5 writes Gemma 3's rope per layer type (rope_parameters) and the layer types themselves."""
+    old = hf_folder("gemma3", seed=91, name="old")
+    config = read_folder(old)[0]
+    new = hf_folder("gemma3", seed=91, name="new", rope_theta=DROP, rope_local_base_freq=DROP, rope_scaling=DROP,
+                    sliding_window_pattern=DROP, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    a, b = load(old), load(new)
+    assert (a.args.rope_theta, a.args.rope_local_theta, a.args.rope_scaling, a.args.layer_types) == \
+        (b.args.rope_theta, b.args.rope_local_theta, b.args.rope_scaling, b.args.layer_types)
+    tokens = tokens_for(91)
+    assert torch.equal(a.eval()(tokens), b.eval()(tokens))
+    assert torch.allclose(b(tokens), hf_forward(config, read_folder(new)[1], tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_gemma_embeddings_are_scaled_in_the_weights_dtype(hf_folder, load):

@@ -118,7 +118,7 @@ def hf_tokenizer_of(fields, pre):
     return tok
 
 
-# --- a Meta-format model with a sentencepiece tokenizer ---
+# --- a model in Meta's layout with a sentencepiece tokenizer ---
 
 @pytest.mark.parametrize("gguf_type", gguf_format.TYPES)
 def test_sentencepiece_model_in_every_type(make, load, tmp_path, gguf_type):
