@@ -12,12 +12,12 @@ from settings import Lora
 from utils import UserError, gb, mem_available_bytes
 
 
-def adapted(model):
-    """[(box, key, full name)] of the weights LoRA may adapt, in order: the blocks' matrices and the output
-    projection (which is the embedding table where tied)."""
+def adapted(model, targets):
+    """[(box, key, full name)] of the weights LoRA adapts with these targets (settings.Lora.targets), in order:
+    the blocks' matrices and the output projection (which is the embedding table where tied)."""
     return [(box, key, "output.weight" if box is model.output else f"{box.name}.{key}")
             for box in [*model.layers, model.output] for key, shape in box.shapes.items()
-            if len(shape) == 2 and lora_target("output" if box is model.output else box.name, key)]
+            if len(shape) == 2 and lora_target("output" if box is model.output else box.name, key) in targets]
 
 
 def add_lora(model, lora, seed=0, tensors=None):
@@ -25,9 +25,7 @@ def add_lora(model, lora, seed=0, tensors=None):
     A random and B zero as in the LoRA paper, or the given {name: (A, B)}."""
     generator = torch.Generator().manual_seed(seed)
     model.lora = {}
-    for box, key, name in adapted(model):
-        if lora_target("output" if box is model.output else box.name, key) not in lora.targets:
-            continue
+    for box, key, name in adapted(model, lora.targets):
         shape = box.shapes[key]
         if tensors is not None:
             a, b = tensors[name]
@@ -40,9 +38,9 @@ def add_lora(model, lora, seed=0, tensors=None):
 
 
 def adapted_params(model, targets):
-    """Parameters of the weights LoRA adapts with these targets (for the disk its checkpoints need)."""
-    return sum(sum(box.shapes[key]) for box, key, _ in adapted(model)
-               if lora_target("output" if box is model.output else box.name, key) in targets)
+    """Rows plus columns of the weights LoRA adapts with these targets: its adapters' parameters per unit of
+    rank (for the disk its checkpoints need)."""
+    return sum(sum(box.shapes[key]) for box, key, _ in adapted(model, targets))
 
 
 # --- files ---
@@ -59,8 +57,9 @@ def adapter_state(model, lora):
             "tensors": {k: [a.detach().cpu(), b.detach().cpu()] for k, (a, b) in model.lora.items()}}
 
 
-def read_adapter(path, model, rank=None):
-    """The adapter file's {config, tensors}, checked against the model (and the rank, if given)."""
+def read_adapter(path, model, lora=None):
+    """The adapter file's {config, tensors}, checked against the model (and, if given, the settings.Lora it
+    must have been made with: a run continues with the adapters it started with)."""
     data = load_tensors(path, mmap=False)
     if not isinstance(data, dict) or "config" not in data or "tensors" not in data:
         raise UserError(f"{path}: not a slowllama adapter (no config and tensors)")
@@ -68,8 +67,13 @@ def read_adapter(path, model, rank=None):
     if config.get("model") != model_identity(model.args):
         raise UserError(f"{path}: the adapter was made for another model ({config.get('model')}), "
                         f"not for this one ({model_identity(model.args)})")
-    if rank is not None and config["rank"] != rank:
-        raise UserError(f"{path}: the adapter has rank {config['rank']}, not lora_rank={rank}")
+    made = lora_of(config)
+    if lora is not None and (made.rank, made.alpha, made.dropout, set(made.targets)) != \
+            (lora.rank, lora.alpha, lora.dropout, set(lora.targets)):
+        raise UserError(f"{path}: the run's adapters have lora_rank={made.rank}, lora_alpha={made.alpha}, "
+                        f"lora_dropout={made.dropout}, lora_targets={','.join(made.targets)}; it continues only with "
+                        f"those, not with lora_rank={lora.rank}, lora_alpha={lora.alpha}, lora_dropout={lora.dropout}, "
+                        f"lora_targets={','.join(lora.targets)}")
     for key, (a, b) in tensors.items():
         name, local = module_of(key)
         shape = module_shapes(model.args, name.split(".")[0]).get(local)

@@ -86,6 +86,7 @@ def read_config(folder):
             raise UserError(f"{path}: {key} is not supported")
     n_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
+    rotary_dim = int(head_dim * config.get("partial_rotary_factor", 1.0)) if family == "phi3" else head_dim
     gemma = family in ("gemma2", "gemma3")
     rope_parameters = config.get("rope_parameters") or {}
     params = {"family": family, "dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
@@ -95,7 +96,7 @@ def read_config(folder):
               "rope_theta": rope_theta(config, family), "head_dim": head_dim, "qkv_bias": family == "qwen2",
               "qk_norm": {"qwen3": "head", "gemma3": "head", "olmo2": "all"}.get(family),
               "tie_embeddings": bool(config.get("tie_word_embeddings")),
-              "rope_scaling": rope_scaling(path, config, family),
+              "rope_scaling": rope_scaling(path, config, family, rotary_dim),
               "max_position_embeddings": config.get("max_position_embeddings"),
               "norms": "sandwich" if gemma else "post" if family == "olmo2" else "pre",
               "pad_id": pad_id(config)}
@@ -110,8 +111,8 @@ def read_config(folder):
             params["final_softcap"] = config.get("final_logit_softcapping")
             local = (rope_parameters.get("sliding_attention") or {}).get("rope_theta")
             params["rope_local_theta"] = local or config.get("rope_local_base_freq") or 10000.0
-    if family == "phi3" and config.get("partial_rotary_factor", 1.0) != 1.0:
-        params["rotary_dim"] = int(head_dim * config["partial_rotary_factor"])
+    if rotary_dim != head_dim:
+        params["rotary_dim"] = rotary_dim
     check_heads(path, head_dim * n_heads, n_heads, params["n_kv_heads"],
                 ("num_attention_heads * head_dim" if config.get("head_dim") else "hidden_size", "num_attention_heads",
                  "num_key_value_heads"))
@@ -138,9 +139,10 @@ def rope_theta(config, family):
     return config.get("rope_theta") or parameters.get("rope_theta") or 10000.0
 
 
-def rope_scaling(path, config, family):
+def rope_scaling(path, config, family, rotary_dim):
     """The rope scaling of config.json (transformers 4's rope_scaling or 5's rope_parameters; Gemma 3's of its
-    full layers) as {"rope_type": ..., parameters}, or None; types other than ROPE_TYPES' are refused."""
+    full layers) as {"rope_type": ..., parameters}, or None; types other than ROPE_TYPES' are refused.
+    rotary_dim: the features of a head that turn (longrope has a factor for each pair of them)."""
     scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if family == "gemma3" and "full_attention" in scaling:
         scaling = scaling["full_attention"]
@@ -155,8 +157,7 @@ def rope_scaling(path, config, family):
         raise UserError(f"{path}: rope scaling {kind!r} is not supported; slowllama reads {', '.join(ROPE_TYPES)}")
     if kind == "longrope":
         scaling.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings"))
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        pairs = int(head_dim * config.get("partial_rotary_factor", 1.0)) // 2
+        pairs = rotary_dim // 2
         for key in ("short_factor", "long_factor"):
             factors = scaling.get(key)
             if not isinstance(factors, list) or len(factors) != pairs or \
@@ -172,9 +173,9 @@ def rope_scaling(path, config, family):
 
 def sliding(path, config, family):
     """{sliding_window, layer_types}: the window and which layers it holds in, as transformers sets them:
-    layer_types where config.json gives them; else every layer (Mistral, Phi-3), Qwen 2's from
+    layer_types where config.json gives them; else every layer (Mistral, Phi-3), Qwen 2's and Qwen 3's from
     max_window_layers on where use_sliding_window, Gemma 2's every other (the first slides), Gemma 3's all but
-    every sliding_window_pattern-th; none for Llama, Qwen 3 and OLMo 2."""
+    every sliding_window_pattern-th; none for Llama and OLMo 2."""
     window = config.get("sliding_window")
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise UserError(f"{path}: sliding_window must be a positive integer or null, not {window!r}")
@@ -188,7 +189,7 @@ def sliding(path, config, family):
             raise UserError(f"{path}: layer_types must give sliding_attention or full_attention for each of the "
                             f"{n} layers")
         types = given
-    elif family == "qwen2":
+    elif family in ("qwen2", "qwen3"):
         first = config.get("max_window_layers", 28)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     elif family == "gemma2":

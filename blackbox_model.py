@@ -244,8 +244,7 @@ def the_turn(model, forward, hs, ys, n_targets):
         grads.append(h.grad)
         loss += batch_loss.item()
     next(forward, None)  # lets the output module go
-    graph_bytes = hs[0].shape[0] * hs[0].shape[1] * graph_bytes_per_token(model.args, model.compute_dtype,
-                                                                           hs[0].shape[1])
+    graph_bytes = hs[0][..., 0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, hs[0].shape[1])
     if rss_bytes() + max(box.memory_bytes() for box in model.layers) + graph_bytes > model.memory.peak:
         release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free pages
         # (between kept activations, where the step's tensors are small) go back to the OS

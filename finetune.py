@@ -17,7 +17,7 @@ out_format = ""  # layout of the exported model: meta, hf or gguf (out_path/mode
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
 device = "cpu"  # cpu, cuda or mps
 compute_dtype = "auto"  # auto: bfloat16 matmuls (fp32 master weights) where the device has native bf16, else float32
-memory_budget = -1.0  # GB of RAM the run plans for (kept activations, resident modules), per process under torchrun; -1: half the RAM (shared among a machine's processes)
+memory_budget = -1.0  # GiB of RAM the run plans for (kept activations, resident modules), per process under torchrun; -1: half the RAM (shared among a machine's processes)
 keep_activations = 1  # 1: keep each block's activations for the backward pass (within the budget); 0: recompute
 seed = 1337  # seeds the data order, dropout and LoRA initialisation
 iters = 500  # optimizer steps
@@ -73,7 +73,7 @@ from adapters import add_lora, adapted_params, adapter_state, drop_base_copy, re
 from data import get_batch, load_tokens
 from files import load_tensors, save_tensors, write_text
 from model import graph_bytes_per_token
-from loader import load_model, log_line, save_model
+from loader import check_export, load_model, log_line, save_model
 from chat import chat_format
 from report import RunLog, command
 from run_folder import RunFolder
@@ -147,7 +147,7 @@ def start_training(model, s, run, previous, data_rng):
     group, state = run.group, None
     if previous:
         checkpoint = run.dir / previous["checkpoint"]
-        state = read_adapter(checkpoint, model, s.lora.rank) if s.mode == "lora" else load_tensors(checkpoint, mmap=False)
+        state = read_adapter(checkpoint, model, s.lora) if s.mode == "lora" else load_tensors(checkpoint, mmap=False)
     if s.mode == "lora":
         add_lora(model, s.lora, s.seed, tensors=state["tensors"] if state else None)
     model.setup_training(run, s.mode, s.optim, s.data.micro_batch_tokens, s.data.grad_accum, s.keep_activations,
@@ -228,6 +228,7 @@ def train(s, group, device):
     model = load_model(s.model_path or None, offload_path=s.offload_path or None, device=device,
                        compute_dtype=s.compute_dtype, memory_budget=s.memory_budget_bytes(group.local_world),
                        dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None)
+    check_export(model, *s.export, output_adapter=s.mode == "lora" and "output" in s.lora.targets)  # before training
     train_tokens, val_tokens = load_tokens(s.data, model.tokenizer, model.offload_dir)
     if group.local_rank == 0:
         check_disk(disk_needs(model, s), log_line)
@@ -240,7 +241,7 @@ def train(s, group, device):
         graph = s.data.micro_batch_tokens * graph_bytes_per_token(model.args, model.compute_dtype, s.data.seq_len)
         log_line(f"RAM: about {gb(plan.peak)} at peak{' per process' if group.local_world > 1 else ''} "
                  f"({len(plan.resident)} of {len(model.boxes)} modules resident, activations of "
-                 f"{min(model.args.n_layers, plan.graph_budget // graph)} blocks kept)")
+                 f"{min(model.args.n_layers, plan.graph_budget // (graph * s.data.grad_accum))} blocks kept)")
         if group.world > 1:
             log_line(f"{group.world} processes, {group.local_world} on this machine: {group.world * s.data.batch_size} "
                      f"rows a micro-batch")
@@ -295,7 +296,8 @@ def loop(model, s, run, step, data_rng, train_tokens, val_tokens):
             model.close()
             group.barrier()  # all leave the group together
             sys.exit(130)
-    if not first:  # the first process evaluates and exports
+    if not first:  # the first process evaluates and exports; the first of each other machine removes its copy
+        drop_base_copy(model, model.base_files)
         model.close()
         return
     run_log.close_bar()

@@ -33,9 +33,9 @@ from adapters import stacked_adapters
 from hf_format import hf_rows
 from model import module_names, module_shapes
 from rope import longrope_attention_factor
+from settings import GGUF_TYPES as TYPES
 from utils import UserError, check_disk, gb, progress
 
-TYPES = ("f16", "bf16", "q8_0", "f32")
 MODEL_FILE, ADAPTER_FILE = "model.gguf", "adapter.gguf"
 F16_MAX = 65504.0
 Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 values in 34 bytes (an f16 scale, 32 int8)
@@ -267,13 +267,21 @@ def context_length(args):
     return 131072 if (args.rope_scaling or {}).get("rope_type") == "llama3" else 4096
 
 
+def check_model(model, type_name, output_adapter):
+    """(GGML type, llama.cpp's architecture, the vocabulary) of the export of model, or the UserError of what
+    GGUF cannot hold, before a run starts (output_adapter: the output weight gets a LoRA adapter)."""
+    qtype, arch = check_type(type_name), architecture(model.args)
+    if arch == "gemma2" and model.args.tied and output_adapter:
+        raise UserError("GGUF export: llama.cpp's gemma2 always takes the embedding table as the output; an output "
+                        "adapter merged makes them differ (export as hf, or train without an output adapter)")
+    return qtype, arch, vocabulary(model)
+
+
 def write_model(model, out_dir, type_name="f16", log=print):
     """Stream the model (LoRA adapters merged) into out_dir/model.gguf. Returns its path."""
     g = gguf()
-    qtype = check_type(type_name)
     args, out_dir = model.args, Path(out_dir)
-    arch = architecture(args)
-    vocab = vocabulary(model)
+    qtype, arch, vocab = check_model(model, type_name, "output.weight" in model.lora)
     if vocab["model"] == "llama" and BYTE not in vocab["types"]:
         log(f"note: {model.tokenizer.path.name} has no byte pieces (<0x00> to <0xFF>, sentencepiece's byte_fallback, "
             "which Llama, Mistral and TinyLlama have); llama.cpp and Ollama stop with an error on text with a "
@@ -283,9 +291,6 @@ def write_model(model, out_dir, type_name="f16", log=print):
             f"{args.sliding_window} positions is not in the file (as llama.cpp's own converter leaves it)")
     names = module_names(args)
     if args.tied and "output.weight" in model.lora:  # a merged output adapter: no longer the table
-        if arch == "gemma2":
-            raise UserError("GGUF export: llama.cpp's gemma2 always takes the embedding table as the output; the "
-                            "output adapter merged makes them differ (export as hf, or train without an output adapter)")
         names.append("output")
     entries = [(None, [tensor], gname, tuple(tensor.shape), g.GGMLQuantizationType.F32)
                for gname, tensor in extra_tensors(args).items()]  # (module, keys or the tensor, name, shape, type)

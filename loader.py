@@ -216,6 +216,25 @@ def load_model(path=None, offload_path=None, device="cpu", compute_dtype="float3
                        compute_dtype, budget, dropout, prefetch, evict_before_read)
 
 
+def check_export(model, out_format=None, gguf_type=None, shards=None, dtype=None, output_adapter=False):
+    """The layout save_model writes the model in (out_format, else the source's), or the UserError of an export
+    that cannot be written, found before a run trains (output_adapter: the output weight gets a LoRA adapter)."""
+    out_format = out_format or model.manifest.get("layout", "meta")
+    if out_format == "gguf":
+        if shards or dtype:
+            raise UserError("shards and dtype are for the meta and hf layouts; a GGUF's is gguf_type "
+                            "(f16, bf16, q8_0, f32)")
+        import gguf_format
+        gguf_format.check_model(model, gguf_type or "f16", output_adapter)
+    elif gguf_type:
+        raise UserError(f"gguf_type={gguf_type!r} is for out_format=gguf, not {out_format}")
+    elif out_format not in ("meta", "hf"):
+        raise UserError(f"out_format={out_format!r}: use meta, hf or gguf")
+    elif out_format == "meta" and model.args.family in NOT_META:
+        raise UserError(f"Meta's layout: {model.args.family} models were never published in it; export as hf or gguf")
+    return out_format
+
+
 def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=log_line, gguf_type=None):
     """Write the model in Meta's format (out_format="meta": the source's shard count and dtypes unless
     told otherwise), Hugging Face's ("hf") or as out_path/model.gguf ("gguf", gguf_type f16 by default:
@@ -224,20 +243,11 @@ def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=lo
     for protected in (Path(manifest["source"]), model.offload_dir.resolve()):
         if out_path == protected or protected in out_path.parents:
             raise UserError(f"{out_path}: is (inside) {protected}, which is never written to")
-    out_format = out_format or manifest.get("layout", "meta")
+    out_format = check_export(model, out_format, gguf_type, shards, dtype, "output.weight" in model.lora)
     if out_format == "gguf":  # one file for llama.cpp, Ollama and LM Studio
-        if shards or dtype:
-            raise UserError("shards and dtype are for the meta and hf layouts; a GGUF's is gguf_type "
-                            "(f16, bf16, q8_0, f32)")
         import gguf_format
         gguf_format.write_model(model, out_path, gguf_type or "f16", log)
         return
-    if gguf_type:
-        raise UserError(f"gguf_type={gguf_type!r} is for out_format=gguf, not {out_format}")
-    if out_format not in ("meta", "hf"):
-        raise UserError(f"out_format={out_format!r}: use meta, hf or gguf")
-    if out_format == "meta" and model.args.family in NOT_META:
-        raise UserError(f"Meta's layout: {model.args.family} models were never published in it; export as hf or gguf")
     n_shards = shards or manifest["n_shards"]
     dtypes = {k: parse_dtype(dtype) if dtype else parse_dtype(d) for k, d in manifest["keys"]}
     extras = load_tensors(model.offload_dir / "extras.pt", mmap=False)

@@ -27,6 +27,7 @@ from parallel import Group
 from utils import UserError
 
 MANIFEST = "state.json"
+EXPORTS = ("consolidated.*.pth", "*.safetensors", "model.gguf", "adapter.pt")  # what a finished run leaves in out_path
 KEPT_SUFFIXES = (".0.safetensors", ".1.safetensors", ".fp32.safetensors")  # overwritten in place, never removed
 
 
@@ -94,6 +95,9 @@ class RunFolder:
         source = Path(source)
         if self.out.resolve() == source or source in self.out.resolve().parents:
             raise UserError(f"out_path={self.out} is (inside) model_path {source}, which is never written to")
+        if not overwrite and not (self.dir / MANIFEST).exists() and any(p for e in EXPORTS for p in self.out.glob(e)):
+            raise UserError(f"out_path={self.out} holds an exported model and no step to continue; start over "
+                            "with --overwrite=1 or choose another out_path")
         self.group.agree(self.take_lock)
         previous = self.read_manifest() if self.dir.exists() else None
         if resume and previous:
@@ -101,7 +105,7 @@ class RunFolder:
                 raise UserError(f"{self.dir}: this run was made from {previous['source']}, not from the model given now")
             if previous["mode"] != mode:
                 raise UserError(f"{self.dir}: this run is in mode={previous['mode']}, not mode={mode}")
-        elif (previous or any(self.out.glob("consolidated.*.pth"))) and not overwrite:
+        elif previous and not overwrite:
             raise UserError(f"out_path={self.out} holds an earlier run; continue it with --resume=1, "
                             "start over with --overwrite=1, or choose another out_path")
         steps = set(self.group.gather(previous["step"] if resume and previous else None))

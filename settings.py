@@ -122,10 +122,12 @@ def typed_overrides(argv, defaults):
         try:
             settings[name] = value if kind is str else kind(float(value)) if kind is int and "e" in value.lower() \
                 else kind(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer of 1e400
             raise UserError(f"--{name}={value}: expected {'an integer' if kind is int else 'a number'}")
         if kind is int and settings[name] != float(value):
             raise UserError(f"--{name}={value}: expected an integer")
+        if kind is float and not math.isfinite(settings[name]):
+            raise UserError(f"--{name}={value}: expected a finite number")
     return settings
 
 
@@ -135,15 +137,23 @@ def parse(argv, defaults):
     for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora")), ("base_copy", (-1, 0, 1))):
         if s[name] not in allowed:
             raise UserError(f"--{name}={s[name]}: use one of {', '.join(map(str, allowed))}")
-    for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period", "lora_rank", "plan_mb"):
+    for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period", "lora_rank", "plan_mb", "dist_timeout"):
         if s[name] < 1:
             raise UserError(f"--{name}={s[name]}: must be at least 1")
+    for name in ("eval_period", "warmup_iters", "gen_tokens", "lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+        if s[name] < 0:
+            raise UserError(f"--{name}={s[name]}: must be at least 0")
+    for name in ("keep_activations", "lr_decay", "resume", "overwrite", "plan"):
+        if s[name] not in (0, 1):
+            raise UserError(f"--{name}={s[name]}: use 0 or 1")
+    if s["memory_budget"] < 0 and s["memory_budget"] != -1:
+        raise UserError(f"--memory_budget={s['memory_budget']}: GiB, or -1 for half the RAM")
     layout, _, gguf_type = s["out_format"].partition(":")
     if layout not in ("", *OUT_FORMATS) or gguf_type and (layout != "gguf" or gguf_type not in GGUF_TYPES):
         raise UserError(f"--out_format={s['out_format']}: use meta, hf or gguf (gguf:{', gguf:'.join(GGUF_TYPES)})")
     if not 0 <= s["val_fraction"] < 1:
         raise UserError(f"--val_fraction={s['val_fraction']}: must be in [0, 1)")
-    for name in ("dropout", "lora_dropout"):
+    for name in ("dropout", "lora_dropout", "beta1", "beta2"):
         if not 0 <= s[name] < 1:
             raise UserError(f"--{name}={s[name]}: must be in [0, 1)")
     targets = tuple(t.strip() for t in s["lora_targets"].split(",") if t.strip())

@@ -22,6 +22,9 @@ BASE = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0, "vocab_size": 320,
          "sliding_window": 8, "use_sliding_window": False, "max_window_layers": 2}  # the window is off
+QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32, "rope_theta": 1000000.0,
+         "vocab_size": 320, "tie_word_embeddings": True, "attention_bias": False, "sliding_window": None,
+         "use_sliding_window": False, "max_window_layers": 2}
 FAMILIES = {
     # Llama 3.2 1B: GQA, tied, llama3 rope scaling (original context 64 here, so that the 16-wide heads have
     # pairs in each of the three regimes: kept, blended, slowed by factor)
@@ -32,9 +35,7 @@ FAMILIES = {
     # Qwen 2.5: q, k, v biases, theta 1e6, untied, more embedding rows than the tokenizer has tokens
     "qwen2": QWEN2,
     # Qwen 3: q and k norms, heads of 32 with hidden 64 and 4 heads (4 * 32 = 128 != 64), tied
-    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32, "rope_theta": 1000000.0,
-              "vocab_size": 320, "tie_word_embeddings": True, "attention_bias": False, "sliding_window": None,
-              "use_sliding_window": False, "max_window_layers": 2},
+    "qwen3": QWEN3,
     # SmolLM2: Llama, tied, no scaling (all heads with their own k and v here)
     "smollm2": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_key_value_heads": 4,
                 "rope_theta": 100000.0, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
@@ -47,6 +48,8 @@ FAMILIES = {
              "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
     # Qwen 2 with use_sliding_window: the layers from max_window_layers on slide (here the second, window 4)
     "qwen2-window": {**QWEN2, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    # Qwen 3 likewise (its configuration slides the same layers)
+    "qwen3-window": {**QWEN3, "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     # Mistral v0.1 with a window shorter than the sequences
     "mistral-window": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "head_dim": 16,
                        "rope_theta": 1000000.0, "sliding_window": 4, "max_position_embeddings": 32768},
@@ -77,9 +80,9 @@ FAMILIES = {
               "rms_norm_eps": 1e-6, "attention_bias": False},
 
 }
-TIED = ["llama3", "qwen3", "smollm2", "gemma3", "gemma2", "phi3-longrope"]
+TIED = ["llama3", "qwen3", "qwen3-window", "smollm2", "gemma3", "gemma2", "phi3-longrope"]
 NEW = ["gemma3", "gemma2", "phi3", "phi3-longrope", "olmo2"]  # families Meta never published in its layout
-WINDOWED = ["qwen2-window", "mistral-window", "gemma3", "gemma2", "phi3"]
+WINDOWED = ["qwen2-window", "qwen3-window", "mistral-window", "gemma3", "gemma2", "phi3"]
 SEQ = 12
 
 # --- Hugging Face's convention, written here ---
@@ -120,13 +123,14 @@ def rotary_dim_of(config):
 
 def layer_types_of(config):
     """Which layers slide, as transformers' configurations say (Mistral, Phi-3: all where a window is set;
-    Qwen 2: from max_window_layers on with use_sliding_window; Gemma 2: every other; Gemma 3: all but every
+    Qwen 2 and 3: from max_window_layers on with use_sliding_window; Gemma 2: every other; Gemma 3: all but every
     sliding_window_pattern-th; layer_types where given)."""
     n, family, window = config["num_hidden_layers"], family_of(config), config.get("sliding_window")
     if config.get("layer_types"):
         return config["layer_types"]
     slides = {"mistral": lambda i: bool(window), "phi3": lambda i: bool(window),
-              "qwen2": lambda i: bool(config.get("use_sliding_window")) and i >= config.get("max_window_layers", 28),
+              **dict.fromkeys(("qwen2", "qwen3"), lambda i: bool(config.get("use_sliding_window"))
+                              and i >= config.get("max_window_layers", 28)),
               "gemma2": lambda i: (i + 1) % 2 == 1,
               "gemma3": lambda i: (i + 1) % config.get("sliding_window_pattern", 6) != 0}.get(family, lambda i: False)
     return ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]

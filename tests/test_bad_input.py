@@ -62,6 +62,12 @@ CASES = [
      ["--data_path={t}/floats.pt"], "1-D LongTensor"),
     ("unknown setting", None, ["--learning_rate=0.1"], "unknown setting --learning_rate"),
     ("mistyped value", None, ["--iters=ten"], "--iters=ten: expected an integer"),
+    ("integer out of range", None, ["--iters=1e400"], "--iters=1e400: expected an integer"),
+    ("infinite number", None, ["--lr=inf"], "--lr=inf: expected a finite number"),
+    ("negative period", None, ["--eval_period=-1"], "--eval_period=-1: must be at least 0"),
+    ("a flag of 2", None, ["--resume=2"], "--resume=2: use 0 or 1"),
+    ("beta of 1", None, ["--beta2=1"], "--beta2=1.0: must be in [0, 1)"),
+    ("negative memory budget", None, ["--memory_budget=-5"], "--memory_budget=-5.0: GiB, or -1 for half the RAM"),
     ("not --name=value", None, ["--iters", "10"], "settings are given as --name=value"),
     ("unknown optimizer", None, ["--optimizer=adam"], "--optimizer=adam"),
     ("unknown LoRA target", None, ["--mode=lora", "--lora_targets=wq,q_proj"], "--lora_targets=wq,q_proj: unknown q_proj"),
@@ -277,14 +283,31 @@ def test_resume_from_another_model_is_refused(make, tmp_path):
 
 def test_an_earlier_run_is_not_overwritten_silently(make, tmp_path):
     model, out = finished_run(make, tmp_path)
-    expect_refusal(["finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
-                    "--iters=4", "--seq_len=16"], "holds an earlier run", out)
+    again = ["finetune.py", f"--model_path={model}", f"--offload_path={tmp_path}/off", "--iters=4", "--seq_len=16"]
+    expect_refusal([*again, f"--out_path={out}"], "holds an earlier run", out)
+    # an exported model without its run folder, of each layout, is not overwritten either, nor taken for a run
+    for i, exported in enumerate([["consolidated.00.pth"], ["config.json", "model.safetensors"], ["model.gguf"]]):
+        folder = tmp_path / f"exported{i}"
+        folder.mkdir()
+        for name in exported:
+            (folder / name).write_bytes(b"x")
+        for resume in ([], ["--resume=1"]):
+            expect_refusal([*again, f"--out_path={folder}", *resume], "holds an exported model and no step to continue",
+                           folder)
 
 
-def test_lora_resume_with_another_rank_is_refused(make, tmp_path):
-    model, out = finished_run(make, tmp_path, "--mode=lora", "--lora_rank=4")
-    expect_refusal(["finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
-                    "--mode=lora", "--lora_rank=8", "--resume=1", "--iters=4", "--seq_len=16"], "rank 4", out)
+def test_lora_resume_with_other_adapters_is_refused(make, tmp_path):
+    """A run continues with the adapters it started with: another rank, alpha, dropout or set of targets is one
+    line naming both (the same targets in another order are the same adapters)."""
+    model, out = finished_run(make, tmp_path, "--mode=lora", "--lora_rank=4", "--lora_targets=wq,wv")
+    resume = ["finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
+              "--mode=lora", "--resume=1", "--iters=3", "--seq_len=16", "--eval_period=0"]
+    for other in (["--lora_rank=8"], ["--lora_targets=wq,wv,wk"], ["--lora_targets=wq"], ["--lora_alpha=32"],
+                  ["--lora_dropout=0.1"]):
+        expect_refusal([*resume, "--lora_rank=4", "--lora_targets=wq,wv", *other],
+                       "adapters have lora_rank=4, lora_alpha=16.0, lora_dropout=0.05, lora_targets=wq,wv", out)
+    rc, stdout, err = run_main(*resume, "--lora_rank=4", "--lora_targets=wv,wq")
+    assert rc == 0 and "resuming" in stdout, err
 
 
 def test_adapter_for_another_model_is_refused(make, tmp_path):

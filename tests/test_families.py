@@ -70,7 +70,7 @@ def test_model_settings_come_from_config(hf_folder, load, family):
     args = load(hf_folder(family)).args
     assert args.family == family_of(config) and args.head_dim == head_dim_of(config)
     assert args.qkv_bias == (family in ("qwen2", "yarn", "qwen2-window"))
-    assert args.qk_norm == {"qwen3": "head", "gemma3": "head", "olmo2": "all"}.get(family)
+    assert args.qk_norm == {"qwen3": "head", "gemma3": "head", "olmo2": "all"}.get(family_of(config))
     assert args.tied == (family in TIED) and args.vocab_size == config["vocab_size"]
     assert ("output" in llama.module_names(args)) == (family not in TIED)
     types = layer_types_of(config)  # the sliding layers as transformers' configurations set them

@@ -303,6 +303,16 @@ def test_meta_layout_is_refused_for_families_meta_never_published(hf_folder, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("settings,message", [
+    (["--out_format=meta"], "Meta's layout: gemma2 models were never published in it"),
+    (["--out_format=gguf", "--mode=lora", "--lora_targets=wq,output"], "llama.cpp's gemma2 always takes the embedding"),
+])
+def test_an_export_that_cannot_be_written_is_refused_before_training(hf_folder, tmp_path, settings, message):
+    refused("finetune.py", f"--model_path={hf_folder('gemma2')}", f"--out_path={tmp_path}/out",
+            f"--offload_path={tmp_path}/off", "--iters=2", "--seq_len=16", *settings, messages=[message])
+    assert not (tmp_path / "out").exists()  # no step taken, nothing written
+
+
 # --- transformers itself, where it is installed ---
 
 @pytest.mark.parametrize("family", NEW)

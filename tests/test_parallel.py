@@ -3,6 +3,7 @@ batch_size 4; a killed process stops the run; a resumed parallel run ends as an 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,6 +166,30 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     assert code != 0
     assert err.strip().splitlines()[-1] == \
         f"error: out_path={tmp_path / 'out'}: another run is using this folder; wait for it to end or choose another out_path"
+
+
+@pytest.mark.slow
+def test_each_machine_removes_its_fp32_copy_of_the_base(tmp_path):
+    """Two machines of one process each (here two processes with LOCAL_WORLD_SIZE=1 and folders of their own,
+    as on two machines): each machine's first process writes LoRA's fp32 copy of the base into its run folder,
+    and each removes it when the run ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    machines = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        folder = tmp_path / f"machine{rank}"
+        machines.append((folder, subprocess.Popen(
+            command(1, folder / "out", folder / "off", *SETTINGS, "--iters=2", "--mode=lora", "--base_copy=1",
+                    "--memory_budget=0"),
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for folder, p in machines:
+        log, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, log[-3000:]
+        assert (folder / "out" / "run" / "state.json").exists()  # the run's folder on this machine
+        assert not list((folder / "out" / "run").glob("*.fp32.safetensors")), folder
 
 
 def test_processes_holding_different_weights_are_stopped():
