@@ -161,6 +161,7 @@ class Transformer:
         forward = self.offload.stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
         hs, saved = forward_keeping_inputs(self, forward, xs, rope)
         grads, loss = the_turn(self, forward, hs, ys, max(1, int(n_targets)))
+        del hs  # the last block's outputs (and their .grad) are not needed through the backward
         backward_through_blocks(self, saved, grads, rope)
         if full:
             opt.take(self.embeddings, "weight", embedding_grad(xs, grads, self.args, self.device), parts=len(xs))

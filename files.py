@@ -37,9 +37,10 @@ def published(path):
 
 
 def save_tensors(tensors, path):
-    """torch.save a dict of plain tensors (and plain values) atomically."""
-    with published(path) as tmp:
-        torch.save(tensors, tmp)
+    """torch.save a dict of plain tensors (and plain values) atomically. Into a file object: given a name,
+    torch.save reports a full disk as a RuntimeError without its errno."""
+    with published(path) as tmp, open(tmp, "wb") as f:
+        torch.save(tensors, f)
 
 
 def write_text(text, path):

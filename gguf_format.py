@@ -37,6 +37,7 @@ from settings import GGUF_TYPES as TYPES
 from utils import UserError, check_disk, gb, progress
 
 MODEL_FILE, ADAPTER_FILE = "model.gguf", "adapter.gguf"
+WINDOWED = ("gemma2", "gemma3", "phi3")  # llama.cpp's architectures that read a sliding window
 F16_MAX = 65504.0
 Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 values in 34 bytes (an f16 scale, 32 int8)
 QUANTIZE_CHUNK = 1 << 22  # values quantized at a time (bounds the temporary arrays)
@@ -237,14 +238,14 @@ def write_metadata(writer, arch, args, vocab, type_name, name):
 
 
 def write_family_metadata(writer, arch, args):
-    """What llama.cpp reads of Gemma's, Phi-3's and Qwen 2's windows, caps and ropes."""
+    """What llama.cpp reads of Gemma's and Phi-3's windows, caps and ropes."""
     if args.attn_softcap:
         writer.add_attn_logit_softcapping(args.attn_softcap)
     if args.final_softcap:
         writer.add_final_logit_softcapping(args.final_softcap)
     if args.rope_local_theta:
         writer.add_float32(f"{arch}.rope.freq_base_swa", float(args.rope_local_theta))
-    if args.sliding_window and arch != "llama" and arch != "qwen2":
+    if args.sliding_window and arch in WINDOWED:
         writer.add_sliding_window(args.sliding_window)
         default = {"gemma2": 2, "gemma3": 6}.get(arch)
         types = args.layer_types or ("sliding_attention",) * args.n_layers
@@ -286,8 +287,8 @@ def write_model(model, out_dir, type_name="f16", log=print):
         log(f"note: {model.tokenizer.path.name} has no byte pieces (<0x00> to <0xFF>, sentencepiece's byte_fallback, "
             "which Llama, Mistral and TinyLlama have); llama.cpp and Ollama stop with an error on text with a "
             "character outside its vocabulary")
-    if args.sliding_window:
-        log(f"note: llama.cpp's llama architecture has no sliding window; the model's window of "
+    if args.sliding_window and arch not in WINDOWED:
+        log(f"note: llama.cpp's {arch} architecture has no sliding window; the model's window of "
             f"{args.sliding_window} positions is not in the file (as llama.cpp's own converter leaves it)")
     names = module_names(args)
     if args.tied and "output.weight" in model.lora:  # a merged output adapter: no longer the table

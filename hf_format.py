@@ -152,9 +152,11 @@ def read_module(files, keys, args):
 # --- writing ---
 
 def config_for(args, dtype, source_config=None, bos_id=1, eos_id=2):
-    """config.json of an export: the source's own where it has one, else one written from the settings."""
-    if source_config is not None:
-        return source_config
+    """config.json of an export: the source's own where it has one (with the dtype the weights are written in),
+    else one written from the settings (a source in Meta's layout)."""
+    if source_config is not None:  # transformers 5 names the dtype "dtype", 4 "torch_dtype"
+        keys = [k for k in ("torch_dtype", "dtype") if k in source_config] or ["torch_dtype"]
+        return {**source_config, **dict.fromkeys(keys, str(dtype).removeprefix("torch."))}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
               "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,

@@ -27,7 +27,7 @@ from files import fsync_path, load_tensors, save_tensors, write_json, write_tens
 from model import module_names, module_of, module_shapes
 from meta_format import meta_params, model_args, read_meta_module, read_params, read_source, shard_files, \
     write_checkpoint
-from tokenizer import load_tokenizer, tokenizer_files
+from tokenizer import choice_note, load_tokenizer, tokenizer_files
 from utils import (UserError, check_device, check_disk, choose_compute_dtype, dtype_name, gb, main_guard,
                    memory_budget_bytes, parse_dtype, progress)
 
@@ -163,8 +163,9 @@ def write_offload(model_dir, out, fp, log=log_line):
         read_module = lambda name: read_meta_module(model_dir, shards, args, name)
         shutil.copyfile(model_dir / "params.json", out / "params.json")
     tokenizer = load_tokenizer(model_dir)
-    if tokenizer.note:
-        log(f"{model_dir}: {tokenizer.note}")
+    note = choice_note(model_dir, tokenizer)
+    if note:
+        log(f"{model_dir}: {note}")
     if tokenizer.n_words > args.vocab_size:  # fewer is fine: Qwen pads its embedding rows
         raise UserError(f"{tokenizer.path}: {tokenizer.n_words} tokens, but the model has "
                         f"{args.vocab_size} embedding rows; use the tokenizer that came with these weights")
@@ -187,8 +188,9 @@ def write_offload(model_dir, out, fp, log=log_line):
             args.embed_scale = torch.tensor(args.embed_scale, dtype=parse_dtype(dtypes["tok_embeddings.weight"])).item()
         params = meta_params(args)
         (out / "params.json").write_text(json.dumps(params) + "\n")
-    for f in tokenizer_files(model_dir):
-        shutil.copyfile(f, out / f.name)
+    for f in tokenizer_files(model_dir):  # not a tokenizer.json passed over (load_tokenizer): it is not the model's
+        if f.name != "tokenizer.json" or f == tokenizer.path:
+            shutil.copyfile(f, out / f.name)
     keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])]
     manifest = {"format": FORMAT, "source": str(model_dir), "fingerprint": fp, "params": params,
                 "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": "hf" if config else "meta",
@@ -216,23 +218,27 @@ def load_model(path=None, offload_path=None, device="cpu", compute_dtype="float3
                        compute_dtype, budget, dropout, prefetch, evict_before_read)
 
 
-def check_export(model, out_format=None, gguf_type=None, shards=None, dtype=None, output_adapter=False):
-    """The layout save_model writes the model in (out_format, else the source's), or the UserError of an export
-    that cannot be written, found before a run trains (output_adapter: the output weight gets a LoRA adapter)."""
+def export_layout(model, out_format=None, gguf_type=None, shards=None, dtype=None):
+    """The layout save_model writes the model in (out_format, else the source's), or the UserError of options
+    that do not go with it or a layout this family was never published in."""
     out_format = out_format or model.manifest.get("layout", "meta")
-    if out_format == "gguf":
-        if shards or dtype:
-            raise UserError("shards and dtype are for the meta and hf layouts; a GGUF's is gguf_type "
-                            "(f16, bf16, q8_0, f32)")
-        import gguf_format
-        gguf_format.check_model(model, gguf_type or "f16", output_adapter)
-    elif gguf_type:
+    if out_format == "gguf" and (shards or dtype):
+        raise UserError("shards and dtype are for the meta and hf layouts; a GGUF's is gguf_type (f16, bf16, q8_0, f32)")
+    if out_format != "gguf" and gguf_type:
         raise UserError(f"gguf_type={gguf_type!r} is for out_format=gguf, not {out_format}")
-    elif out_format not in ("meta", "hf"):
+    if out_format not in ("meta", "hf", "gguf"):
         raise UserError(f"out_format={out_format!r}: use meta, hf or gguf")
-    elif out_format == "meta" and model.args.family in NOT_META:
+    if out_format == "meta" and model.args.family in NOT_META:
         raise UserError(f"Meta's layout: {model.args.family} models were never published in it; export as hf or gguf")
     return out_format
+
+
+def check_export(model, out_format=None, gguf_type=None, output_adapter=False):
+    """Before a run trains: the UserError of an export that could not be written at its end (a GGUF's
+    architecture, vocabulary and type too; output_adapter: the output weight gets a LoRA adapter)."""
+    if export_layout(model, out_format, gguf_type) == "gguf":
+        import gguf_format
+        gguf_format.check_model(model, gguf_type or "f16", output_adapter)
 
 
 def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=log_line, gguf_type=None):
@@ -243,8 +249,8 @@ def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=lo
     for protected in (Path(manifest["source"]), model.offload_dir.resolve()):
         if out_path == protected or protected in out_path.parents:
             raise UserError(f"{out_path}: is (inside) {protected}, which is never written to")
-    out_format = check_export(model, out_format, gguf_type, shards, dtype, "output.weight" in model.lora)
-    if out_format == "gguf":  # one file for llama.cpp, Ollama and LM Studio
+    out_format = export_layout(model, out_format, gguf_type, shards, dtype)
+    if out_format == "gguf":  # one file for llama.cpp, Ollama and LM Studio (gguf_format.check_model as it writes)
         import gguf_format
         gguf_format.write_model(model, out_path, gguf_type or "f16", log)
         return
@@ -274,7 +280,7 @@ def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=lo
         entries.sort(key=lambda e: order[e[0]])
         source_config = model.offload_dir / "config.json"
         config = hf.config_for(model.args, entries[0][2], json.loads(source_config.read_text())
-                               if source_config.exists() and not dtype else None, model.tokenizer.bos_id,
+                               if source_config.exists() else None, model.tokenizer.bos_id,
                                sorted(model.tokenizer.stop_ids) if len(model.tokenizer.stop_ids) > 1 else
                                model.tokenizer.eos_id)
         config = {**config, "tie_word_embeddings": model.args.tied and not untie}

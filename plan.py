@@ -53,10 +53,10 @@ from model import module_shapes
 from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifest, source_files
 from meta_format import model_args, read_source
 from run_folder import RunFolder
-from utils import (check_device, choose_compute_dtype, dtype_name, duration, gb, matmul_rate, mem_available_bytes,
-                   parse_dtype)
+from utils import (check_device, choose_compute_dtype, dtype_name, duration, existing_folder, gb, matmul_rate,
+                   mem_available_bytes, parse_dtype)
 
-MATMUL_PROBE_S = 2.0  # seconds of matmuls the device's rate is measured over
+MATMUL_PROBE_S = 2.0  # how long --plan=1 times the step's matmuls to rate the device (longer: steadier)
 
 # --- the model without converting it ---
 
@@ -99,20 +99,13 @@ def plan_memory(model, s):
 
 # --- measuring this machine ---
 
-def existing(folder):
-    folder = Path(folder).resolve()
-    while not folder.exists():
-        folder = folder.parent
-    return folder
-
-
 def disk_speeds(folder, nbytes):
     """Bytes/s of a temporary file of nbytes in folder, removed after: write (written, then fsync: what
     reaches the disk when each write must be on it before it is read back), cache_read (read back from
     the page cache), disk_read (from the disk, after evicting it), stream_write (overwritten in place
     with O_DIRECT: what the background writeback of a run sustains, without a flush after each file;
     the fsync figure where O_DIRECT is not supported). Reads go into one buffer, as module reads do."""
-    path = existing(folder) / f".slowllama-plan-{os.getpid()}.tmp"
+    path = existing_folder(folder) / f".slowllama-plan-{os.getpid()}.tmp"
     size = min(nbytes, 32 << 20)
     chunk = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
     chunk.write(np.random.default_rng(0).bytes(size))
@@ -232,14 +225,12 @@ def plan(s, disk_needs, out=print):
         plan_memory(model, s)
     finally:
         model.close()
-    first_step = 0
-    state_file = Path(s.out_path) / "run" / "state.json"
-    if s.resume and state_file.is_file():
-        first_step = json.loads(state_file.read_text()).get("step", 0)
+    previous = RunFolder(s.out_path).read_manifest() if s.resume else None
+    first_step = previous["step"] if previous else 0
     steps = max(0, s.iters - first_step)
     full = s.mode == "full"
     needs = disk_needs(model, s)
-    base_copy = 0 if full else base_copy_bytes(model, s.base_copy, needs[0][2], existing(Path(s.out_path)))
+    base_copy = 0 if full else base_copy_bytes(model, s.base_copy, needs[0][2], existing_folder(s.out_path))
     traffic_dir = Path(s.out_path) if full or base_copy else model.offload_dir
     speeds = disk_speeds(traffic_dir, s.plan_mb << 20)
     tokens = s.data.micro_batch_tokens
@@ -273,7 +264,7 @@ def plan(s, disk_needs, out=print):
 
     figures = {"params": n_params, "mode": s.mode, "optimizer": model.optimizer.kind,
                "compute_dtype": dtype_name(model.compute_dtype), "tokens_per_step": tokens_per_step,
-               "steps": steps, "disk_folder": str(existing(traffic_dir)), "probe_bytes": s.plan_mb << 20,
+               "steps": steps, "disk_folder": str(existing_folder(traffic_dir)), "probe_bytes": s.plan_mb << 20,
                "write_bps": speeds["write"], "stream_write_bps": speeds["stream_write"],
                "disk_read_bps": speeds["disk_read"], "copies_share_cpu": copies_share_cpu,
                "cache_read_bps": speeds["cache_read"], "matmul_flops": rate, "matmul_params": matmul_params(model.args),
@@ -330,7 +321,7 @@ def plan(s, disk_needs, out=print):
         + f"; about {duration(total_s)} in all")
     disks = {}  # st_dev -> [a folder on it, bytes needed]
     for _, where, n in needs:
-        folder = existing(where)
+        folder = existing_folder(where)
         disks.setdefault(os.stat(folder).st_dev, [folder, 0])[1] += n
     out("disk space: " + ", ".join(f"{what} {gb(n)} ({where})" for what, where, n in needs) + "; free: "
         + ", ".join(f"{gb(shutil.disk_usage(folder).free)} on the disk of {folder}" for folder, _ in disks.values()))

@@ -80,12 +80,17 @@ class RunFolder:
     # --- the protocol ---
 
     def read_manifest(self):
+        """The last committed step's manifest, or None where no step was committed."""
         try:
-            return json.loads((self.dir / MANIFEST).read_text())
+            manifest = json.loads((self.dir / MANIFEST).read_text())
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{self.dir / MANIFEST}: cannot be read ({e}); start over with --overwrite=1")
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int) or \
+                not isinstance(manifest.get("files"), dict):
+            raise UserError(f"{self.dir / MANIFEST}: not the manifest of a committed step; start over with --overwrite=1")
+        return manifest
 
     def open(self, source, fingerprint, mode, resume, overwrite):
         """Take the folder for a run of mode from the model at source (with its fingerprint): never the

@@ -36,33 +36,46 @@ LLAMA3_STOPS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 def load_tokenizer(folder):
     """The tokenizer of a model folder (or offload folder), its stop ids from config.json and
     generation_config.json added. tokenizer.json is read where there is one, as transformers reads it;
-    one that encodes plain text to no tokens is refused, or passed over for a tokenizer.model beside it
-    (tokenizer.note says which file is used and why when there is a choice)."""
+    one that encodes plain text to no tokens is refused, or passed over for a tokenizer.model beside it."""
     folder = Path(folder)
-    main = tokenizer_files(folder)[0]
-    spm, note = folder / "tokenizer.model", None
+    main, spm, tokenizer = tokenizer_files(folder)[0], folder / "tokenizer.model", None
     if main.name == "tokenizer.json":
         tokenizer = HFTokenizer(main, {**read_json_object(folder / "special_tokens_map.json", optional=True),
                                        **read_json_object(folder / "tokenizer_config.json", optional=True)})
         if not tokenizer.encodes_text() and not spm.is_file():
             raise UserError(f"{main}: encodes plain text to no tokens (a vocabulary of {tokenizer.n_words} without "
                             "byte fallback?); use the tokenizer the model was trained with")
-        if not tokenizer.encodes_text():
-            note = f"{main.name} encodes plain text to no tokens: {spm.name} is used"
-            main = spm
-        elif spm.is_file():
-            other = MetaTokenizer(spm) if is_ranks_file(spm) else Tokenizer(spm)
-            if other.n_words != tokenizer.n_words:
-                note = (f"{main.name} ({tokenizer.n_words} tokens) is used, not {spm.name} ({other.n_words} tokens), "
-                        "as transformers uses it")
-    if main.name != "tokenizer.json":
-        tokenizer = MetaTokenizer(main) if is_ranks_file(main) else Tokenizer(main)
-    tokenizer.note = note
+    if tokenizer is None or not tokenizer.encodes_text():
+        tokenizer = model_file_tokenizer(spm)
     configured = config_eos_ids(folder)
     if tokenizer.eos_id is None and configured:
         tokenizer.eos_id = configured[0]
     tokenizer.stop_ids = frozenset(tokenizer.stop_ids | set(configured) | ({tokenizer.eos_id} - {None}))
     return tokenizer
+
+
+def model_file_tokenizer(path):
+    """tokenizer.model: Meta's Llama 3 ranks file or a sentencepiece model."""
+    return MetaTokenizer(path) if is_ranks_file(path) else Tokenizer(path)
+
+
+def choice_note(folder, tokenizer):
+    """Where a folder has both tokenizer.json and tokenizer.model and they differ: which one tokenizer (the one
+    load_tokenizer chose) is and why, for the conversion to say once. None elsewhere."""
+    folder = Path(folder)
+    hf, spm = folder / "tokenizer.json", folder / "tokenizer.model"
+    if not (hf.is_file() and spm.is_file()):
+        return None
+    if tokenizer.path == spm:
+        return f"{hf.name} encodes plain text to no tokens: {spm.name} is used, and {hf.name} left out of exports"
+    try:
+        other = model_file_tokenizer(spm)
+    except UserError as e:
+        return f"{hf.name} is used; {spm.name} beside it cannot be read ({e})"
+    if other.n_words != tokenizer.n_words:
+        return f"{hf.name} ({tokenizer.n_words} tokens) is used, not {spm.name} ({other.n_words} tokens), as " \
+               "transformers uses it"
+    return None
 
 
 def tokenizer_files(folder):

@@ -110,9 +110,8 @@ def sysctl(name):
 
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):
-    """Whether the CPU multiplies bf16 natively: AVX-512 BF16 or AMX on x86, the BF16 extension on
-    Arm. Without them torch converts bf16 to fp32 and back around every matmul, slower than fp32 itself
-    (bench.py and README's performance notes give the rates)."""
+    """Whether the CPU multiplies bf16 natively: AVX-512 BF16 or AMX on x86, the BF16 extension on Arm (without
+    them torch converts bf16 to fp32 and back around every matmul, slower than fp32 itself)."""
     if sys.platform == "darwin":
         return sysctl("hw.optional.arm.FEAT_BF16") == "1"
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()  # oneDNN runs torch's bf16 matmuls on x86
@@ -296,11 +295,17 @@ def duration(seconds):
     return f"{seconds / 86400:.1f} days"
 
 
-def mount_point(folder):
-    """The mount point of the disk a folder (or the nearest existing folder above it) is on."""
+def existing_folder(folder):
+    """folder, or the nearest folder above it that exists (where it would be made: its disk)."""
     path = Path(folder).resolve()
     while not path.exists():
         path = path.parent
+    return path
+
+
+def mount_point(folder):
+    """The mount point of the disk a folder (or the nearest existing folder above it) is on."""
+    path = existing_folder(folder)
     while not os.path.ismount(path):
         path = path.parent
     return path
@@ -311,9 +316,7 @@ def check_disk(needs, log=print):
     written) when one has not the space."""
     disks = {}
     for what, folder, nbytes in needs:
-        existing = Path(folder).resolve()
-        while not existing.exists():
-            existing = existing.parent
+        existing = existing_folder(folder)
         disk = disks.setdefault(os.stat(existing).st_dev, [existing, 0, []])
         disk[1] += nbytes
         disk[2].append(f"{what} {gb(nbytes)}")

@@ -1,6 +1,8 @@
 """Bad input: one clear line naming the file or setting, a non-zero exit, no traceback, nothing written."""
+import contextlib
 import errno
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -17,6 +19,10 @@ from helpers import read_shards, refused, run_main
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst
+
+
+def edit_config(folder, **changes):
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **changes}))
 
 
 def edit_params(path, **changes):
@@ -182,15 +188,24 @@ def test_a_tokenizer_json_that_encodes_nothing_is_passed_over_for_the_tokenizer_
     assert code == 0, err
     assert "tokenizer.json encodes plain text to no tokens: tokenizer.model is used" in err
     assert out.startswith("The basic problem is one of size.")
+    code, _, err = run_main("loader.py", model, tmp_path / "hf", "--out_format", "hf", "--offload_path", tmp_path / "off")
+    assert code == 0, err  # an export transformers would read the broken file of first leaves it out
+    assert (tmp_path / "hf" / "tokenizer.model").is_file() and not (tmp_path / "hf" / "tokenizer.json").exists()
+
+
+def test_a_damaged_tokenizer_model_beside_the_tokenizer_json_used_is_only_noted(hf_json, tmp_path):
+    from tokenizer import choice_note, load_tokenizer
+    (tmp_path / "tokenizer.json").write_text(hf_json[True])
+    (tmp_path / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.path == tmp_path / "tokenizer.json" and tokenizer.n_words == 300
+    assert choice_note(tmp_path, tokenizer).startswith("tokenizer.json is used; tokenizer.model beside it cannot be read")
 
 
 def test_tokenizer_files_of_other_sizes_say_which_is_used(hf_model, hf_json, tmp_path):
     model = copy_model(hf_model, tmp_path / "model")
     (model / "tokenizer.json").write_text(hf_json[True])  # 300 tokens beside the 256 of tokenizer.model
-    with open(model / "config.json") as f:
-        config = json.load(f)
-    config["vocab_size"] = 320
-    (model / "config.json").write_text(json.dumps(config))
+    edit_config(model, vocab_size=320)
     code, _, err = run_main("loader.py", model, tmp_path / "out", "--offload_path", tmp_path / "off")
     assert "tokenizer.json (300 tokens) is used, not tokenizer.model (256 tokens), as transformers uses it" in err
 
@@ -203,6 +218,8 @@ def torn_slot(out):
 
 RUN_CASES = [
     ("state.json not JSON", lambda out: (out / "run" / "state.json").write_text("{"), "state.json: cannot be read"),
+    ("state.json of something else", lambda out: (out / "run" / "state.json").write_text("[1]"),
+     "state.json: not the manifest of a committed step"),
     ("checkpoint truncated", lambda out: truncate(next((out / "run").glob("checkpoint.*.pt")), 100),
      "cannot be read as plain tensors"),
     ("a committed slot torn", torn_slot, "safetensors: truncated"),
@@ -220,8 +237,21 @@ def test_a_damaged_run_folder(make, tmp_path, name, breaks, message):
                 messages=[message])
         return
     breaks(out)
-    refused("finetune.py", f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off",
-            "--iters=4", "--seq_len=16", "--eval_period=0", "--resume=1", messages=[message])
+    resume = [f"--model_path={model}", f"--out_path={out}", f"--offload_path={tmp_path}/off", "--iters=4",
+              "--seq_len=16", "--eval_period=0", "--resume=1"]
+    refused("finetune.py", *resume, messages=[message])
+    if name.startswith("state.json"):  # the plan of the run's continuation reads it too
+        refused("finetune.py", *resume, "--plan=1", messages=[message])
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full: a file every write to fails as on a full disk")
+def test_a_full_disk_while_saving_a_checkpoint_is_an_enospc_oserror(monkeypatch, tmp_path):
+    """What the run's full-disk line is made from: save_tensors (every checkpoint) fails with errno ENOSPC."""
+    import files
+    monkeypatch.setattr(files, "published", contextlib.contextmanager(lambda path: (yield "/dev/full")))
+    with pytest.raises(OSError) as e:
+        files.save_tensors({"a": torch.zeros(1 << 16)}, tmp_path / "checkpoint.pt")
+    assert e.value.errno == errno.ENOSPC
 
 
 def test_a_disk_that_fills_during_the_run(make, tmp_path, monkeypatch):

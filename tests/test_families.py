@@ -339,6 +339,16 @@ def test_hf_export_round_trips(hf_folder, load, tmp_path, family, dtype):
         assert out[0].get(key) == source[0].get(key), key
 
 
+@pytest.mark.parametrize("family", ["gemma2", "qwen2", "phi3"])
+def test_hf_export_in_another_dtype_keeps_the_family(hf_folder, load, tmp_path, family):
+    """--dtype changes the weights' dtype and config.json's, nothing else of the model."""
+    folder = hf_folder(family, seed=10)
+    loader.save_model(load(folder), tmp_path / "out", out_format="hf", dtype="bfloat16", log=lambda *a: None)
+    source, out = read_folder(folder), read_folder(tmp_path / "out")
+    assert {k: out[0].get(k) for k in source[0]} == {**source[0], "torch_dtype": "bfloat16"}
+    assert all(out[1][k].dtype == torch.bfloat16 and torch.equal(out[1][k], t.bfloat16()) for k, t in source[1].items())
+
+
 @pytest.mark.parametrize("out_format", ["hf", "meta"])
 def test_tied_model_with_an_output_adapter_exports_untied(hf_folder, load, tmp_path, out_format):
     """Merged into the output projection, an adapter makes it differ from the table: written as a tensor of

@@ -184,8 +184,9 @@ def test_gguf_export_as_llama_cpp_names_and_reads_it(hf_folder, load, tmp_path, 
     fused projections whole, no output for a tied model; its windows, caps and ropes as metadata."""
     folder = hf_folder(family, seed=86)
     config, t = read_folder(folder)
-    model = load(folder)
-    path = gguf_format.write_model(model, tmp_path / "out", "f32", log=lambda *a: None)
+    model, notes = load(folder), []
+    path = gguf_format.write_model(model, tmp_path / "out", "f32", log=notes.append)
+    assert not any("sliding window" in note for note in notes)  # each of these reads its windows
     reader = gguf.GGUFReader(path)
     fields = {f.name: f.contents() for f in reader.fields.values()}
     tensors = {r.name: torch.from_numpy(r.data.copy()).reshape(tuple(reversed([int(n) for n in r.shape]))) for r in reader.tensors}
@@ -217,6 +218,16 @@ def test_gguf_export_as_llama_cpp_names_and_reads_it(hf_folder, load, tmp_path, 
         assert fields["phi3.rope.scaling.original_context_length"] == 8
         assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx((1 + __import__("math").log(4) /
                                                                           __import__("math").log(8)) ** 0.5)
+
+
+@pytest.mark.parametrize("family", ["qwen2-window", "qwen3-window", "mistral-window"])
+def test_gguf_of_an_architecture_without_windows_says_so(hf_folder, load, tmp_path, family):
+    notes = []
+    path = gguf_format.write_model(load(hf_folder(family)), tmp_path / "out", "f32", log=notes.append)
+    fields = {f.name for f in gguf.GGUFReader(path).fields.values()}
+    assert not any("sliding_window" in name for name in fields)
+    assert any("architecture has no sliding window; the model's window of 4 positions is not in the file" in note
+               for note in notes)
 
 
 def test_gguf_adapter_of_fused_projections(hf_folder, load, tmp_path):
