@@ -14,9 +14,11 @@ from utils import UserError, gb, mem_available_bytes
 
 def adapted(model, targets):
     """[(box, key, full name)] of the weights LoRA adapts with these targets (settings.Lora.targets), in order:
-    the blocks' matrices and the output projection (which is the embedding table where tied)."""
+    the blocks' matrices (a mixture's router and each expert's), and the output projection (which is the
+    embedding table where tied)."""
+    blocks = [box for name, box in model.boxes.items() if name.startswith("layers.")]  # each block, its experts
     return [(box, key, "output.weight" if box is model.output else f"{box.name}.{key}")
-            for box in [*model.layers, model.output] for key, shape in box.shapes.items()
+            for box in [*blocks, model.output] for key, shape in box.shapes.items()
             if len(shape) == 2 and lora_target("output" if box is model.output else box.name, key) in targets]
 
 
@@ -76,7 +78,7 @@ def read_adapter(path, model, lora=None):
                         f"lora_targets={','.join(lora.targets)}")
     for key, (a, b) in tensors.items():
         name, local = module_of(key)
-        shape = module_shapes(model.args, name.split(".")[0]).get(local)
+        shape = module_shapes(model.args, name).get(local)
         if shape is None or tuple(a.shape) != (config["rank"], shape[1]) or tuple(b.shape) != (shape[0], config["rank"]):
             raise UserError(f"{path}: adapter tensors for {key} do not fit this model")
     return data

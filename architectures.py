@@ -12,7 +12,12 @@ the family's own where config.json leaves a key out):
   with a theta of their own (rope_local_base_freq), without the scaling of its full layers;
 - Phi-3 / Phi-4: q, k, v in one qkv_proj and gate and up in one gate_up_proj (split on reading, joined on
   writing), longrope scaling, partial rotary;
-- OLMo 2: norms after attention and the MLP only, RMSNorm over the whole q and k projections.
+- OLMo 2: norms after attention and the MLP only, RMSNorm over the whole q and k projections;
+- mixtures of experts (moe.py): Qwen3-MoE (Qwen 3's attention; num_experts, top num_experts_per_tok, renormalised
+  where norm_topk_prob, dense MLPs in mlp_only_layers and off the decoder_sparse_step), Mixtral (Mistral's
+  attention, 8 experts, top 2, always renormalised), OLMoE (q/k norms over the whole projections, norms before
+  attention and the MLP). Each expert's tensors are their own in the checkpoints (mlp.experts.N.gate_proj, or
+  Mixtral's block_sparse_moe.experts.N.w1), read and written so.
 """
 import math
 from pathlib import Path
@@ -22,7 +27,9 @@ from utils import UserError, check_keys, read_json_object
 
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-            "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2"}
+            "Gemma3ForConditionalGeneration": "gemma3", "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2",
+            "Qwen3MoeForCausalLM": "qwen3moe", "MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe"}
+MOE = ("qwen3moe", "mixtral", "olmoe")
 # transformers' defaults where config.json leaves a key out
 DEFAULTS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
                        "final_logit_softcapping": 30.0, "sliding_window": 4096, "tie_word_embeddings": True,
@@ -30,7 +37,12 @@ DEFAULTS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256, "attn_logi
             "gemma3": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
                        "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
                        "rope_local_base_freq": 10000.0, "pad_token_id": 0},
-            "phi3": {"rms_norm_eps": 1e-5, "pad_token_id": 32000}, "olmo2": {"rms_norm_eps": 1e-5, "pad_token_id": 1}}
+            "phi3": {"rms_norm_eps": 1e-5, "pad_token_id": 32000}, "olmo2": {"rms_norm_eps": 1e-5, "pad_token_id": 1},
+            "qwen3moe": {"num_experts_per_tok": 8, "moe_intermediate_size": 768, "decoder_sparse_step": 1,
+                         "norm_topk_prob": False, "mlp_only_layers": []},
+            "mixtral": {"num_experts_per_tok": 2, "rms_norm_eps": 1e-5},
+            "olmoe": {"num_experts_per_tok": 8, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "pad_token_id": 1}}
+EXPERTS = {"qwen3moe": 128, "mixtral": 8, "olmoe": 64}  # the configurations' default number of experts
 # the rope scalings read, and the numbers each needs (longrope also its lists of factors)
 ROPE_TYPES = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
               "linear": ("factor",), "yarn": ("factor",), "longrope": ("original_max_position_embeddings",)}
@@ -51,6 +63,10 @@ BLOCK_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.w
 # Phi-3's fused projections: their parts in row order
 FUSED = {"phi3": {"self_attn.qkv_proj.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
                   "mlp.gate_up_proj.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight")}}
+# a mixture's router and experts: where each family keeps them in a block
+MOE_NAMES = {"qwen3moe": ("mlp", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}),
+             "olmoe": ("mlp", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}),
+             "mixtral": ("block_sparse_moe", {"w1": "w1", "w2": "w2", "w3": "w3"})}
 TOP_NAMES = {"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight"}
 # where the text model's tensors are: text models, and Gemma 3's image-text checkpoints (two layouts)
 PREFIXES = ("model.", "language_model.model.", "model.language_model.")
@@ -81,7 +97,7 @@ def read_config(folder):
         "query_pre_attn_scalar": "a positive number", "attn_logit_softcapping": "a positive number or null",
         "final_logit_softcapping": "a positive number or null", "rope_local_base_freq": "a positive number",
         "partial_rotary_factor": "a positive number"})
-    for key in ("attention_bias", "mlp_bias"):  # biases on every projection: not in these models' releases
+    for key in ("attention_bias", "mlp_bias", "clip_qkv"):  # not in these models' releases
         if config.get(key):
             raise UserError(f"{path}: {key} is not supported")
     n_heads = config["num_attention_heads"]
@@ -94,13 +110,15 @@ def read_config(folder):
               "vocab_size": config["vocab_size"], "multiple_of": 256, "hidden_dim": config["intermediate_size"],
               "norm_eps": config.get("rms_norm_eps", 1e-6),  # transformers' default
               "rope_theta": rope_theta(config, family), "head_dim": head_dim, "qkv_bias": family == "qwen2",
-              "qk_norm": {"qwen3": "head", "gemma3": "head", "olmo2": "all"}.get(family),
+              "qk_norm": {"qwen3": "head", "gemma3": "head", "olmo2": "all", "qwen3moe": "head", "olmoe": "all"}.get(family),
               "tie_embeddings": bool(config.get("tie_word_embeddings")),
               "rope_scaling": rope_scaling(path, config, family, rotary_dim),
               "max_position_embeddings": config.get("max_position_embeddings"),
               "norms": "sandwich" if gemma else "post" if family == "olmo2" else "pre",
               "pad_id": pad_id(config)}
     params.update(sliding(path, config, family))
+    if family in MOE:
+        params.update(experts(path, config, family))
     if gemma:
         params.update(norm_offset=1.0, activation=activation(path, config), attn_scale=config["query_pre_attn_scalar"] ** -0.5,
                       embed_scale=math.sqrt(config["hidden_size"]))  # rounded to the weights' dtype on conversion
@@ -117,6 +135,25 @@ def read_config(folder):
                 ("num_attention_heads * head_dim" if config.get("head_dim") else "hidden_size", "num_attention_heads",
                  "num_key_value_heads"))
     return {k: v for k, v in params.items() if v is not None}, config
+
+
+def experts(path, config, family):
+    """A mixture's settings in params.json's terms: experts, top k, an expert's size, renormalisation, dense layers."""
+    n_experts = config.get("num_experts", config.get("num_local_experts", EXPERTS[family]))
+    check_keys(path, {**config, "num_experts": n_experts}, {"num_experts": "a positive integer",
+                                                            "num_experts_per_tok": "a positive integer"})
+    top_k = config["num_experts_per_tok"]
+    if top_k > n_experts:
+        raise UserError(f"{path}: num_experts_per_tok={top_k} is more than the {n_experts} experts")
+    n, dense = config["num_hidden_layers"], []
+    if family == "qwen3moe":
+        check_keys(path, config, {"moe_intermediate_size": "a positive integer", "decoder_sparse_step": "a positive integer"})
+        only = config.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise UserError(f"{path}: mlp_only_layers must be a list of layer numbers, not {only!r}")
+        dense = [i for i in range(n) if i in only or (i + 1) % config["decoder_sparse_step"]]
+    return {"n_experts": n_experts, "top_k": top_k, "moe_hidden_dim": config.get("moe_intermediate_size"),
+            "norm_topk": family == "mixtral" or bool(config.get("norm_topk_prob")), "dense_layers": dense or None}
 
 
 def pad_id(config):
@@ -180,7 +217,8 @@ def sliding(path, config, family):
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
         raise UserError(f"{path}: sliding_window must be a positive integer or null, not {window!r}")
     n = config["num_hidden_layers"]
-    if family in ("qwen2", "qwen3") and not config.get("use_sliding_window") or family in ("llama", "olmo2") or not window:
+    qwen = family in ("qwen2", "qwen3", "qwen3moe")
+    if qwen and not config.get("use_sliding_window") or family in ("llama", "olmo2", "olmoe") or not window:
         return {}
     given = config.get("layer_types")
     if given is not None:
@@ -189,7 +227,7 @@ def sliding(path, config, family):
             raise UserError(f"{path}: layer_types must give sliding_attention or full_attention for each of the "
                             f"{n} layers")
         types = given
-    elif family in ("qwen2", "qwen3"):
+    elif qwen:
         first = config.get("max_window_layers", 28)
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
     elif family == "gemma2":
@@ -197,7 +235,7 @@ def sliding(path, config, family):
     elif family == "gemma3":
         pattern = config.get("sliding_window_pattern") or 6
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
-    else:  # Mistral, Phi-3: every layer
+    else:  # Mistral, Mixtral, Phi-3: every layer
         return {"sliding_window": window}
     return {"sliding_window": window, "layer_types": types} if "sliding_attention" in types else {}
 
@@ -217,6 +255,12 @@ def hf_name(key, args, prefix="model."):
     if key in TOP_NAMES:
         return prefix + TOP_NAMES[key]
     _, layer, local = key.split(".", 2)
+    if args.family in MOE_NAMES and (local.startswith("experts.") or local == "feed_forward.gate.weight"):
+        sparse, names = MOE_NAMES[args.family]
+        if local.startswith("experts."):  # experts.5.w1.weight
+            _, expert, weight, _ = local.split(".")
+            return f"{prefix}layers.{layer}.{sparse}.experts.{expert}.{names[weight]}.weight"
+        return f"{prefix}layers.{layer}.{sparse}.gate.weight"
     fused = next((name for name, parts in FUSED.get(args.family, {}).items() if local in parts), None)
     return f"{prefix}layers.{layer}.{fused or block_names(args)[local]}"
 

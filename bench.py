@@ -51,7 +51,7 @@ def shape_args(shape, layers):
 
 def n_params(shape, layers):
     args = shape_args(shape, layers)
-    return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name.split(".")[0]).values())
+    return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name).values())
 
 
 def checkpoint(shape, layers):

@@ -13,8 +13,9 @@ import torch
 
 from adapters import copy_base
 from files import read_tensors
-from model import block_forward, embed, graph_bytes_per_token, head, loss_sum, module_names, module_shapes, sample
+from model import block_forward, embed, experts_of, graph_bytes_per_token, head, loss_sum, module_names, module_shapes
 from rope import layer_ropes, longrope_switches
+from moe import Experts, Router
 from offload import Blackbox, Offload, plan_memory
 from optim import Optimizer
 from parallel import Group
@@ -32,16 +33,21 @@ class Transformer:
         self.memory_budget = int(memory_budget)
         self.offload = Offload(device, compute_dtype, prefetch, evict_before_read)
         self.boxes = {name: Blackbox(name, self.offload_dir / f"{name}.safetensors",
-                                     module_shapes(args, name.split(".")[0]), self.offload,
+                                     module_shapes(args, name), self.offload,
                                      grad_uses=2 if args.tied and name == "tok_embeddings" else 1,
                                      looked_up=name == "tok_embeddings")
                       for name in module_names(args)}
         self.embeddings, self.norm = self.boxes["tok_embeddings"], self.boxes["norm"]
         self.output = self.boxes.get("output", self.embeddings)  # tied: the embedding table is the output
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
+        self.router = Router(args)  # a mixture of experts' load-balancing loss (its coef: 0, off)
+        for i, box in enumerate(self.layers):
+            if args.sparse(i):
+                box.experts = Experts([self.boxes[name] for name in experts_of(args, i)], self.offload, args,
+                                      self.router)
         return_freed_memory_to_os()
         self.training, self.mode, self.optimizer, self.lora, self.run = False, None, None, {}, None
-        self.keep_activations, self.plan = True, None
+        self.keep_activations, self.plan, self.router_loss = True, None, None
         self.base_files = {}  # box -> its offload file, while LoRA reads it from an fp32 copy (adapters.copy_base)
 
     def train(self, on=True):
@@ -158,9 +164,14 @@ class Transformer:
         ys = [y.to(self.device) for _, y in batches]
         n_targets = self.group.sum(torch.tensor(sum(int((y != -1).sum()) for y in ys)))  # of every process
         rope = layer_ropes(self.args, 0, xs[0].shape[1], self.device)
+        self.router.start(len(xs), self.group.world)
+        for box in self.layers:
+            if box.experts:
+                box.experts.start_step(len(xs))
         forward = self.offload.stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
         hs, saved = forward_keeping_inputs(self, forward, xs, rope)
         grads, loss = the_turn(self, forward, hs, ys, max(1, int(n_targets)))
+        self.router_loss = self.router.loss() if self.router.coef else None  # (this process's)
         del hs  # the last block's outputs (and their .grad) are not needed through the backward
         backward_through_blocks(self, saved, grads, rope)
         if full:
@@ -168,8 +179,9 @@ class Transformer:
             self.embeddings.release(keep=True)
         for box in self.boxes.values():  # the final norm is never let go: its summed gradient is applied here
             opt.finish(box)
-        if full and opt.grad_clip:
-            opt.apply_clipped(self.offload.stream(list(self.boxes.values())[::-1], keep=[self.embeddings]))
+        if full and opt.grad_clip:  # (the modules with gradients: not the experts no token chose)
+            clipped = [box for box in list(self.boxes.values())[::-1] if box.grads or box.grad_file is not None]
+            opt.apply_clipped(self.offload.stream(clipped, keep=[self.embeddings]))
         if not full:
             opt.step_adapters()
         if self.group.world > 1:  # the others read what this process wrote once this step is done everywhere
@@ -215,10 +227,12 @@ def forward_keeping_inputs(model, forward, xs, rope):
     kept_bytes, saved = 0, []
     table = next(forward)
     hs = [embed(table, x, model.args.embed_scale) for x in xs]
+    model.router.recording = True
     for i, box in zip(range(len(model.layers)), forward):
         saved.append([])
         for j, x in enumerate(hs):
             x.requires_grad_(model.mode == "full" or i > 0)
+            model.router.batch = j
             rng = get_rng_state(model.device)
             with torch.enable_grad():  # also when recomputing later: the same kernels, the same bits
                 y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
@@ -226,6 +240,7 @@ def forward_keeping_inputs(model, forward, xs, rope):
             kept_bytes += graph_bytes if keep else 0
             saved[i].append((x, rng, y if keep else None))
             hs[j] = y.detach()
+    model.router.recording = False
     return hs, saved
 
 
@@ -263,10 +278,15 @@ def backward_through_blocks(model, saved, grads, rope):
     backward = model.offload.stream(model.layers[::-1] + [model.embeddings] * full, keep=[model.embeddings])
     for i, box in zip(reversed(range(len(model.layers))), backward):
         for j, (x, rng, y) in enumerate(saved[i]):
+            model.router.batch = j
             if y is None:
                 set_rng_state(rng, model.device)
+                if box.experts:
+                    box.experts.recompute = True
                 with torch.enable_grad():
                     y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
+                if box.experts:
+                    box.experts.recompute = False
             y.backward(grads[j])
             grads[j] = x.grad
         saved[i] = None
@@ -289,3 +309,16 @@ def embedding_grad(xs, grads, args, device):
         return (out if add else out.zero_()).index_add_(0, tokens[picked] - r0, dys[picked].float())
     rows.adds = True
     return rows
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """The next token: the most likely one, or with temperature > 0 one drawn from the top-p set."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+    sorted_probs[drop] = 0.0
+    choice = torch.multinomial(sorted_probs.cpu() / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice.to(order.device)])
+

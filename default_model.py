@@ -77,14 +77,14 @@ def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch
         generator = torch.Generator().manual_seed(seed)
 
         def module(name):
-            shapes = module_shapes(args, name.split(".")[0])
+            shapes = module_shapes(args, name)
             # in the file's dtype at once: a 405B block is 13 GB in float32
             return {f"{name}.{k}": (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator).mul_(0.02)).to(dtype)
                     for k, s in shapes.items()}
 
         names = [n for n in ("tok_embeddings", "norm", "output") if n in module_names(args)] + \
             [f"layers.{i}" for i in range(args.n_layers)]  # (no output with tie_embeddings)
-        entries = [(f"{n}.{k}", s, dtype) for n in names for k, s in module_shapes(args, n.split(".")[0]).items()]
+        entries = [(f"{n}.{k}", s, dtype) for n in names for k, s in module_shapes(args, n).items()]
         extras = {}
         if rope_freqs:
             half = args.head_dim // 2

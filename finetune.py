@@ -35,6 +35,7 @@ beta2 = 0.999  # AdamW
 eps = 1e-8  # AdamW
 grad_clip = 0.0  # clip the global gradient norm to this; 0: off
 dropout = 0.0  # dropout on the output of attention and feed-forward in every block
+router_aux_loss_coef = 0.0  # a mixture of experts: the load-balancing loss times this joins the loss (transformers' router_aux_loss_coef with output_router_logits); 0: off, as the published configs have it
 mode = "full"  # full: update every weight; lora: train low-rank adapters, the base is only read
 lora_rank = 8  # LoRA
 lora_alpha = 16.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank
@@ -229,6 +230,10 @@ def train(s, group, device):
                        compute_dtype=s.compute_dtype, memory_budget=s.memory_budget_bytes(group.local_world),
                        dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None)
     check_export(model, *s.export, output_adapter=s.mode == "lora" and "output" in s.lora.targets)  # before training
+    if s.router_aux_loss_coef and not model.args.n_experts:
+        raise UserError(f"--router_aux_loss_coef={s.router_aux_loss_coef}: {model.manifest['source']} is not a mixture "
+                        "of experts (it has no router)")
+    model.router.coef = s.router_aux_loss_coef
     train_tokens, val_tokens = load_tokens(s.data, model.tokenizer, model.offload_dir)
     if group.local_rank == 0:
         check_disk(disk_needs(model, s), log_line)

@@ -297,7 +297,7 @@ def write_model(model, out_dir, type_name="f16", log=print):
                for gname, tensor in extra_tensors(args).items()]  # (module, keys or the tensor, name, shape, type)
     for name in names:
         grouped = {}  # GGUF name -> [(key, shape)]: one, or the parts of a fused projection
-        for key, shape in module_shapes(args, name.split(".")[0]).items():
+        for key, shape in module_shapes(args, name).items():
             grouped.setdefault(gguf_key(f"{name}.{key}", args), []).append((f"{name}.{key}", shape))
         for gname, parts in grouped.items():
             shape = (sum(s[0] for _, s in parts), *parts[0][1][1:])

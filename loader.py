@@ -34,7 +34,7 @@ from utils import (UserError, check_device, check_disk, choose_compute_dtype, dt
 DEFAULT_OFFLOAD = HERE / "offload"
 
 FORMAT = 2  # of the offload folder; a change makes every offload be converted again
-NOT_META = ("gemma2", "gemma3", "phi3", "olmo2")  # families Meta's layout never held
+NOT_META = ("gemma2", "gemma3", "phi3", "olmo2", "qwen3moe", "mixtral", "olmoe")  # families Meta's layout never held
 
 
 def log_line(text):
@@ -147,13 +147,12 @@ def write_offload(model_dir, out, fp, log=log_line):
         files = hf.weight_files(model_dir)
         args = model_args(params, params["vocab_size"])
         keys, extras, n_shards = None, {}, 1
-        read_module = lambda name: hf.read_module(files, [f"{name}.{k}" for k in module_shapes(
-            args, name.split(".")[0])], args)
+        read_module = lambda name: hf.read_module(files, [f"{name}.{k}" for k in module_shapes(args, name)], args)
         (out / "config.json").write_text(json.dumps(config, indent=1))
     else:
         params, args, shards, first = read_source(model_dir)
         config, keys, n_shards = None, list(first), len(shards)
-        expected = {f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])}
+        expected = {f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n)}
         for key in keys:
             if key not in expected and key.startswith("layers."):
                 raise UserError(f"{shards[0]}: tensor {key} does not belong to a model with "
@@ -172,7 +171,7 @@ def write_offload(model_dir, out, fp, log=log_line):
     dtypes = {k: dtype_name(t.dtype) for k, t in extras.items()}
     for name in progress(module_names(args), "converting", unit="module"):
         tensors = read_module(name)
-        for key, shape in module_shapes(args, name.split(".")[0]).items():
+        for key, shape in module_shapes(args, name).items():
             got = tuple(tensors[f"{name}.{key}"].shape)
             if got != tuple(shape):
                 raise UserError(f"{model_dir}: {name}.{key} has shape {got}, but the model's settings mean {shape}")
@@ -191,7 +190,7 @@ def write_offload(model_dir, out, fp, log=log_line):
     for f in tokenizer_files(model_dir):  # not a tokenizer.json passed over (load_tokenizer): it is not the model's
         if f.name != "tokenizer.json" or f == tokenizer.path:
             shutil.copyfile(f, out / f.name)
-    keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n.split(".")[0])]
+    keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n)]
     manifest = {"format": FORMAT, "source": str(model_dir), "fingerprint": fp, "params": params,
                 "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": "hf" if config else "meta",
                 "keys": [[k, dtypes[k]] for k in keys]}
@@ -299,7 +298,7 @@ def shape_of(args, key, extras):
     if key in extras:
         return tuple(extras[key].shape)
     name, local = module_of(key)
-    return module_shapes(args, name.split(".")[0])[local]
+    return module_shapes(args, name)[local]
 
 
 def main():

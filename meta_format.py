@@ -75,7 +75,8 @@ def check_heads(path, dim, n_heads, kv, names=("dim", "n_heads", "n_kv_heads")):
 
 # the settings of the other families, under ModelArgs' own names
 VARIANTS = ("family", "norms", "norm_offset", "activation", "embed_scale", "attn_scale", "attn_softcap", "final_softcap",
-            "layer_types", "rope_local_theta", "rotary_dim", "pad_id")
+            "layer_types", "rope_local_theta", "rotary_dim", "pad_id", "n_experts", "top_k", "moe_hidden_dim",
+            "norm_topk", "dense_layers")
 
 
 def model_args(params, vocab_size):
@@ -97,7 +98,7 @@ def model_args(params, vocab_size):
                      tied=bool(params.get("tie_embeddings")), rope_scaling=scaling,
                      sliding_window=params.get("sliding_window"),
                      max_seq_len=params.get("max_position_embeddings") or params.get("max_seq_len"),
-                     **{k: tuple(v) if k == "layer_types" else v for k, v in params.items() if k in VARIANTS})
+                     **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in VARIANTS})
 
 
 def meta_params(args):
@@ -114,7 +115,7 @@ def meta_params(args):
                 "rope_scaling": args.rope_scaling, "sliding_window": args.sliding_window,
                 "max_position_embeddings": args.max_seq_len,
                 **{k: getattr(args, k) for k in VARIANTS if getattr(args, k) != ModelArgs.__dataclass_fields__[k].default}}
-    return {**params, **{k: list(v) if k == "layer_types" else v for k, v in variants.items()
+    return {**params, **{k: list(v) if isinstance(v, tuple) else v for k, v in variants.items()
                          if v is not None and v is not False and (v != 0 or k == "pad_id")}}
 
 
@@ -157,7 +158,7 @@ def read_meta_module(model_dir, shards, args, name):
     tensors = {}
     for shard_index, path in enumerate(shards):
         data = read_shard(path)  # memory-mapped: only this module's slices are read
-        for local, shape in module_shapes(args, name.split(".")[0]).items():
+        for local, shape in module_shapes(args, name).items():
             key = f"{name}.{local}"
             if key not in data:
                 raise UserError(f"{path}: missing tensor {key}")

@@ -54,6 +54,11 @@ class ModelArgs:
     rotary_dim: int | None = None  # Phi: features of a head that turn (partial_rotary_factor); None: all
     pad_id: int | None = None  # the padding token: its embedding row takes no gradient from lookups (transformers'
     # padding_idx)
+    n_experts: int = 0  # a mixture of experts (Qwen3-MoE, Mixtral, OLMoE): the experts of a sparse block's MLP
+    top_k: int = 0  # the experts each token is routed to
+    moe_hidden_dim: int | None = None  # an expert's FFN size; None: hidden_dim
+    norm_topk: bool = False  # the top-k routing weights renormalised to sum to 1 (Mixtral; norm_topk_prob)
+    dense_layers: tuple = ()  # blocks with a dense MLP in a mixture of experts (Qwen3-MoE's mlp_only_layers)
 
     @property
     def kv_heads(self):
@@ -72,6 +77,10 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
+    def sparse(self, layer):
+        """Whether block layer's MLP is a mixture of experts."""
+        return self.n_experts > 0 and layer not in self.dense_layers
+
     def window(self, layer):
         """The sliding window of block layer, or None where it attends to every earlier position."""
         sliding = self.layer_types is None or self.layer_types[layer] == "sliding_attention"
@@ -79,16 +88,26 @@ class ModelArgs:
 
 
 def module_shapes(args, module):
-    """{key: shape} of one module's tensors; keys as in Meta's checkpoints, without the module prefix."""
+    """{key: shape} of one module's tensors (module: its name, "layers" for any dense block); keys as in Meta's
+    checkpoints, without the module prefix. A sparse block holds attention and the router; each of its experts
+    (layers.3.experts.5) is a module of its own, read only when a token chose it."""
     d, hd, hidden, q, kv = args.dim, args.head_dim, args.hidden_dim, args.n_heads * args.head_dim, \
         args.kv_heads * args.head_dim
     if module == "tok_embeddings" or module == "output":
         return {"weight": (args.vocab_size, d)}
     if module == "norm":
         return {"weight": (d,)}
+    parts = module.split(".")
+    if len(parts) == 4:  # an expert
+        hidden = args.moe_hidden_dim or hidden
+        return {"w1.weight": (hidden, d), "w2.weight": (d, hidden), "w3.weight": (hidden, d)}
     shapes = {"attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
-              "attention.wo.weight": (d, q), "feed_forward.w1.weight": (hidden, d),
-              "feed_forward.w2.weight": (d, hidden), "feed_forward.w3.weight": (hidden, d)}
+              "attention.wo.weight": (d, q)}
+    if len(parts) == 2 and args.sparse(int(parts[1])):
+        shapes["feed_forward.gate.weight"] = (args.n_experts, d)
+    else:
+        shapes.update({"feed_forward.w1.weight": (hidden, d), "feed_forward.w2.weight": (d, hidden),
+                       "feed_forward.w3.weight": (hidden, d)})
     if args.norms != "post":
         shapes.update({"attention_norm.weight": (d,), "ffn_norm.weight": (d,)})
     if args.norms != "pre":
@@ -101,27 +120,36 @@ def module_shapes(args, module):
     return shapes
 
 
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")  # the matrices LoRA can adapt
+# the matrices LoRA can adapt (w1, w2, w3: of the dense MLP and of every expert; router: a mixture's gate)
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "router", "output")
 
 
 def lora_target(module, key):
-    """The LoRA target name of a module's tensor (wq ... w3 of a block, output of the output projection),
-    or None for tensors LoRA does not adapt (norms, biases, the embedding lookup)."""
+    """The LoRA target name of a module's tensor (wq ... w3 of a block or expert, router, output of the output
+    projection), or None for tensors LoRA does not adapt (norms, biases, the embedding lookup)."""
     if module == "output":
         return "output" if key == "weight" else None
     name = key.split(".")[-2] if key.endswith(".weight") and "." in key else None
+    name = "router" if name == "gate" else name
     return name if module.startswith("layers") and name in LORA_TARGETS else None
 
 
 def module_names(args):
-    """The modules in order; a model with tied embeddings has no output module of its own."""
-    return ["tok_embeddings"] + [f"layers.{i}" for i in range(args.n_layers)] + ["norm"] + ["output"] * (not args.tied)
+    """The modules in order, each block followed by its experts; a model with tied embeddings has no output
+    module of its own."""
+    blocks = [name for i in range(args.n_layers) for name in [f"layers.{i}"] + experts_of(args, i)]
+    return ["tok_embeddings"] + blocks + ["norm"] + ["output"] * (not args.tied)
+
+
+def experts_of(args, layer):
+    return [f"layers.{layer}.experts.{e}" for e in range(args.n_experts)] if args.sparse(layer) else []
 
 
 def module_of(key):
-    """('layers.3', 'attention.wq.weight') for 'layers.3.attention.wq.weight'; ('output', 'weight') ..."""
+    """('layers.3', 'attention.wq.weight') for 'layers.3.attention.wq.weight'; ('layers.3.experts.5', 'w1.weight'),
+    ('output', 'weight') ..."""
     parts = key.split(".")
-    n = 2 if parts[0] == "layers" else 1
+    n = 1 if parts[0] != "layers" else 4 if len(parts) > 3 and parts[2] == "experts" else 2
     return ".".join(parts[:n]), ".".join(parts[n:])
 
 
@@ -310,9 +338,10 @@ def attend(q, k, v, args, window, start):
                                           enable_gqa=args.kv_heads != args.n_heads)
 
 
-def mlp(box, x, args, training):
-    gate, up = linear(box, "feed_forward.w1.weight", x, training), linear(box, "feed_forward.w3.weight", x, training)
-    return linear(box, "feed_forward.w2.weight", gated(gate, up, args.activation), training)
+def mlp(box, x, args, training, prefix="feed_forward."):
+    """The gated MLP of a block (or, prefix "", of an expert)."""
+    gate, up = linear(box, prefix + "w1.weight", x, training), linear(box, prefix + "w3.weight", x, training)
+    return linear(box, prefix + "w2.weight", gated(gate, up, args.activation), training)
 
 
 def block_forward(box, x, args, rope, layer, training=False, p=0.0, cache=None, start=0):
@@ -326,7 +355,11 @@ def block_forward(box, x, args, rope, layer, training=False, p=0.0, cache=None, 
     if args.norms != "pre":
         a = rms_norm(box, "post_attention_norm.weight", a, args)
     h = x + dropout(a, p, training).to(x.dtype)
-    f = mlp(box, rms_norm(box, "ffn_norm.weight", h, args).to(cdt) if pre else h.to(cdt), args, training)
+    f = rms_norm(box, "ffn_norm.weight", h, args).to(cdt) if pre else h.to(cdt)
+    if args.sparse(layer):  # the router's logits; box.experts (moe.Experts) routes and runs the chosen experts
+        f = box.experts(f, linear(box, "feed_forward.gate.weight", f, training), training)
+    else:
+        f = mlp(box, f, args, training)
     if args.norms != "pre":
         f = rms_norm(box, "post_ffn_norm.weight", f, args)
     return h + dropout(f, p, training).to(h.dtype)
@@ -370,16 +403,3 @@ class CrossEntropySum(torch.autograd.Function):
         grad[targets == -1] = 0.0
         grad[rows, targets[rows]] -= 1.0
         return grad.mul_(g).view(ctx.shape).to(ctx.dtype), None
-
-
-def sample(logits, temperature, top_p, generator=None):
-    """The next token: the most likely one, or with temperature > 0 one drawn from the top-p set."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, -1)
-    sorted_probs, order = probs.sort(descending=True)
-    drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-    sorted_probs[drop] = 0.0
-    choice = torch.multinomial(sorted_probs.cpu() / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice.to(order.device)])
-

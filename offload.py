@@ -120,6 +120,8 @@ class Blackbox:
         self.resident = False
         self.trainable, self.optimizer = False, None
         self.lora = {}
+        self.experts = None  # a sparse block's experts (moe.Experts), which its forward pass streams
+        self.uses = None  # an expert: the micro-batches of this step whose tokens chose it (its gradient's parts)
         self.weights = None  # key -> tensor while in memory: the fp32 working copy when trainable
         self.compute = None  # key -> tensor the matmuls use (a compute-dtype copy where it differs)
         self.optim = {}  # key -> optimizer state (AdamW moments), stored beside the weights

@@ -61,7 +61,7 @@ class Optimizer:
             grad = grad_rows(0, rows, None).float()
             box.grads[key] = grad if key not in box.grads else box.grads[key].add_(grad)
         count = self.counts[box.name, key] = self.counts.get((box.name, key), 0) + parts
-        if count < self.micro_batches * box.grad_uses:
+        if count < (self.micro_batches if box.uses is None else box.uses) * box.grad_uses:
             return
         del self.counts[box.name, key]
         if self.group.world > 1:  # AdamW's count is read before any process can have moved it on
@@ -141,11 +141,12 @@ class Optimizer:
     def step_adapters(self):
         """LoRA: one AdamW step on every adapter, after the whole backward pass (in a parallel run, on
         their gradients summed over the processes at once)."""
-        if self.group.world > 1:
-            summed = self.group.sum(torch.cat([p.grad.flatten() for p in self.adapters]))
-            for p, grad in zip(self.adapters, summed.split([p.numel() for p in self.adapters])):
+        learned = [p for p in self.adapters if p.grad is not None]  # not those of experts no token chose
+        if self.group.world > 1:  # (which are the same in every process: moe.Experts.note_chosen)
+            summed = self.group.sum(torch.cat([p.grad.flatten() for p in learned]))
+            for p, grad in zip(learned, summed.split([p.numel() for p in learned])):
                 p.grad.copy_(grad.view_as(p))
-        norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in self.adapters])
+        norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in learned])
         if not torch.isfinite(norms).all():
             raise FloatingPointError("non-finite gradient of a LoRA adapter")
         if self.grad_clip:

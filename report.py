@@ -82,6 +82,8 @@ class RunLog:
         norms = model.optimizer.grad_norms
         if norms:  # per-weight norms, kept when grad_clip is set: the global norm is their norm
             record["grad_norm"] = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
+        if model.router_loss is not None:  # a mixture's load-balancing loss (without its coef), of this process
+            record["router_aux_loss"] = model.router_loss
         self.write(record)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)

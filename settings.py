@@ -84,6 +84,7 @@ class Settings:
     seed: int
     iters: int
     dropout: float
+    router_aux_loss_coef: float
     mode: str
     base_copy: int
     eval_period: int
@@ -140,7 +141,8 @@ def parse(argv, defaults):
     for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period", "lora_rank", "plan_mb", "dist_timeout"):
         if s[name] < 1:
             raise UserError(f"--{name}={s[name]}: must be at least 1")
-    for name in ("eval_period", "warmup_iters", "gen_tokens", "lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+    for name in ("eval_period", "warmup_iters", "gen_tokens", "lr", "min_lr", "weight_decay", "eps", "grad_clip",
+                 "router_aux_loss_coef"):
         if s[name] < 0:
             raise UserError(f"--{name}={s[name]}: must be at least 0")
     for name in ("keep_activations", "lr_decay", "resume", "overwrite", "plan"):
@@ -165,6 +167,7 @@ def parse(argv, defaults):
         model_path=s["model_path"], out_path=s["out_path"], out_format=s["out_format"], offload_path=s["offload_path"],
         device=s["device"], compute_dtype=s["compute_dtype"], memory_budget=s["memory_budget"],
         keep_activations=bool(s["keep_activations"]), seed=s["seed"], iters=s["iters"], dropout=s["dropout"],
+        router_aux_loss_coef=s["router_aux_loss_coef"],
         mode=s["mode"], base_copy=s["base_copy"], eval_period=s["eval_period"], prompt=s["prompt"],
         gen_tokens=s["gen_tokens"], save_period=s["save_period"], resume=bool(s["resume"]),
         overwrite=bool(s["overwrite"]), plan=bool(s["plan"]), plan_mb=s["plan_mb"], dist_timeout=s["dist_timeout"],

@@ -78,11 +78,23 @@ FAMILIES = {
     # OLMo 2: norms after attention and the MLP only, q/k norms over the whole projections
     "olmo2": {"architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "rope_theta": 500000.0,
               "rms_norm_eps": 1e-6, "attention_bias": False},
+    # Qwen3-MoE (30B-A3B): Qwen 3's attention, experts renormalised (norm_topk_prob), a dense layer between
+    # sparse ones (mlp_only_layers), the experts' own FFN size (transformers 5 writes num_local_experts)
+    "qwen3moe": {**QWEN3, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_hidden_layers": 3,
+                 "tie_word_embeddings": False, "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 40,
+                 "norm_topk_prob": True, "mlp_only_layers": [1], "decoder_sparse_step": 1},
+    # Mixtral 8x7B: Mistral's attention with a window shorter than the sequences, 4 experts, top 2
+    "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "rope_theta": 1000000.0,
+                "sliding_window": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48},
+    # OLMoE: q/k norms over the whole projections, 8 experts, top 3, not renormalised
+    "olmoe": {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "rms_norm_eps": 1e-5, "num_experts": 8,
+              "num_experts_per_tok": 3, "intermediate_size": 40, "norm_topk_prob": False, "pad_token_id": 1},
 
 }
 TIED = ["llama3", "qwen3", "qwen3-window", "smollm2", "gemma3", "gemma2", "phi3-longrope"]
-NEW = ["gemma3", "gemma2", "phi3", "phi3-longrope", "olmo2"]  # families Meta never published in its layout
-WINDOWED = ["qwen2-window", "qwen3-window", "mistral-window", "gemma3", "gemma2", "phi3"]
+MOE = ["qwen3moe", "mixtral", "olmoe"]  # mixtures of experts
+NEW = ["gemma3", "gemma2", "phi3", "phi3-longrope", "olmo2", *MOE]  # families Meta never published in its layout
+WINDOWED = ["qwen2-window", "qwen3-window", "mistral-window", "gemma3", "gemma2", "phi3", "mixtral"]
 SEQ = 12
 
 # --- Hugging Face's convention, written here ---
@@ -92,6 +104,9 @@ HF_TO_META = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention
               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
               "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
               "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm"}
+
+
+EXPERT_TO_META = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "w1": "w1", "w2": "w2", "w3": "w3"}
 
 
 DROP = object()  # a change's value meaning "the key removed"
@@ -110,7 +125,8 @@ def config_of(family, **changes):
 def family_of(config):
     return {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
             "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-            "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2"}[config["architectures"][0]]
+            "Phi3ForCausalLM": "phi3", "Olmo2ForCausalLM": "olmo2", "Qwen3MoeForCausalLM": "qwen3moe",
+            "MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe"}[config["architectures"][0]]
 
 
 def head_dim_of(config):
@@ -128,12 +144,60 @@ def layer_types_of(config):
     n, family, window = config["num_hidden_layers"], family_of(config), config.get("sliding_window")
     if config.get("layer_types"):
         return config["layer_types"]
-    slides = {"mistral": lambda i: bool(window), "phi3": lambda i: bool(window),
-              **dict.fromkeys(("qwen2", "qwen3"), lambda i: bool(config.get("use_sliding_window"))
+    slides = {"mistral": lambda i: bool(window), "phi3": lambda i: bool(window), "mixtral": lambda i: bool(window),
+              **dict.fromkeys(("qwen2", "qwen3", "qwen3moe"), lambda i: bool(config.get("use_sliding_window"))
                               and i >= config.get("max_window_layers", 28)),
               "gemma2": lambda i: (i + 1) % 2 == 1,
               "gemma3": lambda i: (i + 1) % config.get("sliding_window_pattern", 6) != 0}.get(family, lambda i: False)
     return ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
+
+
+def n_experts(config):
+    return config.get("num_experts") or config.get("num_local_experts") or 0
+
+
+def sparse(config, layer):
+    """Whether a layer's MLP is a mixture of experts, as transformers' configurations say (Qwen3-MoE: not in
+    mlp_only_layers and on the decoder_sparse_step)."""
+    return n_experts(config) > 0 and layer not in config.get("mlp_only_layers", []) and \
+        (layer + 1) % config.get("decoder_sparse_step", 1) == 0
+
+
+def expert_names(config):
+    """(where a block keeps its experts, the names of an expert's gate, up and down projections)."""
+    if family_of(config) == "mixtral":
+        return "block_sparse_moe", ("w1", "w3", "w2")
+    return "mlp", ("gate_proj", "up_proj", "down_proj")
+
+
+def routed(config, t, p, x, lora, i, router_logits=None):
+    """A mixture's MLP by its definition: softmax of the router's logits in fp32, the top k of them (renormalised
+    where norm_topk_prob, always in Mixtral), each token's output the sum of its chosen experts' outputs times
+    their weights; written here as every expert on every token, masked (not as slowllama streams them)."""
+    moe, names = expert_names(config)
+    logits = x @ t[p + f"{moe}.gate.weight"].T
+    if (i, "router") in lora:
+        a, b, scale = lora[i, "router"]
+        logits = logits + scale * (x @ a.T) @ b.T
+    if router_logits is not None:
+        router_logits.append(logits.flatten(0, -2))
+    probs = logits.float().softmax(-1)
+    weights, chosen = probs.topk(config["num_experts_per_tok"], -1)
+    if config.get("norm_topk_prob") or family_of(config) == "mixtral":
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(n_experts(config)):
+        w = (weights * (chosen == e)).sum(-1, keepdim=True)  # 0 where e is not among a token's choices
+
+        def proj(h, n, part):
+            y = h @ t[p + f"{moe}.experts.{e}.{n}.weight"].T
+            if (i, e, part) in lora:
+                a, b, scale = lora[i, e, part]
+                y = y + scale * (h @ a.T) @ b.T
+            return y
+        hidden = F.silu(proj(x, names[0], "gate")) * proj(x, names[1], "up")
+        out = out + w * proj(hidden, names[2], "down")
+    return out
 
 
 def hf_tensors(config, seed):
@@ -163,18 +227,29 @@ def hf_tensors(config, seed):
                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
         t.update({p + "self_attn.o_proj.weight": randn(d, heads * hd, std=0.1),
                   p + "mlp.down_proj.weight": randn(d, inner, std=0.1), p + "post_attention_layernorm.weight": norm(d)})
+        if sparse(config, i):  # the router and each expert's gate, up and down, in place of the dense MLP
+            for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+                del t[p + name]
+            moe, names = expert_names(config)
+            t[p + f"{moe}.gate.weight"] = randn(n_experts(config), d, std=0.5)
+            size = config.get("moe_intermediate_size") or inner
+            for e in range(n_experts(config)):
+                t.update({p + f"{moe}.experts.{e}.{names[0]}.weight": randn(size, d, std=0.15),
+                          p + f"{moe}.experts.{e}.{names[1]}.weight": randn(size, d, std=0.15),
+                          p + f"{moe}.experts.{e}.{names[2]}.weight": randn(d, size, std=0.1)})
         if family != "olmo2":
             t[p + "input_layernorm.weight"] = norm(d)
         if family.startswith("gemma"):
             t.update({p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight": norm(d)})
         if family == "olmo2":
-            t.update({p + "post_feedforward_layernorm.weight": norm(d), p + "self_attn.q_norm.weight": norm(heads * hd),
-                      p + "self_attn.k_norm.weight": norm(kv * hd)})
+            t[p + "post_feedforward_layernorm.weight"] = norm(d)
+        if family in ("olmo2", "olmoe"):
+            t.update({p + "self_attn.q_norm.weight": norm(heads * hd), p + "self_attn.k_norm.weight": norm(kv * hd)})
         if family == "qwen2":
             t.update({p + "self_attn.q_proj.bias": randn(heads * hd, std=0.5),
                       p + "self_attn.k_proj.bias": randn(kv * hd, std=0.5),
                       p + "self_attn.v_proj.bias": randn(kv * hd, std=0.2)})
-        if family in ("qwen3", "gemma3"):
+        if family in ("qwen3", "gemma3", "qwen3moe"):
             t.update({p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)})
     if not config.get("tie_word_embeddings"):
         t["lm_head.weight"] = randn(vocab, d, std=0.3)
@@ -290,11 +365,13 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), -1)
 
 
-def hf_forward(config, t, tokens, lora=None):
-    """Logits as Hugging Face's Llama / Mistral / Qwen 2 / Qwen 3 / Gemma 2 / Gemma 3 / Phi-3 / OLMo 2 compute
-    them, on Hugging Face's tensors (all of it differentiable: a training step's reference). lora: {(layer,
-    "q" | "k" | "v" | "o" | "gate" | "up" | "down"): (A, B, scale)} adds scale * B A x to that projection
-    (of a fused one, to its part); (None, "head"): to the output."""
+def hf_forward(config, t, tokens, lora=None, router_logits=None):
+    """Logits as Hugging Face's Llama / Mistral / Qwen 2 / Qwen 3 / Gemma 2 / Gemma 3 / Phi-3 / OLMo 2 /
+    Qwen3-MoE / Mixtral / OLMoE compute them, on Hugging Face's tensors (all of it differentiable: a training
+    step's reference). lora: {(layer, "q" | "k" | "v" | "o" | "gate" | "up" | "down"): (A, B, scale)} adds
+    scale * B A x to that projection (of a fused one, to its part); (layer, expert, "gate" | "up" | "down"): to
+    an expert's; (layer, "router"): to the router; (None, "head"): to the output. router_logits: a list each
+    sparse layer's router logits (tokens, experts) are appended to."""
     family, lora = family_of(config), lora or {}
     gemma = family.startswith("gemma")
     B, T = tokens.shape
@@ -313,7 +390,7 @@ def hf_forward(config, t, tokens, lora=None):
         x_rot, x_pass = x[..., :rd], x[..., rd:]
         return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), -1)
     ropes = {False: rope(False), True: rope(True)}
-    pad = config.get("pad_token_id", {"gemma2": 0, "gemma3": 0, "phi3": 32000, "olmo2": 1}.get(family))
+    pad = config.get("pad_token_id", {"gemma2": 0, "gemma3": 0, "phi3": 32000, "olmo2": 1, "olmoe": 1}.get(family))
     h = F.embedding(tokens, t["model.embed_tokens.weight"], padding_idx=pad if pad is not None and
                     pad < config["vocab_size"] else None)  # the padding row takes no gradient from lookups
     if gemma:  # times sqrt(hidden_size) in the weights' dtype
@@ -340,10 +417,10 @@ def hf_forward(config, t, tokens, lora=None):
                     q, k, v = [y + delta if j == idx else y for j, y in enumerate((q, k, v))]
         else:
             q, k, v = (linear(x, f"self_attn.{n}_proj.weight", n, t.get(p + f"self_attn.{n}_proj.bias")) for n in "qkv")
-        if family == "olmo2":  # over the whole projections, before the heads
+        if family in ("olmo2", "olmoe"):  # over the whole projections, before the heads
             q, k = rms(q, t[p + "self_attn.q_norm.weight"], eps), rms(k, t[p + "self_attn.k_norm.weight"], eps)
         q, k, v = (y.view(B, T, n, hd).transpose(1, 2) for y, n in ((q, heads), (k, kv), (v, kv)))
-        if family in ("qwen3", "gemma3"):  # over each head, before rope
+        if family in ("qwen3", "gemma3", "qwen3moe"):  # over each head, before rope
             q = rms(q, t[p + "self_attn.q_norm.weight"], eps, offset)
             k = rms(k, t[p + "self_attn.k_norm.weight"], eps, offset)
         sliding = types[i] == "sliding_attention"
@@ -374,6 +451,9 @@ def hf_forward(config, t, tokens, lora=None):
                     a, b, scale = lora[i, part]
                     delta = scale * (x @ a.T) @ b.T
                     gate, up = (gate + delta, up) if part == "gate" else (gate, up + delta)
+        elif sparse(config, i):
+            h = h + routed(config, t, p, x, lora, i, router_logits)
+            continue
         else:
             gate, up = linear(x, "mlp.gate_proj.weight", "gate"), linear(x, "mlp.up_proj.weight", "up")
         act = F.gelu(gate, approximate="tanh") if gemma else F.silu(gate)
@@ -425,6 +505,13 @@ def meta_weights(config, t):
             continue
         layer, rest = name.split(".", 3)[2:]
         module, kind = rest.rsplit(".", 1)
+        expert = EXPERT_TO_META.get(module.split(".")[-1]) if ".experts." in module else None
+        if expert:  # mlp.experts.5.gate_proj -> experts.5.w1
+            out[f"layers.{layer}.experts.{module.split('.')[-2]}.{expert}.{kind}"] = w
+            continue
+        if module.endswith(".gate"):  # the router
+            out[f"layers.{layer}.feed_forward.gate.{kind}"] = w
+            continue
         if module == "self_attn.qkv_proj":
             parts = dict(zip(("attention.wq", "attention.wk", "attention.wv"), w.split([heads * hd, kv * hd, kv * hd])))
         elif module == "mlp.gate_up_proj":
@@ -435,7 +522,7 @@ def meta_weights(config, t):
             if meta in ("attention.wq", "attention.wk"):
                 part = meta_rows_by_definition(part, heads if meta == "attention.wq" else kv, rd)
             elif meta in ("attention.q_norm", "attention.k_norm"):
-                whole = family == "olmo2"
+                whole = family in ("olmo2", "olmoe")
                 part = meta_rows_by_definition(part, (heads if meta == "attention.q_norm" else kv) if whole else 1, rd)
             out[f"layers.{layer}.{meta}.{kind}"] = part
     return out
@@ -453,6 +540,9 @@ def reference_step(folder, x, y, optimizer, lr, untied=False):
     loss = F.cross_entropy(hf_forward(config, params, x).flatten(0, 1), y.flatten(), ignore_index=-1)
     loss.backward()
     marks = {k: compare.rounding_level(g) for k, g in meta_weights(config, {n: p.grad for n, p in params.items()}).items()}
+    for name, p in params.items():  # an expert no token chose has no gradient (transformers 4's modules of their
+        if ".experts." in name and not p.grad.any():  # own): AdamW neither decays nor moves it
+            p.grad = None
     opt.step()
     updated = meta_weights(config, {n: p.detach() for n, p in params.items()})
     return loss.item(), updated, meta_weights(config, {n: p for n, p in t.items() if n in params}), marks

@@ -18,7 +18,7 @@ import rope
 import loader
 import meta_format
 from adapters import add_lora
-from families import (DROP, FAMILIES, NEW, SEQ, TIED, WINDOWED, config_of, family_of, head_dim_of, hf_forward,
+from families import (DROP, FAMILIES, NEW, SEQ, TIED, WINDOWED, config_of, family_of, head_dim_of, hf_forward, sparse,
                       layer_types_of, meta_rows_by_definition, read_folder, reference_of, reference_step,
                       rope_by_definition, rope_formulas, tokens_for)
 from helpers import assert_step_matches, assert_updates_match, lora, make_batches, ours, setup
@@ -70,7 +70,10 @@ def test_model_settings_come_from_config(hf_folder, load, family):
     args = load(hf_folder(family)).args
     assert args.family == family_of(config) and args.head_dim == head_dim_of(config)
     assert args.qkv_bias == (family in ("qwen2", "yarn", "qwen2-window"))
-    assert args.qk_norm == {"qwen3": "head", "gemma3": "head", "olmo2": "all"}.get(family_of(config))
+    assert args.qk_norm == {"qwen3": "head", "gemma3": "head", "olmo2": "all", "qwen3moe": "head",
+                            "olmoe": "all"}.get(family_of(config))
+    assert args.n_experts == (config.get("num_experts") or config.get("num_local_experts") or 0)
+    assert [args.sparse(i) for i in range(args.n_layers)] == [sparse(config, i) for i in range(args.n_layers)]
     assert args.tied == (family in TIED) and args.vocab_size == config["vocab_size"]
     assert ("output" in llama.module_names(args)) == (family not in TIED)
     types = layer_types_of(config)  # the sliding layers as transformers' configurations set them
@@ -398,7 +401,7 @@ def test_meta_export_keeps_the_model(hf_folder, load, tmp_path, family):
 
 # --- refusals and the sliding window ---
 
-@pytest.mark.parametrize("arch", ["GemmaForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", "PhiForCausalLM"])
+@pytest.mark.parametrize("arch", ["GemmaForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM", "PhiForCausalLM"])
 def test_other_architectures_are_refused_by_name(hf_folder, load, arch):
     folder = hf_folder("smollm2")
     config = json.loads((folder / "config.json").read_text())
