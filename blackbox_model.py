@@ -203,17 +203,19 @@ class Transformer:
         return {name: box.file.name for name, box in self.boxes.items()
                 if box.trainable and box.file.parent == self.run.dir}
 
-    def read_weights(self, name, merge_lora=True):
-        """The current weights of one module, read on their own: the fp32 working copy when trained,
-        the source tensors otherwise, with LoRA adapters merged in (W + alpha/rank * B A, in fp32). With
-        tied embeddings, "output" is the table with the output's adapter merged, "tok_embeddings" without."""
+    def read_weights(self, name, merge_lora=True, keys=None):
+        """The current weights of one module (those of keys, all by default), read on their own: the fp32
+        working copy when trained, the source tensors otherwise, with LoRA adapters merged in (W + alpha/rank *
+        B A, in fp32). With tied embeddings, "output" is the table with the output's adapter merged,
+        "tok_embeddings" without."""
         box = self.output if name == "output" else self.boxes[name]
         box.wait_write()
-        weights = box.weights if box.weights is not None and box.trainable else \
-            {k: t for k, t in read_tensors(box.file)[0].items() if k in box.shapes}
+        keys = set(keys or box.shapes)
+        weights = {k: t for k, t in box.weights.items() if k in keys} if box.weights is not None and box.trainable \
+            else read_tensors(box.file, names=keys)[0]
         if merge_lora and box.lora and not (box is self.output and name == "tok_embeddings"):
             weights = dict(weights)
-            for key, (a, b, scale, _) in box.lora.items():
+            for key, (a, b, scale, _) in ((k, v) for k, v in box.lora.items() if k in weights):
                 weights[key] = weights[key].float() + scale * (b.detach() @ a.detach()).to(weights[key].device)
         return weights
 

@@ -142,13 +142,14 @@ def module_file(path, mode="rb"):
         raise UserError(f"{path}: not a module file ({e})")
 
 
-def read_tensors(path, buffer_for=None, dtype=None):
-    """({name: tensor}, buffer) of a file written by write_tensors: all tensors are views of one uint8
-    buffer (buffer_for(nbytes) may hand out a recycled one). With dtype, tensors of another dtype are
-    converted one at a time on the way in (no second copy of the whole file in memory). A damaged
-    file is a UserError."""
+def read_tensors(path, buffer_for=None, dtype=None, names=None):
+    """({name: tensor}, buffer) of a file written by write_tensors (only the tensors of names, where given): all
+    tensors are views of one uint8 buffer (buffer_for(nbytes) may hand out a recycled one). With dtype, tensors
+    of another dtype are converted one at a time on the way in (no second copy of the whole file in memory). A
+    damaged file is a UserError."""
     with module_file(path) as f:
         stored, data_start = read_header(f, path)
+        stored = {name: entry for name, entry in stored.items() if names is None or name in names}
         wanted = {name: dtype or kind for name, (kind, *_) in stored.items()}
         nbytes = sum(math.prod(shape) * wanted[name].itemsize for name, (_, shape, *_) in stored.items())
         buffer = buffer_for(nbytes) if buffer_for else torch.empty(nbytes, dtype=torch.uint8)

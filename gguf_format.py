@@ -6,12 +6,14 @@ tensor infos are written, then the tensor data module by module, so the export h
 module in memory, as the other layouts do. The file is written under a temporary name and renamed
 into place. Metadata and tensor names follow llama.cpp's convert_hf_to_gguf.py:
 
-- architectures: "llama" (Llama 2 / 3.x, CodeLlama, TinyLlama, SmolLM2, Mistral), "qwen2" (q/k/v
-  biases), "qwen3" (q/k norms), "gemma2", "gemma3", "phi3" and "olmo2". llama's tensors keep Meta's
+- architectures: "llama" (Llama 2 / 3.x, CodeLlama, TinyLlama, SmolLM2, Mistral, Mixtral), "qwen2" (q/k/v
+  biases), "qwen3" (q/k norms), "gemma2", "gemma3", "phi3", "olmo2", "qwen3moe" and "olmoe". llama's tensors keep Meta's
   interleaved rotary layout, the one slowllama holds its weights in; the others rotate the two halves of
   each head (NEOX), so their q/k rows (and biases, norms) go out in Hugging Face's order. Gemma's norms
   go out as 1 + w (llama.cpp multiplies by the weight), its embeddings unscaled (llama.cpp scales them);
-  Phi-3's q/k/v and gate/up go out fused (attn_qkv, ffn_up), with its longrope factors as tensors;
+  Phi-3's q/k/v and gate/up go out fused (attn_qkv, ffn_up), with its longrope factors as tensors; a
+  mixture's router as ffn_gate_inp and its experts stacked per block (ffn_gate_exps, ffn_up_exps,
+  ffn_down_exps: expert by expert, each read once), as the converter stacks them;
 - types: f16 (default), bf16, q8_0, f32 for the matrices; 1-D tensors (norms, biases) always f32;
   q8_0 needs rows of a multiple of 32 values, other matrices fall back to f16 (said in the log);
 - llama3 rope scaling as the rope_freqs tensor of per-pair factors, linear and yarn as rope.scaling keys;
@@ -31,16 +33,13 @@ from files import published
 from gguf_vocab import BYTE, gguf, vocabulary
 from adapters import stacked_adapters
 from hf_format import hf_rows
-from model import module_names, module_shapes
+from model import module_names, module_of, module_shapes
 from rope import longrope_attention_factor
-from settings import GGUF_TYPES as TYPES
+from gguf_types import check_type, encode, file_type, nbytes_of, np_dtype, tensor_type
 from utils import UserError, check_disk, gb, progress
 
 MODEL_FILE, ADAPTER_FILE = "model.gguf", "adapter.gguf"
 WINDOWED = ("gemma2", "gemma3", "phi3")  # llama.cpp's architectures that read a sliding window
-F16_MAX = 65504.0
-Q8_BLOCK, Q8_BYTES = 32, 34  # q8_0: 32 values in 34 bytes (an f16 scale, 32 int8)
-QUANTIZE_CHUNK = 1 << 22  # values quantized at a time (bounds the temporary arrays)
 
 BLOCK_NAMES = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight",
                "attention.wv.weight": "attn_v.weight", "attention.wo.weight": "attn_output.weight",
@@ -49,31 +48,24 @@ BLOCK_NAMES = {"attention.wq.weight": "attn_q.weight", "attention.wk.weight": "a
                "ffn_norm.weight": "ffn_norm.weight", "post_attention_norm.weight": "post_attention_norm.weight",
                "post_ffn_norm.weight": "post_ffw_norm.weight", "attention.wq.bias": "attn_q.bias",
                "attention.wk.bias": "attn_k.bias", "attention.wv.bias": "attn_v.bias",
-               "attention.q_norm.weight": "attn_q_norm.weight", "attention.k_norm.weight": "attn_k_norm.weight"}
+               "attention.q_norm.weight": "attn_q_norm.weight", "attention.k_norm.weight": "attn_k_norm.weight",
+               "feed_forward.gate.weight": "ffn_gate_inp.weight"}
+EXPERT_NAMES = {"w1": "ffn_gate_exps.weight", "w2": "ffn_down_exps.weight", "w3": "ffn_up_exps.weight"}
 FUSED = {"phi3": {"attention.wq.weight": "attn_qkv.weight", "attention.wk.weight": "attn_qkv.weight",
                   "attention.wv.weight": "attn_qkv.weight", "feed_forward.w1.weight": "ffn_up.weight",
                   "feed_forward.w3.weight": "ffn_up.weight"}}  # Phi-3: q|k|v and gate|up, in that row order
 TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "output.weight": "output.weight"}
-ARCHITECTURES = ("gemma2", "gemma3", "phi3", "olmo2", "qwen2", "qwen3")  # families under their own name
-
-def check_type(name):
-    """The GGML type of a --gguf_type name; a UserError for anything else."""
-    if name not in TYPES:
-        raise UserError(f"gguf_type={name!r} is not supported; use {', '.join(TYPES)}")
-    return getattr(gguf().GGMLQuantizationType, name.upper())
-
-
-def file_type(name):
-    return {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}[name]  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16 ...
-
+ARCHITECTURES = ("gemma2", "gemma3", "phi3", "olmo2", "qwen2", "qwen3", "qwen3moe", "olmoe")  # under their own name
 
 def gguf_key(key, args):
     """GGUF's name of a Meta key: layers.3.attention.wq.weight -> blk.3.attn_q.weight (Phi-3's fused q, k, v:
-    blk.3.attn_qkv.weight)."""
+    blk.3.attn_qkv.weight; every expert's w1: blk.3.ffn_gate_exps.weight, one tensor)."""
     if key in TOP_NAMES:
         return TOP_NAMES[key]
     _, layer, local = key.split(".", 2)
+    if local.startswith("experts."):
+        return f"blk.{layer}.{EXPERT_NAMES[local.split('.')[2]]}"
     return f"blk.{layer}.{FUSED.get(args.family, {}).get(local) or BLOCK_NAMES[local]}"
 
 
@@ -83,7 +75,7 @@ def gguf_tensor(keys, weights, args, arch):
     weights as 1 + w."""
     parts = []
     for key in keys:
-        t = weights[key.split(".", 2)[-1] if key.startswith("layers.") else key.split(".", 1)[1]].cpu()
+        t = weights[module_of(key)[1]].cpu()
         parts.append(t if arch == "llama" else hf_rows(key, t, args))
     t = torch.cat(parts) if len(parts) > 1 else parts[0]
     return t.float() + 1 if args.norm_offset and keys[0].endswith("norm.weight") else t
@@ -96,6 +88,17 @@ def architecture(args):
                         "has (qwen2 has the biases, qwen3 the norms)")
     arch = args.family if args.family in ARCHITECTURES else "qwen2" if args.qkv_bias else "qwen3" if args.qk_norm \
         else "llama"
+    if args.n_experts and args.dense_layers:
+        raise UserError(f"GGUF export: llama.cpp's {arch} has no dense MLP between layers of experts (this model's "
+                        f"mlp_only_layers or decoder_sparse_step make layers {list(args.dense_layers)} dense); export as hf")
+    if arch == "olmoe" and (args.kv_heads != args.n_heads or args.n_heads * args.head_dim != args.dim):
+        raise UserError("GGUF export: llama.cpp's olmoe takes q, k and v of hidden_size each (a key and value head "
+                        f"for each of the {args.n_heads} heads), this model's k and v have {args.kv_heads} heads; "
+                        "export as hf")
+    if args.n_experts and args.norm_topk != (arch != "olmoe"):  # llama.cpp's choice per architecture
+        raise UserError(f"GGUF export: llama.cpp's {arch} {'does not renormalise' if arch == 'olmoe' else 'renormalises'}"
+                        f" the top-k routing weights, this model's norm_topk_prob is {str(args.norm_topk).lower()}; "
+                        "export as hf")
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type")
     if kind == "llama3" and arch != "llama":
@@ -110,49 +113,6 @@ def architecture(args):
             raise UserError(f"GGUF export: yarn rope scaling with {other[0]}={scaling[other[0]]} cannot be expressed "
                             f"(llama.cpp's {arch} reads the scaling type, factor and original context only)")
     return arch
-
-
-def tensor_type(name, shape, qtype, log):
-    """The GGML type a tensor is written in: 1-D tensors in f32 (as llama.cpp's converter writes norms
-    and biases), q8_0 only for rows of whole blocks (else f16)."""
-    types = gguf().GGMLQuantizationType
-    if len(shape) <= 1:
-        return types.F32
-    if qtype == types.Q8_0 and shape[-1] % Q8_BLOCK:
-        log(f"{name}: rows of {shape[-1]} values are not whole q8_0 blocks of {Q8_BLOCK}; written as f16")
-        return types.F16
-    return qtype
-
-
-def nbytes_of(shape, ggml_type):
-    types = gguf().GGMLQuantizationType
-    n = math.prod(shape)
-    if ggml_type == types.Q8_0:
-        return n // Q8_BLOCK * Q8_BYTES
-    return n * {types.F32: 4, types.F16: 2, types.BF16: 2}[ggml_type]
-
-
-def encode(t, ggml_type, name, log):
-    """The bytes of a tensor in a GGML type, as a numpy array (q8_0 quantized a chunk of rows at a time,
-    with gguf's own quantizer, bit-exact with ggml's)."""
-    g = gguf()
-    types = g.GGMLQuantizationType
-    if ggml_type == types.F32:
-        return t.float().contiguous().numpy()
-    if ggml_type == types.BF16:
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    if ggml_type == types.F16:
-        if t.dtype != torch.float16 and max(-float(t.min()), float(t.max())) > F16_MAX:
-            log(f"{name}: values beyond f16's range ({F16_MAX}) clamped; use --gguf_type bf16 for this model")
-            t = t.float().clamp(-F16_MAX, F16_MAX)
-        return t.to(torch.float16).contiguous().numpy()
-    import numpy as np
-    rows = t.reshape(-1, t.shape[-1])
-    out = np.empty((rows.shape[0], rows.shape[1] // Q8_BLOCK * Q8_BYTES), dtype=np.uint8)
-    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
-    for r in range(0, rows.shape[0], step):
-        out[r:r + step] = g.quants.quantize(rows[r:r + step].float().numpy(), types.Q8_0)
-    return out
 
 
 def extra_tensors(args):
@@ -200,6 +160,11 @@ def write_metadata(writer, arch, args, vocab, type_name, name):
     writer.add_embedding_length(args.dim)
     writer.add_block_count(args.n_layers)
     writer.add_feed_forward_length(args.hidden_dim)
+    if args.n_experts:
+        writer.add_expert_count(args.n_experts)
+        writer.add_expert_used_count(args.top_k)
+        if args.moe_hidden_dim:
+            writer.add_expert_feed_forward_length(args.moe_hidden_dim)
     writer.add_head_count(args.n_heads)
     writer.add_head_count_kv(args.kv_heads)
     writer.add_rope_dimension_count(args.rotary_dim or args.head_dim)
@@ -295,11 +260,19 @@ def write_model(model, out_dir, type_name="f16", log=print):
         names.append("output")
     entries = [(None, [tensor], gname, tuple(tensor.shape), g.GGMLQuantizationType.F32)
                for gname, tensor in extra_tensors(args).items()]  # (module, keys or the tensor, name, shape, type)
+    stacked = {}  # GGUF name -> the keys of a block's experts, stacked in one tensor
     for name in names:
         grouped = {}  # GGUF name -> [(key, shape)]: one, or the parts of a fused projection
         for key, shape in module_shapes(args, name).items():
             grouped.setdefault(gguf_key(f"{name}.{key}", args), []).append((f"{name}.{key}", shape))
         for gname, parts in grouped.items():
+            if ".experts." in name:  # announced with the block's first expert, written expert by expert
+                if gname not in stacked:
+                    shape = (args.n_experts, *parts[0][1])
+                    stacked[gname] = []
+                    entries.append((name, stacked[gname], gname, shape, tensor_type(gname, shape, qtype, log)))
+                stacked[gname].append(parts[0][0])
+                continue
             shape = (sum(s[0] for _, s in parts), *parts[0][1][1:])
             entries.append((name, [k for k, _ in parts], gname, shape, tensor_type(gname, shape, qtype, log)))
     total = sum(nbytes_of(e[3], e[4]) for e in entries)
@@ -320,10 +293,15 @@ def write_model(model, out_dir, type_name="f16", log=print):
             for module, (tensor,), *_ in (e for e in entries if e[0] is None):
                 writer.write_tensor_data(tensor.numpy())
             for name in progress(names, "writing GGUF", unit="module"):
+                mine = [e for e in entries if e[0] == name]
+                if ".experts." in name:
+                    for _, keys, gname, shape, ggml_type in mine:
+                        writer.write_tensor_data(Stacked(model, keys, nbytes_of(shape, ggml_type),
+                                                         lambda t, n=gname, g=ggml_type: encode(t, g, n, log)))
+                    continue
                 weights = model.read_weights(name)
-                for module, keys, gname, shape, ggml_type in entries:
-                    if module == name:
-                        writer.write_tensor_data(encode(gguf_tensor(keys, weights, args, arch), ggml_type, gname, log))
+                for module, keys, gname, shape, ggml_type in mine:
+                    writer.write_tensor_data(encode(gguf_tensor(keys, weights, args, arch), ggml_type, gname, log))
                 del weights
         finally:
             writer.close()
@@ -331,11 +309,17 @@ def write_model(model, out_dir, type_name="f16", log=print):
     return path
 
 
-def np_dtype(ggml_type):
-    """The numpy dtype add_tensor_info derives f32 and f16 from; other types go as raw_dtype with
-    their shape in values (any dtype but uint8, which would mean a shape in bytes)."""
-    import numpy as np
-    return np.dtype(np.float16 if ggml_type == gguf().GGMLQuantizationType.F16 else np.float32)
+class Stacked:
+    """A block's experts' tensor of one key stacked, as gguf's writer takes a tensor (its nbytes, tofile):
+    written expert by expert, each expert's tensor read alone (encode: into its GGML type's bytes)."""
+
+    def __init__(self, model, keys, nbytes, encode):
+        self.model, self.keys, self.nbytes, self.encode = model, keys, nbytes, encode
+
+    def tofile(self, f):
+        for key in self.keys:
+            name, local = module_of(key)
+            self.encode(self.model.read_weights(name, keys=[local])[local].cpu()).tofile(f)
 
 
 def write_adapter(model, path, alpha, log=print):
@@ -353,6 +337,8 @@ def write_adapter(model, path, alpha, log=print):
         return None
     stacked = stacked_adapters(model, lambda key: gguf_key(key, args),
                                lambda key, b: b if arch == "llama" else hf_rows(key, b, args))
+    for gname, keys in expert_keys(model.lora, args).items():  # a block's experts: A (E, r, in), B (E, out, r)
+        stacked[gname] = tuple(torch.stack([model.lora[k][i].detach().cpu().float() for k in keys]) for i in (0, 1)) + (1,)
     # llama.cpp scales each adapter by alpha over its own rank: a stack of n parts' B times n keeps each part's
     tensors = [t for name, (a, b, n) in stacked.items()
                for t in ((f"{name}.lora_a", a.contiguous()), (f"{name}.lora_b", (b * n).contiguous()))]
@@ -373,3 +359,12 @@ def write_adapter(model, path, alpha, log=print):
             writer.close()
     log(f"wrote {path} (LoRA adapter, {len(tensors) // 2} weights, alpha {alpha})")
     return path
+
+
+def expert_keys(keys, args):
+    """{GGUF name: the keys of its experts in order} of the experts' keys among keys."""
+    out = {}
+    for key in keys:
+        if ".experts." in key:
+            out.setdefault(gguf_key(key, args), []).append(key)
+    return {name: sorted(ks, key=lambda k: int(k.split(".")[3])) for name, ks in out.items()}

@@ -86,8 +86,10 @@ FAMILIES = {
     # Mixtral 8x7B: Mistral's attention with a window shorter than the sequences, 4 experts, top 2
     "mixtral": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "rope_theta": 1000000.0,
                 "sliding_window": 4, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48},
-    # OLMoE: q/k norms over the whole projections, 8 experts, top 3, not renormalised
+    # OLMoE: q/k norms over the whole projections, a key and value head for each query head, 8 experts, top 3,
+    # not renormalised
     "olmoe": {"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "rms_norm_eps": 1e-5, "num_experts": 8,
+              "num_key_value_heads": 4,
               "num_experts_per_tok": 3, "intermediate_size": 40, "norm_topk_prob": False, "pad_token_id": 1},
 
 }

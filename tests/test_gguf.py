@@ -15,6 +15,7 @@ import torch
 
 import chat
 import gguf_format
+import gguf_types
 import loader
 import tokenizer
 from adapters import add_lora
@@ -120,7 +121,7 @@ def hf_tokenizer_of(fields, pre):
 
 # --- a model in Meta's layout with a sentencepiece tokenizer ---
 
-@pytest.mark.parametrize("gguf_type", gguf_format.TYPES)
+@pytest.mark.parametrize("gguf_type", gguf_types.TYPES)
 def test_sentencepiece_model_in_every_type(make, load, tmp_path, gguf_type):
     folder = make()
     model = load(folder)
@@ -175,7 +176,7 @@ def test_user_defined_and_padded_sentencepiece_pieces(make, load, tmp_path):
 
 def test_f16_clamps_values_beyond_its_range():
     logs = []
-    out = gguf_format.encode(torch.tensor([[1e6, -7e4, 1.5]]), Q.F16, "blk.0.ffn_down.weight", logs.append)
+    out = gguf_types.encode(torch.tensor([[1e6, -7e4, 1.5]]), Q.F16, "blk.0.ffn_down.weight", logs.append)
     assert out.tolist() == [[65504.0, -65504.0, 1.5]] and len(logs) == 1
     assert logs[0].startswith("blk.0.ffn_down.weight: values beyond f16's range")
 

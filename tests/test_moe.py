@@ -334,3 +334,174 @@ def test_folders_made_by_transformers_generate_and_train_as_it_does(load, tmp_pa
     initial = meta_weights(config, read_folder(folder)[1])
     assert set(want) == set(got)
     assert_updates_match(got, want, initial)
+
+
+# --- a run, resumed, and in two processes ---
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["sgd_clip_accum", "lora"])
+def test_two_processes_equal_one_with_their_rows(hf_folder, tmp_path, case):
+    """Data parallel: each process streams the experts any process chose (those it has no tokens for take a
+    zero gradient), so the gradients are summed in the same order everywhere; 2 processes x 2 rows end as 1
+    process x 4 rows (weights; adapters and their AdamW moments). (A router's gradient is at rounding level for
+    the experts of small probability, where AdamW's step takes the sign of the rounding: the routers are trained
+    with SGD here, and get no adapter.)"""
+    from test_parallel import SETTINGS, assert_runs_match, initial, lora_start, train, trained
+    folder = hf_folder("qwen3moe", seed=30, num_experts=32)
+    # rows of 4 tokens: each process's 8 tokens choose a few of the 32 experts, mostly not the other's
+    settings = [*SETTINGS, "--seq_len=4", f"--model_path={folder}",  # (no aux loss: of each process's rows, as DDP)
+                *(["--optimizer=sgd", "--lr=0.05", "--grad_clip=0.5", "--grad_accum=2"] if case != "lora" else
+                  ["--mode=lora", "--lora_dropout=0", "--lora_targets=wq,w1,w2"])]
+    train(1, tmp_path / "one", tmp_path / "off", "--batch_size=4", *settings)
+    train(2, tmp_path / "two", tmp_path / "off", "--batch_size=2", *settings)
+    mode = "lora" if case == "lora" else "full"
+    one, two = trained(tmp_path / "one", mode), trained(tmp_path / "two", mode)
+    assert one.keys() == two.keys() and any(".experts." in k for k in one)
+    start = initial(tmp_path / "off") if mode == "full" else lora_start(tmp_path / "off", settings, folder)
+    assert_runs_match(one, two, start, mode, tiny_share=0.05)  # (an expert with a few tokens in 4 steps)
+
+
+def test_a_resumed_run_ends_as_an_uninterrupted_one_and_logs_the_aux_loss(hf_folder, tmp_path):
+    """finetune.py on a mixture with the load-balancing loss on: stopped after its second step's commit and
+    resumed, it ends with the weights of an uninterrupted run; metrics.jsonl holds the aux loss of each step;
+    the exported model (Hugging Face's layout, each expert's tensors) generates as the trained one does."""
+    import safetensors.torch
+    from helpers import records, run_main
+    folder = hf_folder("olmoe", seed=31)
+    base = [f"--model_path={folder}", f"--offload_path={tmp_path}/off", "--seq_len=8", "--batch_size=2",
+            "--eval_period=0", "--save_period=2", "--router_aux_loss_coef=0.01", "--compute_dtype=float32"]
+    assert run_main("finetune.py", *base, "--iters=4", f"--out_path={tmp_path}/whole")[0] == 0
+    assert run_main("finetune.py", *base, "--iters=2", f"--out_path={tmp_path}/parts")[0] == 0
+    assert run_main("finetune.py", *base, "--iters=4", "--resume=1", f"--out_path={tmp_path}/parts")[0] == 0
+    whole, parts = (safetensors.torch.load_file(tmp_path / name / "model.safetensors") for name in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and "model.layers.0.mlp.experts.7.down_proj.weight" in whole
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    steps = records(tmp_path / "whole", "train")
+    assert len(steps) == 4 and all(0.5 < r["router_aux_loss"] < 8 for r in steps)  # E * sum f P: 1 when balanced
+    no_aux = [a for a in base if "router_aux" not in a]
+    assert run_main("finetune.py", *no_aux, "--iters=1", f"--out_path={tmp_path}/plain")[0] == 0
+    assert "router_aux_loss" not in records(tmp_path / "plain", "train")[0]
+
+
+def test_bad_settings_of_a_mixture_are_one_line(hf_folder, tmp_path):
+    from helpers import refused
+    base = [f"--offload_path={tmp_path}/off", f"--out_path={tmp_path}/out", "--iters=1"]
+    refused("finetune.py", *base, f"--model_path={hf_folder('llama3')}", "--router_aux_loss_coef=0.1",
+            messages=("--router_aux_loss_coef=0.1", "is not a mixture of experts"))
+    refused("finetune.py", *base, "--router_aux_loss_coef=-1", messages=("--router_aux_loss_coef=-1.0", "at least 0"))
+    for changes, message in (({"num_experts_per_tok": 9}, "num_experts_per_tok=9 is more than the 8 experts"),
+                             ({"clip_qkv": 8.0}, "clip_qkv is not supported"),
+                             ({"num_experts": 0}, "num_experts must be a positive integer")):
+        folder = hf_folder("olmoe", name=str(len(message)), **changes)
+        refused("finetune.py", *base, f"--model_path={folder}", messages=(str(folder / "config.json"), message))
+
+
+# --- GGUF ---
+
+GGUF_ARCH = {"qwen3moe": "qwen3moe", "mixtral": "llama", "olmoe": "olmoe"}
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_gguf_export_stacks_the_experts_as_llama_cpp_names_them(hf_folder, load, tmp_path, family):
+    """Each family under llama.cpp's architecture, its tensors under gguf-py's names for the Hugging Face ones
+    (a block's experts stacked as the converter stacks them: one (experts, rows, columns) tensor per weight,
+    the router as ffn_gate_inp), q/k rows in Meta's order for llama (Mixtral), as they are for the others; the
+    expert counts as metadata. A LoRA adapter's expert adapters stacked likewise."""
+    import gguf
+    import gguf_format
+    from families import meta_rows_by_definition
+    folder = hf_folder(family, seed=32, **({"mlp_only_layers": []} if family == "qwen3moe" else {}))
+    config, t = read_folder(folder)
+    model = load(folder)
+    path = gguf_format.write_model(model, tmp_path / "out", "f32", log=lambda *a: None)
+    reader = gguf.GGUFReader(path)
+    fields = {f.name: f.contents() for f in reader.fields.values()}
+    tensors = {r.name: torch.from_numpy(r.data.copy()).reshape(tuple(reversed([int(n) for n in r.shape])))
+               for r in reader.tensors}
+    arch = GGUF_ARCH[family]
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.expert_count"] == n_experts(config)
+    assert fields[f"{arch}.expert_used_count"] == config["num_experts_per_tok"]
+    if family == "qwen3moe":
+        assert fields[f"{arch}.expert_feed_forward_length"] == config["moe_intermediate_size"]
+    moe, names = expert_names(config)
+    want = {}
+    for key, w in t.items():
+        if ".experts." not in key:
+            want[key] = w
+            continue
+        layer, expert, weight = key.split(".")[2], int(key.split(".")[5]), key.split(".")[6]
+        want.setdefault(f"model.layers.{layer}.mlp.experts.{weight}.weight", {})[expert] = w
+    want = {k: torch.stack([v[e] for e in range(len(v))]) if isinstance(v, dict) else v for k, v in want.items()}
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
+    gnames = {k: table.get_name(k.replace("block_sparse_moe.", "mlp.").replace("mlp.experts.w1", "mlp.experts.gate_proj")
+                                .replace("mlp.experts.w3", "mlp.experts.up_proj").replace("mlp.experts.w2",
+                                                                                           "mlp.experts.down_proj"),
+                                try_suffixes=(".weight",)) for k in want}
+    assert None not in gnames.values() and set(tensors) == set(gnames.values())
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    for key, w in want.items():
+        if arch == "llama" and key.endswith(("q_proj.weight", "k_proj.weight")):
+            w = meta_rows_by_definition(w, heads if "q_proj" in key else kv)
+        assert torch.equal(tensors[gnames[key]], w.float()), key
+    add_lora(model, lora(4, 8.0, 0.0, ["w1", "w2", "wq"]), seed=1)
+    adapter = gguf_format.write_adapter(model, tmp_path / "adapter.gguf", 8.0, log=lambda *a: None)
+    reader = gguf.GGUFReader(adapter)
+    shapes = {r.name: tuple(reversed([int(n) for n in r.shape])) for r in reader.tensors}
+    size = config.get("moe_intermediate_size") or config["intermediate_size"]
+    d, E = config["hidden_size"], n_experts(config)
+    assert shapes["blk.0.ffn_gate_exps.weight.lora_a"] == (E, 4, d)
+    assert shapes["blk.0.ffn_gate_exps.weight.lora_b"] == (E, size, 4)
+    assert shapes["blk.0.ffn_down_exps.weight.lora_a"] == (E, 4, size)
+    data = {r.name: torch.from_numpy(r.data.copy()).reshape(shapes[r.name]) for r in reader.tensors}
+    assert torch.equal(data["blk.0.ffn_gate_exps.weight.lora_a"][3], model.lora["layers.0.experts.3.w1.weight"][0])
+
+
+def test_gguf_export_refuses_what_llama_cpp_cannot_run(hf_folder, load, tmp_path):
+    """llama.cpp's qwen3moe has no dense layers and renormalises; its olmoe does not renormalise, and has as many
+    key and value heads as query heads."""
+    from utils import UserError
+    import gguf_format
+    with pytest.raises(UserError, match=r"no dense MLP between layers of experts .* layers \[1\]"):
+        gguf_format.write_model(load(hf_folder("qwen3moe", name="a")), tmp_path / "out", "f32")
+    with pytest.raises(UserError, match="renormalises the top-k routing weights, this model's norm_topk_prob is false"):
+        gguf_format.write_model(load(hf_folder("qwen3moe", name="b", mlp_only_layers=[], norm_topk_prob=False)),
+                                tmp_path / "b", "f32")
+    with pytest.raises(UserError, match="olmoe does not renormalise"):
+        gguf_format.write_model(load(hf_folder("olmoe", name="c", norm_topk_prob=True)), tmp_path / "c", "f32")
+    with pytest.raises(UserError, match="olmoe takes q, k and v of hidden_size each"):
+        gguf_format.write_model(load(hf_folder("olmoe", name="d", num_key_value_heads=2)), tmp_path / "d", "f32")
+    assert not (tmp_path / "out").exists()
+
+
+from test_gguf import NODE_LLAMA_CPP, SP_TEXTS, byte_fallback_tokenizer, llama_cpp  # noqa: E402,F401 (a fixture)
+
+
+@pytest.mark.skipif(not NODE_LLAMA_CPP, reason="SLOWLLAMA_NODE_LLAMA_CPP: a folder where `npm install "
+                    "node-llama-cpp` was run (llama.cpp's own code, prebuilt)")
+@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("adapter", [False, True])
+def test_llama_cpp_runs_the_gguf_of_a_mixture(hf_folder, load, tmp_path, byte_fallback_tokenizer, family, adapter):
+    """llama.cpp tokenizes as we do and continues a prompt greedily with the tokens we generate, from the
+    exported mixture (and with the adapter GGUF of LoRA on the experts, the router's and attention's)."""
+    import gguf_format
+    changes = {"qwen3moe": {"mlp_only_layers": []}, "mixtral": {"sliding_window": None}}.get(family, {})  # (llama.cpp's
+    folder = hf_folder(family, seed=33, vocab_size=512, **changes)  # qwen3moe has no dense layers, its llama no window)
+    (folder / "tokenizer.model").write_bytes(byte_fallback_tokenizer)
+    model = load(folder)
+    path = gguf_format.write_model(model, tmp_path / "out", "f32", log=lambda *a: None)
+    lora_path = None
+    if adapter:
+        add_lora(model, lora(4, 8.0, 0.0, ["wq", "w1", "w2", "w3"]), seed=1)
+        with torch.no_grad():
+            for _, b in model.lora.values():
+                b.normal_(generator=torch.Generator().manual_seed(2)).mul_(0.2)
+        lora_path = gguf_format.write_adapter(model, tmp_path / "adapter.gguf", 8.0, log=lambda *a: None)
+    prompt = model.tokenizer.encode(SP_TEXTS[0])
+    tokens, generated = llama_cpp(tmp_path, path, SP_TEXTS, prompt, 12, lora_path)
+    assert tokens == [model.tokenizer.encode(text, bos=False) for text in SP_TEXTS]
+    ours = model.generate(prompt, 12)
+    if generated != ours:  # only where two tokens tie within float rounding
+        i = next(i for i, (a, b) in enumerate(zip(generated, ours)) if a != b)
+        at = model(torch.tensor([prompt + ours[:i]]))[0, -1]
+        assert abs(float(at[ours[i]] - at[generated[i]])) < 1e-3, (i, generated, ours)
