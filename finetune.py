@@ -329,7 +329,7 @@ def export(model, s, out, step):
     layout, gguf_type = s.export
     if s.mode == "lora":
         save_tensors({**adapter_state(model, s.lora), "step": step}, out / "adapter.pt")
-        hf.write_peft(out / "peft", model, s.lora, base_name=model.manifest["source"])
+        hf.write_peft(out / "peft", model, s.lora, base_name=model.manifest["source"], log=log_line)
     save_model(model, out, out_format=layout, gguf_type=gguf_type)
     if layout == "gguf":
         write_text("FROM ./model.gguf\n", out / "Modelfile")  # Ollama's: ollama create NAME -f out/Modelfile

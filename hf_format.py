@@ -243,26 +243,84 @@ def sentencepiece_tokenizer_config(out_dir):
                 "add_bos_token": True, "add_eos_token": False}, out_dir / "tokenizer_config.json")
 
 
-def write_peft(out_dir, model, lora, base_name=""):
+def write_peft(out_dir, model, lora, base_name="", log=print):
     """The adapter as PEFT saves one for the Hugging Face model: adapter_config.json and
     adapter_model.safetensors, B's rows of q/k permuted like their weights. On a fused projection (Phi-3's
     qkv_proj, gate_up_proj) the adapters of its parts are one adapter of it (adapters.stacked_adapters), its
     rank the parts' together and its alpha as many times lora.alpha, in rank_pattern and alpha_pattern: the
-    same products, the same scale."""
+    same products, the same scale. A mixture's experts and routers: peft_experts. Returns the folder, or None
+    where PEFT would not load the adapter as trained."""
     from safetensors.torch import save_file
 
     from adapters import stacked_adapters
     out_dir = Path(out_dir)
+    if model.args.n_experts and any(k.split(".")[2] == "feed_forward" and ".gate." not in k for k in model.lora
+                                    if k.startswith("layers.")):
+        log(f"{out_dir} not written: PEFT loads adapters of a mixture's dense MLP layers (mlp_only_layers) as if they "
+            "were its experts'; adapter.pt and the merged model hold them")
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
     stacked = stacked_adapters(model, lambda key: hf_name(key, model.args).removesuffix(".weight"),
                                lambda key, b: hf_rows(key, b, model.args))
+    routed = [key for key in model.lora if ".experts." in key or key.endswith("feed_forward.gate.weight")]
+    for key in routed:
+        del stacked[hf_name(key, model.args).removesuffix(".weight")]
     tensors = {f"base_model.model.{name}.lora_{ab}.weight": t.contiguous()
                for name, (a, b, _) in stacked.items() for ab, t in (("A", a), ("B", b))}
-    save_file(tensors, out_dir / "adapter_model.safetensors")
     stacks = {name.split(".")[-1]: n for name, (_, _, n) in stacked.items() if n > 1}
+    parameters, parts = peft_experts(model, routed, tensors)
+    stacks.update({name: n for name, n in parts.items() if n > 1})
+    save_file(tensors, out_dir / "adapter_model.safetensors")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-              "lora_dropout": lora.dropout, "target_modules": sorted({name.split(".")[-1] for name in stacked}),
+              "lora_dropout": 0.0 if parameters else lora.dropout,  # (PEFT's adapters of parameters take none)
+              "target_modules": sorted({name.split(".")[-1] for name in stacked}) or None,
+              "target_parameters": parameters or None,
               "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_name,
               "modules_to_save": None, "rank_pattern": {m: n * lora.rank for m, n in stacks.items()},
               "alpha_pattern": {m: n * lora.alpha for m, n in stacks.items()}}
     write_json(config, out_dir / "adapter_config.json")
+    return out_dir
+
+
+def peft_experts(model, keys, tensors):
+    """A mixture's adapters (of keys: experts' and routers') as PEFT adapts transformers 5's model, whose experts
+    are one parameter per block and weight (mlp.experts.gate_up_proj: gate over up rows, each expert's;
+    mlp.experts.down_proj) and whose router is a parameter (mlp.gate.weight): with target_parameters. An
+    expert's w1 and w3 adapters are one of its gate_up rows, stacked as a fused projection's (rank and alpha
+    times the parts, in rank_pattern and alpha_pattern). PEFT's adapter of a (experts, out, in) parameter holds
+    expert e's A in rows e * r to (e + 1) * r and its B in columns j * experts + e; of several parameters of one
+    module, the one listed first there wraps as its base_layer. Adds the tensors to tensors; returns
+    (target_parameters, {parameter: parts stacked})."""
+    args, per_block = model.args, {}
+    for key in keys:
+        _, layer, local = key.split(".", 2)
+        per_block.setdefault(int(layer), []).append(local)
+    parameters, parts = set(), {}
+    for layer, locals_ in per_block.items():
+        prefix = f"base_model.model.model.layers.{layer}.mlp"
+        if "feed_forward.gate.weight" in locals_:
+            a, b = model.lora[f"layers.{layer}.feed_forward.gate.weight"]
+            tensors.update({f"{prefix}.gate.lora_A.weight": a.detach().cpu().float().contiguous(),
+                            f"{prefix}.gate.lora_B.weight": b.detach().cpu().float().contiguous()})
+            parameters.add("mlp.gate.weight")
+        weights = {local.split(".")[2] for local in locals_ if local.startswith("experts.")}
+        params = [p for p, ws in (("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",))) if weights & set(ws)]
+        hidden = args.moe_hidden_dim or args.hidden_dim
+        for i, param in enumerate(params):
+            where = f"{prefix}.experts" + ".base_layer" * (len(params) - 1 - i)
+            a_rows, b_columns = [], []
+            for e in range(args.n_experts):
+                pieces = [(w, model.lora.get(f"layers.{layer}.experts.{e}.{w}.weight")) for w in
+                          (("w1", "w3") if param == "gate_up_proj" else ("w2",))]
+                pieces = [(w, [t.detach().cpu().float() for t in pair]) for w, pair in pieces if pair is not None]
+                b = torch.zeros(2 * hidden if param == "gate_up_proj" else args.dim, len(pieces) * pieces[0][1][0].shape[0])
+                for j, (w, (a_w, b_w)) in enumerate(pieces):
+                    rows = slice(hidden if w == "w3" else 0, (hidden if w == "w3" else 0) + b_w.shape[0])
+                    b[rows, j * b_w.shape[1]:(j + 1) * b_w.shape[1]] = b_w
+                a_rows.append(torch.cat([a_w for _, (a_w, _) in pieces]))
+                b_columns.append(b)
+            tensors.update({f"{where}.lora_A.weight": torch.cat(a_rows).contiguous(),
+                            f"{where}.lora_B.weight": torch.stack(b_columns, -1).flatten(1).contiguous()})
+            parameters.add(f"mlp.experts.{param}")
+            parts[param] = len(pieces)
+    return sorted(parameters), parts

@@ -279,10 +279,10 @@ def test_settings_come_from_each_config(hf_folder, load):
 
 # --- transformers itself, where it is installed ---
 
-def made_by_transformers(transformers, family, folder, tokenizer_bytes):
+def made_by_transformers(transformers, family, folder, tokenizer_bytes, **changes):
     """A tiny folder of family made by transformers' save_pretrained (its own names and config), weights far
     from their initialisation."""
-    config = config_of(family)
+    config = config_of(family, **changes)
     config.pop("architectures")
     cls = {"qwen3moe": transformers.Qwen3MoeConfig, "mixtral": transformers.MixtralConfig,
            "olmoe": transformers.OlmoeConfig}[family]
@@ -505,3 +505,42 @@ def test_llama_cpp_runs_the_gguf_of_a_mixture(hf_folder, load, tmp_path, byte_fa
         i = next(i for i, (a, b) in enumerate(zip(generated, ours)) if a != b)
         at = model(torch.tensor([prompt + ours[:i]]))[0, -1]
         assert abs(float(at[ours[i]] - at[generated[i]])) < 1e-3, (i, generated, ours)
+
+
+@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("targets", [("wq", "w1", "w2", "w3", "router"), ("wv", "w1"), ("w2",)])
+def test_peft_loads_the_adapter_of_experts_and_routers(load, tmp_path, tokenizer_bytes, family, targets):
+    """The PEFT export of adapters on experts (transformers 5's fused expert parameters, with target_parameters)
+    and routers: PEFT loads it onto transformers' own model, whose logits then equal ours with the adapters."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import hf_format as hf
+    folder = tmp_path / family
+    changes = {"mlp_only_layers": []} if family == "qwen3moe" else {}  # (as Qwen3-30B-A3B and 235B-A22B: below)
+    theirs = made_by_transformers(transformers, family, folder, tokenizer_bytes, **changes)
+    model = load(folder)
+    add_lora(model, lora(2, 6.0, 0.1, targets), seed=1)
+    with torch.no_grad():
+        for _, b in model.lora.values():
+            b.normal_(generator=torch.Generator().manual_seed(2)).mul_(0.3)
+    hf.write_peft(tmp_path / "peft", model, lora(2, 6.0, 0.1, targets))
+    tokens = tokens_for(34)
+    with torch.no_grad():
+        plain = theirs.eval()(tokens).logits
+        adapted = peft.PeftModel.from_pretrained(theirs, tmp_path / "peft").eval()(tokens).logits
+        ours_logits = model.eval()(tokens)
+    assert (ours_logits - plain).abs().max() > 1e-2  # the adapters matter
+    assert torch.allclose(ours_logits, adapted, atol=1e-4, rtol=1e-4), (ours_logits - adapted).abs().max()
+
+
+def test_peft_export_of_a_mixture_with_adapted_dense_layers_is_left_out(hf_folder, load, tmp_path):
+    """PEFT (with transformers 5) takes a Qwen3-MoE's adapters of gate_proj, up_proj and down_proj for those of its
+    experts, also where they adapt a dense layer (mlp_only_layers): such an adapter is not written, said in one
+    line; one of the experts and attention alone is."""
+    import hf_format as hf
+    model, notes = load(hf_folder("qwen3moe")), []
+    add_lora(model, lora(2, 6.0, 0.0, ["wq", "w2"]))
+    assert hf.write_peft(tmp_path / "a", model, lora(2, 6.0, 0.0, ["wq", "w2"]), log=notes.append) is None
+    assert not (tmp_path / "a").exists() and "not written" in notes[0] and "mlp_only_layers" in notes[0]
+    add_lora(model, lora(2, 6.0, 0.0, ["wq", "router"]))
+    assert hf.write_peft(tmp_path / "b", model, lora(2, 6.0, 0.0, ["wq", "router"]), log=notes.append) == tmp_path / "b"
