@@ -121,8 +121,8 @@ def stacked_adapters(model, target, rows):
 # --- the fp32 copy of the frozen base ---
 
 def base_copy_boxes(model):
-    """The modules a LoRA step reads (those not resident)."""
-    return [box for box in dict.fromkeys([model.embeddings, *model.layers, model.output]) if not box.resident]
+    """The modules a LoRA step reads (those not resident; a mixture's experts, any of which a step may choose)."""
+    return [box for name, box in model.boxes.items() if name != "norm" and not box.resident]
 
 
 def base_copy_bytes(model, wanted=-1, disk_reserve=0, folder=None):

@@ -1,9 +1,9 @@
 """Training-step figures on synthetic checkpoints of real shapes (default_model.SHAPES: Llama 2 and 3, Gemma 3 27B,
-Phi-4; random weights, Meta's format).
+Phi-4, Qwen3-30B-A3B, Mixtral 8x7B; random weights, Meta's format).
 
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
-                [--keep_cache [--reuse_offload]] [--nproc N] [--base_copy 0|1]
+                [--keep_cache [--reuse_offload]] [--nproc N] [--base_copy 0|1] [--generate N]
 Checks the disk first (the synthetic source, its offload and the run folder, as training does), makes the
 checkpoint in bench_cache/, converts it into a fresh offload (timed), runs one warm-up and --steps timed
 training steps in this process, and prints a table and, as the last line, JSON. What it made for the shape
@@ -12,11 +12,13 @@ anything an earlier --keep_cache run left in bench_cache/ is used and kept. --np
 taken by N processes under torchrun (gloo), batch_size/N rows each, this machine's cores shared out.
 --reference: plain in-memory autograd on the same batches in a child process, a step of it after each
 step here (after all of them with --nproc); ratio_vs_reference compares the medians, ratio_paired is
-the median of each step's ratio to the reference's step right after it.
+the median of each step's ratio to the reference's step right after it. A mixture of experts adds what the
+steps read of its experts against what their tokens chose (random routers route near uniformly: the worst
+case). --generate N: instead of training, N tokens generated from a prompt of --seq_len tokens, and the bytes
+read a token against the bytes of the parameters a token uses (with --cold, every file read from the disk).
 """
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
@@ -31,42 +33,16 @@ import torch
 import finetune
 import loader
 from adapters import add_lora
-from default_model import SHAPES, SHARDS, shape_params
+from bench_reference import ReferenceRun, reference_child
+import default_model
+from default_model import SHAPES, checkpoint, n_params, remove, shape_args
 from files import evict_from_page_cache
-from model import module_names, module_shapes
-from meta_format import model_args
 from plan import block_matmul_shapes, matmul_params
 from run_folder import RunFolder
 from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, matmul_rate, memory_budget_bytes,
                    parse_dtype, peak_rss_mb, proc_io)
 
 HERE = Path(__file__).resolve().parent
-CACHE = HERE / "bench_cache"
-VOCAB = 32000  # of the synthetic tokenizer (padded to this size); the embedding rows of shapes without a vocab_size
-
-
-def shape_args(shape, layers):
-    return model_args(shape_params(shape, layers), SHAPES[shape].get("vocab_size", VOCAB))
-
-
-def n_params(shape, layers):
-    args = shape_args(shape, layers)
-    return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name).values())
-
-
-def checkpoint(shape, layers):
-    """The synthetic model folder, made in a child process the first time (so its memory is not counted)."""
-    path = CACHE / f"{shape}-{layers}L"
-    if not (path / "params.json").exists():
-        code = ("import sys, json, default_model as d; d.make_model(sys.argv[1], json.loads(sys.argv[2]), "
-                f"d.train_tokenizer(d.DEFAULT_TEXT, {VOCAB}, {VOCAB - 500}), int(sys.argv[3]))")
-        params = shape_params(shape, layers)
-        start = time.time()
-        subprocess.run([sys.executable, "-c", code, str(path), json.dumps(params), str(SHARDS[shape])], check=True, cwd=HERE)
-        print(f"made {path} in {time.time() - start:.0f} s", file=sys.stderr)
-    return path
-
-
 def make_batches(vocab, batch_size, seq_len, n):
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g) for _ in range(n)]
@@ -105,10 +81,11 @@ def seconds_so_far(model):
     return dict(model.offload.seconds, collective_wait=model.group.wait_s, **cpu_seconds())
 
 
-def run_steps(model, batches, lr, between=None):
+def run_steps(model, batches, lr, between=None, after=None):
     """Step times, {IO_KEYS: bytes or faults} per timed step and {Offload.seconds, collective_wait,
     user_cpu, kernel_cpu: s} per timed step (collective_wait: in a parallel run, waiting for the other
-    processes). between(): after each step, untimed (the reference's step)."""
+    processes). between(): after each step, untimed (the reference's step); after(i): after step i (0: the
+    warm-up)."""
     times = []
     for i, batch in enumerate(batches):
         if i == 1:  # after the warm-up
@@ -117,6 +94,8 @@ def run_steps(model, batches, lr, between=None):
         start = time.perf_counter()
         model.train_step([batch], lr)
         times.append(time.perf_counter() - start)
+        if after:
+            after(i)
         if between:
             model.offload.wait()
             between()
@@ -126,94 +105,13 @@ def run_steps(model, batches, lr, between=None):
         {key: round((seconds_so_far(model)[key] - s) / n, 2) for key, s in seconds.items()}
 
 
-class ReferenceRun:
-    """Plain in-memory autograd on the same weights, batches and dtype, in a child process (its memory
-    apart) that takes a step each time step() is called: its steps alternate with the offloaded run's,
-    so both are timed at the same moments of a machine whose speed drifts."""
-
-    def __init__(self):
-        self.child = subprocess.Popen([sys.executable, __file__, "--reference-child", *sys.argv[1:]], cwd=HERE,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.reply()  # its model is loaded
-
-    def reply(self):
-        line = self.child.stdout.readline()
-        if not line:
-            sys.exit(f"reference run failed: {self.child.stderr.read().strip()[-500:]}")
-        return line
-
-    def step(self):
-        self.child.stdin.write("step\n")
-        self.child.stdin.flush()
-        self.reply()
-
-    def figures(self):
-        """{reference_step_s: median of its timed steps, reference_peak_rss_mb, reference_kernel_cpu_s}:
-        once it has taken them all."""
-        self.child.stdin.close()
-        figures = json.loads(self.reply())
-        self.child.wait()
-        return figures
-
-
-def reference_child(a):
-    """The Reference's process: loads the model, says "ready", then a step per line read; at the end of
-    its input, the median of the steps after the first, its peak RSS and its kernel CPU seconds a step,
-    as JSON."""
-    import torch.nn.functional as F
-
-    from reference import Reference, add_adapters, read_meta_folder
-    weights, params = read_meta_folder(checkpoint(a.shape, a.layers), mmap=True)
-    model = Reference(weights, params)
-    trained = model.parameters()
-    if a.mode == "lora":  # the same adapters as the offloaded run: rank 8 on wq and wv, AdamW
-        model.requires_grad_(False)
-        adapters = {k: (torch.randn(8, w.shape[1]) * 0.01, torch.zeros(w.shape[0], 8)) for k, w in weights.items()
-                    if k.endswith(("wq.weight", "wv.weight"))}
-        trained = add_adapters(model, adapters, alpha=16.0, dropout=0.0)
-    del weights
-    opt = torch.optim.SGD(trained, lr=1e-4) if a.optimizer == "sgd" and a.mode == "full" else \
-        torch.optim.AdamW(trained, lr=1e-4)
-    print("ready", flush=True)
-    times, kernel_cpu = [], []
-    for _, (x, y) in zip(sys.stdin, make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len,
-                                                 a.steps + 1)):
-        start, kernel_start = time.perf_counter(), cpu_seconds()["kernel_cpu"]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.compute_dtype == "bf16"):
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-        kernel_cpu.append(cpu_seconds()["kernel_cpu"] - kernel_start)
-        print(times[-1], flush=True)
-    print(json.dumps({"reference_step_s": statistics.median(times[1:]), "reference_peak_rss_mb": peak_rss_mb(),
-                      "reference_kernel_cpu_s": round(statistics.mean(kernel_cpu[1:]), 2),
-                      "reference_step_s_all": [round(t, 3) for t in times[1:]]}))
-
-
 def disk_needs(a, cached, offload, reuse):
     """What the run writes on the disk: [(what, folder, bytes)] for utils.check_disk."""
     n = n_params(a.shape, a.layers)
     run = n * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else 0  # one slot: bench commits no step
-    return [("source (cached)" if cached else "source", CACHE, 0 if cached else 2 * n),  # bf16
+    return [("source (cached)" if cached else "source", default_model.CACHE, 0 if cached else 2 * n),  # bf16
             ("offload (reused)" if reuse else "offload", offload.parent, 0 if reuse else 2 * n),
-            ("run folder", CACHE / "run", run)]
-
-
-def remove(paths):
-    """Remove what this run made (and any half-made temporaries of it), then bench_cache/ if it is empty."""
-    for path in paths:
-        for p in [path, *path.parent.glob(f"{path.name}.tmp-*"), path.parent / f".{path.name}.lock"]:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.exists():
-                p.unlink()
-    for folder in (CACHE / "offload", CACHE):
-        try:
-            folder.rmdir()
-        except OSError:  # not empty: what an earlier --keep_cache run left
-            pass
+            ("run folder", default_model.CACHE / "run", run)]
 
 
 def main():
@@ -240,6 +138,8 @@ def main():
     p.add_argument("--reuse_offload", action="store_true",
                    help="use the offload an earlier --keep_cache run of this shape kept (conversion not timed)")
     p.add_argument("--nproc", type=int, default=1, help="processes taking the steps together (torchrun, gloo)")
+    p.add_argument("--generate", type=int, default=0, help="instead of training: tokens to generate after a prompt "
+                                                              "of --seq_len tokens (bytes read a token)")
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parallel-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -254,8 +154,8 @@ def main():
     if a.batch_size % a.nproc:
         raise UserError(f"--batch_size={a.batch_size} is not a multiple of --nproc={a.nproc}")
 
-    source = CACHE / f"{a.shape}-{a.layers}L"
-    offload_root, run_dir = CACHE / "offload", CACHE / "run"
+    source = default_model.CACHE / f"{a.shape}-{a.layers}L"
+    offload_root, run_dir = default_model.CACHE / "offload", default_model.CACHE / "run"
     if a.parallel_worker:
         return parallel_worker(a, source, offload_root, run_dir)
     offload = loader.offload_dir_for(source, offload_root)
@@ -284,9 +184,42 @@ def load(a, source, offload_root):
                              prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
 
 
+class ExpertReads:
+    """A mixture's experts in the timed steps: those read (files), those the steps' tokens chose."""
+
+    def __init__(self, model):
+        self.model, self.sparse = model, [box.experts for box in model.layers if box.experts]
+        self.chosen, self.steps = 0, 0
+
+    def counts(self):
+        return [[e.reads for e in experts.boxes] for experts in self.sparse]
+
+    def step(self, i):
+        if i == 0:  # the warm-up: counted from its end
+            self.reads = self.counts()
+            return
+        self.steps += 1
+        self.chosen += sum(len(set().union(*map(set, experts.chosen))) for experts in self.sparse)
+
+    def figures(self, file_read_bytes):
+        """Per timed step: experts read per sparse block, bytes of expert files read, the bytes of the chosen
+        experts (read by the forward and the backward pass), and all file bytes read against what the step had
+        to read: the chosen experts twice, every other module as the memory plan streams it."""
+        expert_bytes = self.sparse[0].boxes[0].file.stat().st_size
+        read = sum(b - a for now, then in zip(self.counts(), self.reads) for b, a in zip(now, then)) / self.steps
+        chosen = self.chosen / self.steps
+        others = round(file_read_bytes - read * expert_bytes)
+        return {"experts_chosen_per_block": round(chosen / len(self.sparse), 1),
+                "experts_read_per_block": round(read / 2 / len(self.sparse), 1),  # (two passes)
+                "expert_read_bytes_per_step": round(read * expert_bytes),
+                "chosen_expert_bytes_per_step": round(2 * chosen * expert_bytes),
+                "other_read_bytes_per_step": others,
+                "read_vs_chosen": round(file_read_bytes / (2 * chosen * expert_bytes + others), 3)}
+
+
 def train_figures(a, model, run_dir, group=None, between=None):
-    """run_steps' figures of --steps timed steps after a warm-up; in a parallel run, of this process's
-    rows of each step."""
+    """run_steps' figures of --steps timed steps after a warm-up (a mixture's: ExpertReads' too); in a parallel
+    run, of this process's rows of each step."""
     processes, rank = (group.world, group.rank) if group else (1, 0)
     rows = a.batch_size // processes
     try:
@@ -299,8 +232,10 @@ def train_figures(a, model, run_dir, group=None, between=None):
                              log=lambda line: print(line, file=sys.stderr))
         model.train()
         batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
-        return run_steps(model, [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
-                                 for x, y in batches], 1e-4, between)
+        experts = ExpertReads(model) if model.args.n_experts and processes == 1 else None
+        times, io, seconds = run_steps(model, [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
+                                               for x, y in batches], 1e-4, between, experts and experts.step)
+        return times, io, seconds, experts and experts.figures(io["file_read_bytes"])
     finally:
         model.close()  # no write into the run folder is left when it is removed
 
@@ -311,7 +246,7 @@ def parallel_worker(a, source, offload_root, run_dir):
     group, _ = parallel.start("cpu", 600)
     try:
         model = load(a, source, offload_root)
-        times, io, seconds = train_figures(a, model, run_dir, group)
+        times, io, seconds, _ = train_figures(a, model, run_dir, group)
         figures = group.gather({"times": times, "io": io, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                                 "planned_peak_mb": model.memory.peak / 2**20})
     finally:
@@ -337,6 +272,33 @@ def parallel_steps(a):
     return times, io, seconds, figures
 
 
+def generation_figures(a, model):
+    """--generate: the bytes a generated token reads (module files; from the disk, the page cache aside) against
+    the bytes of the parameters it uses (a block's attention, norms, router and top_k experts or its MLP, the
+    output, a row of the embeddings), in the storage dtype; tokens per second. The prompt's pass is left out:
+    the difference of generating 1 and 1 + N tokens after it."""
+    model.eval()
+    prompt = make_batches(model.args.vocab_size, 1, a.seq_len, 1)[0][0][0].tolist()
+    counts = []
+    for n in (1, 1 + a.generate):
+        model.offload.wait()
+        before, start = io_counters(model), time.perf_counter()
+        model.generate(prompt, n, stop_ids=())
+        model.offload.wait()
+        counts.append(([b - a for a, b in zip(before, io_counters(model))], time.perf_counter() - start))
+    (one, one_s), (more, more_s) = counts
+    per_token = {key: (b - a) // a_n for key, a, b, a_n in zip(IO_KEYS, one, more, [a.generate] * len(IO_KEYS))}
+    args, unit = model.args, model.storage_dtype.itemsize
+    expert = model.layers[0].experts.boxes[0].numel() if args.n_experts else 0
+    active = sum(box.numel() + args.top_k * expert * bool(box.experts) for box in model.layers) + \
+        model.norm.numel() + model.output.numel() * (not args.tied) + args.dim * (1 + args.tied * (args.vocab_size - 1))
+    return {"prompt_tokens": a.seq_len, "generated": a.generate, "tokens_per_s": round(a.generate / (more_s - one_s), 3),
+            "file_read_bytes_per_token": per_token["file_read_bytes"],
+            "disk_read_bytes_per_token": per_token["disk_read_bytes"], "active_bytes_per_token": active * unit,
+            "model_bytes": sum(box.numel() for box in model.boxes.values()) * unit,
+            "disk_read_vs_active": round(per_token["disk_read_bytes"] / (active * unit), 3)}
+
+
 def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
     args = shape_args(a.shape, a.layers)
@@ -346,14 +308,18 @@ def run(a, source, offload_root, run_dir):
     start = time.perf_counter()
     model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
+    if a.generate:
+        return {"cpu": cpu_name(), "shape": a.shape, "layers": a.layers, "compute_dtype": a.compute_dtype,
+                "cold": a.cold, **generation_figures(a, model)}
     reference = ReferenceRun() if a.reference else None
+    experts = None
     if a.nproc > 1:
         times, io, seconds, figures = parallel_steps(a)
         peak_mb, planned_mb = max(f["peak_rss_mb"] for f in figures), max(f["planned_peak_mb"] for f in figures)
         for _ in range(a.steps + 1 if reference else 0):  # after the parallel run's steps, not between them
             reference.step()
     else:
-        times, io, seconds = train_figures(a, model, run_dir, between=reference and reference.step)
+        times, io, seconds, experts = train_figures(a, model, run_dir, between=reference and reference.step)
         peak_mb, planned_mb = peak_rss_mb(), model.memory.peak / 2**20
     step_s = statistics.median(times)
     n = matmul_params(model.args)
@@ -375,6 +341,8 @@ def run(a, source, offload_root, run_dir):
     if a.nproc > 1:  # peaks per process (shared mapped pages count in each), and the time waited for the others
         result.update(peak_rss_mb_each=[round(f["peak_rss_mb"]) for f in figures],
                       collective_wait_share=round(seconds["collective_wait"] / step_s, 3))
+    if experts:
+        result.update(experts)
     if a.cold:
         result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)
     if reference:

@@ -4,8 +4,12 @@ import fcntl
 import io
 import itertools
 import json
+import math
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -83,7 +87,7 @@ def make_model(out_dir, params, tokenizer_bytes, n_shards=1, seed=0, dtype=torch
                     for k, s in shapes.items()}
 
         names = [n for n in ("tok_embeddings", "norm", "output") if n in module_names(args)] + \
-            [f"layers.{i}" for i in range(args.n_layers)]  # (no output with tie_embeddings)
+            [n for n in module_names(args) if n.startswith("layers.")]  # (no output with tie_embeddings)
         entries = [(f"{n}.{k}", s, dtype) for n in names for k, s in module_shapes(args, n).items()]
         extras = {}
         if rope_freqs:
@@ -121,8 +125,17 @@ SHAPES = {  # params.json of the real models; 1b is a 7B-like model cut to dim 2
                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "max_position_embeddings": 131072},
     "phi4": {"dim": 5120, "n_layers": 40, "n_heads": 40, "n_kv_heads": 10, "hidden_dim": 17920, "vocab_size": 100352,
              "norm_eps": 1e-5, "rope_theta": 250000.0, "family": "phi3", "max_position_embeddings": 16384},
+    # mixtures of experts: config.json of Qwen3-30B-A3B and of Mixtral 8x7B
+    "qwen3-30b-a3b": {"dim": 2048, "n_layers": 48, "n_heads": 32, "n_kv_heads": 4, "head_dim": 128, "hidden_dim": 6144,
+                      "vocab_size": 151936, "norm_eps": 1e-6, "rope_theta": 1e6, "family": "qwen3moe", "qk_norm": "head",
+                      "n_experts": 128, "top_k": 8, "moe_hidden_dim": 768, "norm_topk": True,
+                      "max_position_embeddings": 40960},
+    "mixtral-8x7b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "hidden_dim": 14336, "vocab_size": 32000,
+                     "norm_eps": 1e-5, "rope_theta": 1e6, "family": "mixtral", "n_experts": 8, "top_k": 2,
+                     "norm_topk": True, "max_position_embeddings": 32768},
 }
-SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8, "8b": 1, "405b": 8, "gemma3-27b": 1, "phi4": 1}
+SHARDS = {"tiny": 2, "1b": 1, "7b": 1, "13b": 2, "70b": 8, "8b": 1, "405b": 8, "gemma3-27b": 1, "phi4": 1,
+          "qwen3-30b-a3b": 1, "mixtral-8x7b": 1}
 
 
 def shape_params(shape, layers):
@@ -131,3 +144,44 @@ def shape_params(shape, layers):
     if params.get("family") == "gemma3":  # five sliding layers, then a full one
         params["layer_types"] = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
     return params
+
+
+CACHE = HERE / "bench_cache"  # bench.py's synthetic checkpoints, offloads and runs
+VOCAB = 32000  # of the synthetic tokenizer (padded to this size); the embedding rows of shapes without a vocab_size
+
+
+def shape_args(shape, layers):
+    return model_args(shape_params(shape, layers), SHAPES[shape].get("vocab_size", VOCAB))
+
+
+def n_params(shape, layers):
+    args = shape_args(shape, layers)
+    return sum(math.prod(s) for name in module_names(args) for s in module_shapes(args, name).values())
+
+
+def checkpoint(shape, layers):
+    """The synthetic model folder, made in a child process the first time (so its memory is not counted)."""
+    path = CACHE / f"{shape}-{layers}L"
+    if not (path / "params.json").exists():
+        code = ("import sys, json, default_model as d; d.make_model(sys.argv[1], json.loads(sys.argv[2]), "
+                f"d.train_tokenizer(d.DEFAULT_TEXT, {VOCAB}, {VOCAB - 500}), int(sys.argv[3]))")
+        params = shape_params(shape, layers)
+        start = time.time()
+        subprocess.run([sys.executable, "-c", code, str(path), json.dumps(params), str(SHARDS[shape])], check=True, cwd=HERE)
+        print(f"made {path} in {time.time() - start:.0f} s", file=sys.stderr)
+    return path
+
+
+def remove(paths):
+    """Remove what this run made (and any half-made temporaries of it), then bench_cache/ if it is empty."""
+    for path in paths:
+        for p in [path, *path.parent.glob(f"{path.name}.tmp-*"), path.parent / f".{path.name}.lock"]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
+    for folder in (CACHE / "offload", CACHE):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: what an earlier --keep_cache run left
+            pass

@@ -52,8 +52,7 @@ class ModelArgs:
     # slides where sliding_window is set (Mistral)
     rope_local_theta: float | None = None  # Gemma 3: the sliding blocks' rope theta (and no scaling there)
     rotary_dim: int | None = None  # Phi: features of a head that turn (partial_rotary_factor); None: all
-    pad_id: int | None = None  # the padding token: its embedding row takes no gradient from lookups (transformers'
-    # padding_idx)
+    pad_id: int | None = None  # the padding token: its embedding row takes no gradient (transformers' padding_idx)
     n_experts: int = 0  # a mixture of experts (Qwen3-MoE, Mixtral, OLMoE): the experts of a sparse block's MLP
     top_k: int = 0  # the experts each token is routed to
     moe_hidden_dim: int | None = None  # an expert's FFN size; None: hidden_dim
@@ -98,16 +97,13 @@ def module_shapes(args, module):
     if module == "norm":
         return {"weight": (d,)}
     parts = module.split(".")
+    mlp = lambda prefix, n: {f"{prefix}w1.weight": (n, d), f"{prefix}w2.weight": (d, n), f"{prefix}w3.weight": (n, d)}
     if len(parts) == 4:  # an expert
-        hidden = args.moe_hidden_dim or hidden
-        return {"w1.weight": (hidden, d), "w2.weight": (d, hidden), "w3.weight": (hidden, d)}
+        return mlp("", args.moe_hidden_dim or hidden)
     shapes = {"attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
               "attention.wo.weight": (d, q)}
-    if len(parts) == 2 and args.sparse(int(parts[1])):
-        shapes["feed_forward.gate.weight"] = (args.n_experts, d)
-    else:
-        shapes.update({"feed_forward.w1.weight": (hidden, d), "feed_forward.w2.weight": (d, hidden),
-                       "feed_forward.w3.weight": (hidden, d)})
+    sparse = len(parts) == 2 and args.sparse(int(parts[1]))
+    shapes.update({"feed_forward.gate.weight": (args.n_experts, d)} if sparse else mlp("feed_forward.", hidden))
     if args.norms != "post":
         shapes.update({"attention_norm.weight": (d,), "ffn_norm.weight": (d,)})
     if args.norms != "pre":
@@ -146,8 +142,7 @@ def experts_of(args, layer):
 
 
 def module_of(key):
-    """('layers.3', 'attention.wq.weight') for 'layers.3.attention.wq.weight'; ('layers.3.experts.5', 'w1.weight'),
-    ('output', 'weight') ..."""
+    """(module, key in it): ('layers.3', 'attention.wq.weight'), ('layers.3.experts.5', 'w1.weight'), ('output', 'weight')."""
     parts = key.split(".")
     n = 1 if parts[0] != "layers" else 4 if len(parts) > 3 and parts[2] == "experts" else 2
     return ".".join(parts[:n]), ".".join(parts[n:])

@@ -14,6 +14,8 @@ import torch
 from model import mlp
 from utils import get_rng_state, set_rng_state
 
+TOKENS_TO_READ_AHEAD = 16  # tokens an expert (on average) from which the next one is read ahead into memory
+
 
 def route(logits, args):
     """(routing weights, chosen experts: both (tokens, top_k), every expert's probability (tokens, experts)):
@@ -129,7 +131,11 @@ class Experts:
         k, flat = chosen.shape[1], chosen.flatten()
         order = torch.unique(flat).tolist() if order is None else order
         picks = [(flat == e).nonzero().squeeze(1) for e in order]
-        for box, e, pick in zip(self.offload.stream([self.boxes[e] for e in order]), order, picks):
+        # few tokens an expert (generation, short rows): the next expert read ahead into the page cache only, as
+        # the background thread's work on it would slow the short matmuls of this one more than it saves
+        into_memory = None if flat.numel() >= TOKENS_TO_READ_AHEAD * len(order) else False
+        for box, e, pick in zip(self.offload.stream([self.boxes[e] for e in order], into_memory=into_memory), order,
+                                picks):
             yield e, box, pick // k, pick % k
 
 

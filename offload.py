@@ -70,13 +70,14 @@ class Offload:
         with self.buffer_lock:
             self.spare_buffers = buffers
 
-    def stream(self, boxes, keep=()):
-        """Yield each module loaded while the next one is read in the background; let each go after
-        (those in keep stay: they are the first the next pass needs)."""
+    def stream(self, boxes, keep=(), into_memory=None):
+        """Yield each module loaded while the next one is read in the background (into memory where the plan
+        says, or into_memory says; else into the page cache); let each go after (those in keep stay: they are
+        the first the next pass needs)."""
         for i, box in enumerate(boxes):
             box.load()
             if i + 1 < len(boxes) and self.prefetch:
-                boxes[i + 1].prefetch(into_memory=self.prefetch_in_memory)
+                boxes[i + 1].prefetch(into_memory=self.prefetch_in_memory if into_memory is None else into_memory)
             yield box
             box.release(keep=box in keep)
 
@@ -122,6 +123,7 @@ class Blackbox:
         self.lora = {}
         self.experts = None  # a sparse block's experts (moe.Experts), which its forward pass streams
         self.uses = None  # an expert: the micro-batches of this step whose tokens chose it (its gradient's parts)
+        self.reads = 0  # times its file was read
         self.weights = None  # key -> tensor while in memory: the fp32 working copy when trainable
         self.compute = None  # key -> tensor the matmuls use (a compute-dtype copy where it differs)
         self.optim = {}  # key -> optimizer state (AdamW moments), stored beside the weights
@@ -220,6 +222,7 @@ class Blackbox:
         else:
             (data, mapping), buffer = mapped, None
         o.bytes["read"] += self.file.stat().st_size
+        self.reads += 1
         weights = {k: data[k].to(o.device) for k in self.shapes}
         optim = {}
         for name, t in data.items():
@@ -340,15 +343,18 @@ class MemoryPlan:
 
 def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_batches=1, whole_grads=False,
                 keep_activations=True):
-    """Share the memory budget (bytes, the whole process) out. Always needed: a block and the embeddings
-    or output beside it (at the turns of the step both are in memory), the gradient rows being applied
+    """Share the memory budget (bytes, the whole process) out. Always needed: a block (of a mixture: with two
+    of its experts, whatever the number chosen) and the embeddings or output beside it (at the turns of the
+    step both are in memory), the gradient rows being applied
     (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
     one table: whole_grads), each block's input, the logits and their gradient, the block being computed.
     Then, in order of what they save: blocks' activations (a quarter of a block's arithmetic each),
     reading the next module into memory ahead of its use (else the OS reads it ahead), and the last
     modules staying resident (the final norm always: it is tiny and used at every turn)."""
     modules = list(dict.fromkeys([embeddings, *layers, output]))  # the output may be the embeddings
-    block = max((box.memory_bytes() for box in layers), default=0)
+    experts = [box.experts.boxes[0] for box in layers if box.experts]  # a mixture: an expert in use, the next
+    block = max((box.memory_bytes() for box in layers), default=0) + \
+        2 * max((e.memory_bytes() for e in experts), default=0)  # read ahead
     big = max(embeddings.memory_bytes(), output.memory_bytes())
     grads = 0 if not embeddings.trainable else \
         4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES

@@ -153,14 +153,18 @@ def disk_speeds(folder, nbytes):
 
 
 def matmul_params(args):
-    """Parameters of the matmuls a token passes through: every block's matrices and the output."""
-    block = sum(math.prod(s) for s in module_shapes(args, "layers").values() if len(s) == 2)
-    return args.n_layers * block + args.vocab_size * args.dim
+    """Parameters of the matmuls a token passes through: every block's matrices (of a mixture's sparse block,
+    attention, the router and top_k experts) and the output."""
+    expert = sum(math.prod(s) for s in module_shapes(args, "layers.0.experts.0").values())
+    block = lambda i: sum(math.prod(s) for s in module_shapes(args, f"layers.{i}").values() if len(s) == 2) + \
+        args.top_k * expert * args.sparse(i)
+    return sum(map(block, range(args.n_layers))) + args.vocab_size * args.dim
 
 
 def block_matmul_shapes(args):
-    """The (out, in) shapes of a block's matrices: what matmul_rate is measured at."""
-    return [s for s in module_shapes(args, "layers").values() if len(s) == 2]
+    """The (out, in) shapes of a block's matrices (and an expert's): what matmul_rate is measured at."""
+    return [s for name in ["layers"] + ["layers.0.experts.0"] * bool(args.n_experts)
+            for s in module_shapes(args, name).values() if len(s) == 2]
 
 
 # --- the figures ---
@@ -168,18 +172,26 @@ def block_matmul_shapes(args):
 def step_traffic(model, s, base_copy=0):
     """(bytes read by the forward pass, by the backward pass, bytes written) of one step, from the memory
     plan (modules that stay resident move nothing). The forward pass reads each streamed file once: the
-    step's working set, and what each of an evaluation's passes reads. base_copy: LoRA reads an fp32 copy."""
+    step's working set, and what each of an evaluation's passes reads. base_copy: LoRA reads an fp32 copy.
+    A mixture's experts count as if every one were chosen in every block (the worst case: a step reads and
+    writes only those its tokens choose)."""
     full = s.mode == "full"
-    unit = 4 * (1 + model.optimizer.states) if full else 4 if base_copy else model.storage_dtype.itemsize
-    size = lambda box: 0 if box.resident else box.numel() * unit
+    size = lambda box: 0 if box.resident else box.numel() * file_unit(model, s, base_copy)
     ends = list(dict.fromkeys([model.embeddings, model.output]))  # one table when tied
-    forward = sum(map(size, ends)) + sum(map(size, model.layers))
-    backward = sum(map(size, model.layers[:-1]))  # the last block is kept from the forward pass
+    experts = sum(size(e) for box in model.layers if box.experts for e in box.experts.boxes)  # as if every one
+    forward = sum(map(size, ends)) + sum(map(size, model.layers)) + experts  # were chosen: the worst case
+    backward = sum(map(size, model.layers[:-1])) + experts  # the last block is kept from the forward pass
     writes = forward if full else 0  # each changed module once, the embeddings and output included
     if full and s.optim.grad_clip:  # gradients wait on disk for the norm; a third pass applies them
         grads = sum(0 if box.resident else 4 * box.numel() for box in model.boxes.values())
         backward, writes = backward + forward + grads, writes + grads
     return forward, backward, writes
+
+
+def file_unit(model, s, base_copy=0):
+    """Bytes per parameter of the module files a step reads: the fp32 working copy (and AdamW's moments), LoRA's
+    fp32 copy of the base, or the offload's source dtype."""
+    return 4 * (1 + model.optimizer.states) if s.mode == "full" else 4 if base_copy else model.storage_dtype.itemsize
 
 
 def step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, copies_share_cpu):
@@ -248,8 +260,11 @@ def plan(s, disk_needs, out=print):
     warm = working_set <= cache_room
     step_s = t["warm_step_s"] if warm else t["cold_step_s"]
     n_evals = n_evaluations(s, first_step)
-    passes = s.gen_tokens + (s.data.val_fraction > 0)  # each generated token streams the whole model once
-    eval_s = passes * working_set / speeds["cache_read" if warm else "disk_read"]
+    # each generated token streams the whole model once (a mixture: of each block only the top_k experts)
+    passes = s.gen_tokens + (s.data.val_fraction > 0)
+    experts = sum(e.numel() for box in model.layers if box.experts for e in box.experts.boxes)
+    unchosen = experts * file_unit(model, s, base_copy) * (1 - model.args.top_k / max(1, model.args.n_experts))
+    eval_s = (passes * working_set - s.gen_tokens * unchosen) / speeds["cache_read" if warm else "disk_read"]
     total_s = steps * step_s + n_evals * eval_s
     if base_copy:
         needs.insert(1, ("fp32 copy of the base (LoRA; removed at the end)", Path(s.out_path) / "run", base_copy))
@@ -293,6 +308,10 @@ def plan(s, disk_needs, out=print):
         + ")" if full else "the run folder (an fp32 copy of the frozen base, made once)" if base_copy else \
         "the offload folder (the frozen base, converted to fp32 at every read)" if model.compute_dtype != \
         model.storage_dtype else "the offload folder (the frozen base)"
+    if model.args.n_experts:
+        out(f"a mixture of {model.args.n_experts} experts, {model.args.top_k} a token: the reads and writes below "
+            "count every expert of every block (the worst case; a step moves only those its tokens choose), the "
+            f"arithmetic {model.args.top_k} experts a token")
     out(f"memory: about {gb(peak)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
         f"{n_resident} of {len(model.boxes)} modules stay in memory"
         + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed"))

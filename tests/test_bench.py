@@ -5,6 +5,7 @@ import sys
 import pytest
 
 import bench
+import default_model
 import utils
 
 
@@ -14,7 +15,7 @@ def test_figures_are_printed_with_the_cache_behind_a_symlink(tmp_path, monkeypat
     real.mkdir()
     cache = tmp_path / "bench_cache"
     cache.symlink_to(real)  # a cache folder kept on another disk
-    monkeypatch.setattr(bench, "CACHE", cache)
+    monkeypatch.setattr(default_model, "CACHE", cache)
     monkeypatch.setattr(sys, "argv", ["bench.py", "--shape", "tiny", "--layers", "1", "--steps", "1"])
     bench.main()
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

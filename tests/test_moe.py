@@ -54,11 +54,12 @@ def reads_of(monkeypatch, folder):
     return seen
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_experts_no_token_chose_are_neither_read_nor_written(hf_folder, load, tmp_path, monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer,keep", [("sgd", True), ("adamw", True), ("sgd", False)])
+def test_experts_no_token_chose_are_neither_read_nor_written(hf_folder, load, tmp_path, monkeypatch, optimizer, keep):
     """16 experts, top 2, one row of 3 tokens: at most 6 of each block's experts are chosen. The chosen ones
     (those whose gradient is not zero by the definition) are read once in the forward pass and once in the
-    backward pass and written to the run folder; the others are never read and keep their offload file."""
+    backward pass (also where the block is recomputed for it: keep_activations=0) and written to the run
+    folder; the others are never read and keep their offload file."""
     folder = hf_folder("qwen3moe", seed=21, num_experts=16, mlp_only_layers=[])
     config, t = read_folder(folder)
     x = tokens_for(21, batch=1, length=3)
@@ -67,7 +68,7 @@ def test_experts_no_token_chose_are_neither_read_nor_written(hf_folder, load, tm
     chosen = {k.rsplit(".", 2)[0] for k in want if ".experts." in k and not torch.equal(want[k], initial[k])}
     assert 0 < len(chosen) < 2 * 16  # some experts, not all
     model = load(folder, memory_budget=0)  # nothing resident
-    run = setup(model, tmp_path, "full", optimizer, tokens=3)
+    run = setup(model, tmp_path, "full", optimizer, tokens=3, keep_activations=keep)
     model.train()
     seen = reads_of(monkeypatch, model.offload_dir)
     model.train_step([(x, y)], 0.1)
