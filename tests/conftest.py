@@ -110,3 +110,18 @@ def default_run(tmp_path_factory):
                          f"--out_path={out}", f"--offload_path={tmp / 'offload'}")
     assert code == 0, err
     return out, tmp / "offload", log
+
+
+@pytest.fixture(scope="session")
+def byte_fallback_tokenizer():
+    """A sentencepiece BPE of 512 pieces with the 256 byte pieces (<0x00>...) every Llama sentencepiece model
+    has: llama.cpp stops with an error on a character outside a vocabulary without them."""
+    import io
+
+    import sentencepiece
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(default_model.DEFAULT_TEXT), model_writer=model, vocab_size=512, model_type="bpe",
+        character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        byte_fallback=True)
+    return model.getvalue()

@@ -197,3 +197,14 @@ def byte_of_char():
     shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in shown]
     return {**{chr(b): b for b in shown}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def sgd_step(model, x, y, lr):
+    """One SGD step of a torch model (transformers' own) on the cross-entropy of its logits: the loss."""
+    import torch.nn.functional as F
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.item()

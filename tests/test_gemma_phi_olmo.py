@@ -15,7 +15,8 @@ import gguf_format
 import loader
 from adapters import add_lora
 from families import DROP, MOE, NEW, TIED, family_of, head_dim_of, hf_forward, meta_weights, read_folder, tokens_for
-from helpers import assert_step_matches, assert_updates_match, lora, make_batches, ours, refused, run_main, setup
+from helpers import (assert_step_matches, assert_updates_match, lora, make_batches, ours, refused, run_main, setup,
+                     sgd_step)
 
 DENSE = [f for f in NEW if f not in MOE]  # (the mixtures of experts: test_moe.py)
 
@@ -337,12 +338,7 @@ def test_one_training_step_equals_transformers(hf_folder, load, tmp_path, family
     (x, y), = steps[0]
     losses, got, _ = ours(load, folder, tmp_path, steps, "sgd", 0.1)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    theirs.train()
-    opt = torch.optim.SGD(theirs.parameters(), lr=0.1)
-    loss = F.cross_entropy(theirs(x).logits.flatten(0, 1), y.flatten())
-    loss.backward()
-    opt.step()
-    assert losses == pytest.approx([loss.item()], abs=1e-4)
+    assert losses == pytest.approx([sgd_step(theirs, x, y, 0.1)], abs=1e-4)
     config, t = read_folder(folder)
     after = {k: v.detach() for k, v in theirs.state_dict().items() if k in t}
     want, initial = meta_weights(config, after), meta_weights(config, t)

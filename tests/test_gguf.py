@@ -474,23 +474,6 @@ def llama_cpp(tmp_path, model_path, texts, prompt, n, lora=None):
     return out["tokens"], out["generated"]
 
 
-@pytest.fixture(scope="module")
-def byte_fallback_tokenizer():
-    """A sentencepiece BPE of 512 pieces with the 256 byte pieces (<0x00>...) every Llama sentencepiece model
-    has: llama.cpp stops with an error on a character outside a vocabulary without them."""
-    import io
-
-    import sentencepiece
-
-    import default_model
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(default_model.DEFAULT_TEXT), model_writer=model, vocab_size=512, model_type="bpe",
-        character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-        byte_fallback=True)
-    return model.getvalue()
-
-
 @pytest.mark.skipif(not NODE_LLAMA_CPP, reason="SLOWLLAMA_NODE_LLAMA_CPP: a folder where `npm install "
                     "node-llama-cpp` was run (llama.cpp's own code, prebuilt)")
 @pytest.mark.parametrize("case", ["sentencepiece", "tokenizer_json", "tiktoken", "tied", "llama3", "mistral", "qwen2",
@@ -517,9 +500,15 @@ def test_llama_cpp_runs_the_gguf(hf_folder, load, tmp_path, request, byte_fallba
         (folder / "tokenizer.model").write_bytes(byte_fallback_tokenizer)
     model = load(folder)
     path = export(model, tmp_path / "out", "f32")
+    assert_llama_cpp_agrees(tmp_path, model, path, texts, ["wq", "wk", "wv", "w2"] if case.startswith("lora") else None)
+
+
+def assert_llama_cpp_agrees(tmp_path, model, path, texts, lora_targets=None):
+    """llama.cpp (on the GGUF at path; with lora_targets, with random adapters of those in adapter.gguf, on
+    model too) tokenizes texts as model does and continues the first greedily with model's tokens."""
     adapter = None
-    if case.startswith("lora"):
-        add_lora(model, lora(4, 8.0, 0.0, ["wq", "wk", "wv", "w2"]), seed=1)
+    if lora_targets:
+        add_lora(model, lora(4, 8.0, 0.0, lora_targets), seed=1)
         with torch.no_grad():
             for _, b in model.lora.values():
                 b.normal_(generator=torch.Generator().manual_seed(2)).mul_(0.2)

@@ -15,9 +15,10 @@ import offload
 from adapters import add_lora
 from families import MOE, config_of, expert_names, hf_forward, meta_weights, n_experts, read_folder, reference_step, \
     sparse, tokens_for
-from helpers import assert_step_matches, assert_updates_match, lora, make_batches, ours, setup
+from helpers import assert_step_matches, assert_updates_match, lora, make_batches, ours, setup, sgd_step
 from moe import route
 from model import ModelArgs
+from test_gguf import NODE_LLAMA_CPP, SP_TEXTS, assert_llama_cpp_agrees
 
 # --- routing ---
 
@@ -310,12 +311,7 @@ def test_folders_made_by_transformers_generate_and_train_as_it_does(load, tmp_pa
         want = theirs.generate(x[:1, :5], max_new_tokens=6, do_sample=False)[0, 5:].tolist()
     assert ours_model.generate(x[0, :5].tolist(), 6) == want
     losses, got, _ = ours(load, folder, tmp_path / "run", [[(x, y)]], "sgd", 0.1)
-    theirs.train()
-    opt = torch.optim.SGD(theirs.parameters(), lr=0.1)
-    loss = F.cross_entropy(theirs(x).logits.flatten(0, 1), y.flatten())
-    loss.backward()
-    opt.step()
-    assert losses == pytest.approx([loss.item()], abs=1e-4)
+    assert losses == pytest.approx([sgd_step(theirs, x, y, 0.1)], abs=1e-4)
     state = {k: v.detach() for k, v in theirs.state_dict().items()}
     config = json.loads((folder / "config.json").read_text())
     per_expert = {}
@@ -475,9 +471,6 @@ def test_gguf_export_refuses_what_llama_cpp_cannot_run(hf_folder, load, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-from test_gguf import NODE_LLAMA_CPP, SP_TEXTS, byte_fallback_tokenizer, llama_cpp  # noqa: E402,F401 (a fixture)
-
-
 @pytest.mark.skipif(not NODE_LLAMA_CPP, reason="SLOWLLAMA_NODE_LLAMA_CPP: a folder where `npm install "
                     "node-llama-cpp` was run (llama.cpp's own code, prebuilt)")
 @pytest.mark.parametrize("family", MOE)
@@ -491,21 +484,7 @@ def test_llama_cpp_runs_the_gguf_of_a_mixture(hf_folder, load, tmp_path, byte_fa
     (folder / "tokenizer.model").write_bytes(byte_fallback_tokenizer)
     model = load(folder)
     path = gguf_format.write_model(model, tmp_path / "out", "f32", log=lambda *a: None)
-    lora_path = None
-    if adapter:
-        add_lora(model, lora(4, 8.0, 0.0, ["wq", "w1", "w2", "w3"]), seed=1)
-        with torch.no_grad():
-            for _, b in model.lora.values():
-                b.normal_(generator=torch.Generator().manual_seed(2)).mul_(0.2)
-        lora_path = gguf_format.write_adapter(model, tmp_path / "adapter.gguf", 8.0, log=lambda *a: None)
-    prompt = model.tokenizer.encode(SP_TEXTS[0])
-    tokens, generated = llama_cpp(tmp_path, path, SP_TEXTS, prompt, 12, lora_path)
-    assert tokens == [model.tokenizer.encode(text, bos=False) for text in SP_TEXTS]
-    ours = model.generate(prompt, 12)
-    if generated != ours:  # only where two tokens tie within float rounding
-        i = next(i for i, (a, b) in enumerate(zip(generated, ours)) if a != b)
-        at = model(torch.tensor([prompt + ours[:i]]))[0, -1]
-        assert abs(float(at[ours[i]] - at[generated[i]])) < 1e-3, (i, generated, ours)
+    assert_llama_cpp_agrees(tmp_path, model, path, SP_TEXTS, ["wq", "w1", "w2", "w3"] if adapter else None)
 
 
 @pytest.mark.parametrize("family", MOE)
