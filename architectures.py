@@ -142,6 +142,8 @@ def experts(path, config, family):
     n_experts = config.get("num_experts", config.get("num_local_experts", EXPERTS[family]))
     check_keys(path, {**config, "num_experts": n_experts}, {"num_experts": "a positive integer",
                                                             "num_experts_per_tok": "a positive integer"})
+    if config.get("router_jitter_noise"):  # Mixtral's noise on the router's input while training
+        raise UserError(f"{path}: router_jitter_noise is not supported (Mixtral's releases have 0)")
     top_k = config["num_experts_per_tok"]
     if top_k > n_experts:
         raise UserError(f"{path}: num_experts_per_tok={top_k} is more than the {n_experts} experts")

@@ -388,7 +388,8 @@ def test_bad_settings_of_a_mixture_are_one_line(hf_folder, tmp_path):
     refused("finetune.py", *base, "--router_aux_loss_coef=-1", messages=("--router_aux_loss_coef=-1.0", "at least 0"))
     for changes, message in (({"num_experts_per_tok": 9}, "num_experts_per_tok=9 is more than the 8 experts"),
                              ({"clip_qkv": 8.0}, "clip_qkv is not supported"),
-                             ({"num_experts": 0}, "num_experts must be a positive integer")):
+                             ({"num_experts": 0}, "num_experts must be a positive integer"),
+                             ({"router_jitter_noise": 0.1}, "router_jitter_noise is not supported")):
         folder = hf_folder("olmoe", name=str(len(message)), **changes)
         refused("finetune.py", *base, f"--model_path={folder}", messages=(str(folder / "config.json"), message))
 
