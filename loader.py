@@ -102,7 +102,7 @@ def convert(model_dir, offload_root=None, log=log_line):
     if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
         return target, manifest
     sizes = [f.stat().st_size for f in source_files(model_dir)]
-    module = sum(sizes) / (n_layers_of(model_dir) + 2)  # reads (and checks) the config before anything is written
+    module = sum(sizes) * largest_module_share(model_dir)  # reads (and checks) the config before anything is written
     check_disk([("offload", target.parent, sum(sizes))], log)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
@@ -131,8 +131,12 @@ def convert(model_dir, offload_root=None, log=log_line):
             shutil.rmtree(tmp, ignore_errors=True)
     return target, manifest
 
-def n_layers_of(model_dir):
-    return read_config(model_dir)[0]["n_layers"] if layout_of(model_dir) == "hf" else read_params(model_dir)["n_layers"]
+def largest_module_share(model_dir):
+    """The largest module's share of a model's parameters (a block's; of a mixture, the embeddings' or an expert's)."""
+    params = read_config(model_dir)[0] if layout_of(model_dir) == "hf" else read_params(model_dir)
+    args = model_args(params, params.get("vocab_size") if params.get("vocab_size", -1) > 0 else 32000)
+    sizes = [sum(math.prod(s) for s in module_shapes(args, name).values()) for name in module_names(args)]
+    return max(sizes) / sum(sizes)
 
 def read_manifest(folder):
     try:
