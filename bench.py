@@ -37,9 +37,9 @@ from bench_reference import ReferenceRun, reference_child
 import default_model
 from default_model import SHAPES, checkpoint, n_params, remove, shape_args
 from files import evict_from_page_cache
-from plan import block_matmul_shapes, matmul_params
+from plan import arithmetic_seconds, matmul_params
 from run_folder import RunFolder
-from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, matmul_rate, memory_budget_bytes,
+from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, memory_budget_bytes,
                    parse_dtype, peak_rss_mb, proc_io)
 
 HERE = Path(__file__).resolve().parent
@@ -303,8 +303,9 @@ def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
     args = shape_args(a.shape, a.layers)
     tokens = a.batch_size * a.seq_len
-    # FLOP/s of the step's matmuls, probed before the model takes its memory (not counted in its peak)
-    gemm = matmul_rate(block_matmul_shapes(args), tokens, parse_dtype(a.compute_dtype), torch.device("cpu"), 1.0)
+    # the step's matmuls timed at their shapes, before the model takes its memory (not counted in its peak)
+    matmul_s, rates = arithmetic_seconds(args, tokens, 6 if a.mode == "full" else 4, parse_dtype(a.compute_dtype),
+                                         torch.device("cpu"), 1.0)
     start = time.perf_counter()
     model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
@@ -335,8 +336,8 @@ def run(a, source, offload_root, run_dir):
               **{f"{key}_per_step": value for key, value in io.items()}, "min_bytes_per_step": min_bytes,
               **{f"{key}_s": value for key, value in seconds.items()},
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
-              "gemm_gflops": round(gemm / 1e9, 1), "matmul_s": round(flops / gemm, 2),
-              "matmul_share": round(flops / gemm / step_s, 2),
+              "gemm_gflops": round(rates[0] / 1e9, 1), "matmul_s": round(matmul_s, 2),
+              "matmul_share": round(matmul_s / step_s, 2),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.nproc > 1:  # peaks per process (shared mapped pages count in each), and the time waited for the others
         result.update(peak_rss_mb_each=[round(f["peak_rss_mb"]) for f in figures],

@@ -155,16 +155,34 @@ def disk_speeds(folder, nbytes):
 def matmul_params(args):
     """Parameters of the matmuls a token passes through: every block's matrices (of a mixture's sparse block,
     attention, the router and top_k experts) and the output."""
-    expert = sum(math.prod(s) for s in module_shapes(args, "layers.0.experts.0").values())
-    block = lambda i: sum(math.prod(s) for s in module_shapes(args, f"layers.{i}").values() if len(s) == 2) + \
-        args.top_k * expert * args.sparse(i)
-    return sum(map(block, range(args.n_layers))) + args.vocab_size * args.dim
+    return sum(n for n, _, _ in matmul_parts(args, 1))
+
+
+def matmul_parts(args, tokens):
+    """[(parameters a token passes through, their (out, in) shapes, the rows a matmul of them gets)] of tokens:
+    the blocks' matrices and the output at every token; a mixture's experts at the tokens each gets where the
+    router spreads them evenly (tokens * top_k / experts: small matmuls, far below the rate of the others)."""
+    blocks = sum(math.prod(s) for i in range(args.n_layers) for s in module_shapes(args, f"layers.{i}").values()
+                 if len(s) == 2)
+    parts = [(blocks + args.vocab_size * args.dim, block_matmul_shapes(args), tokens)]
+    if args.n_experts:
+        expert = list(module_shapes(args, "layers.0.experts.0").values())
+        n = args.top_k * sum(map(math.prod, expert)) * sum(map(args.sparse, range(args.n_layers)))
+        parts.append((n, expert, max(1, tokens * args.top_k // args.n_experts)))
+    return parts
+
+
+def arithmetic_seconds(args, tokens, flops_per_param, dtype, device, probe_s):
+    """(seconds of the matmuls of tokens at flops_per_param FLOPs per parameter and token, [FLOP/s of each of
+    matmul_parts]), each part's rate measured at its shapes and rows."""
+    parts = matmul_parts(args, tokens)
+    rates = [matmul_rate(shapes, rows, dtype, device, probe_s) for _, shapes, rows in parts]
+    return sum(flops_per_param * n * tokens / rate for (n, _, _), rate in zip(parts, rates)), rates
 
 
 def block_matmul_shapes(args):
-    """The (out, in) shapes of a block's matrices (and an expert's): what matmul_rate is measured at."""
-    return [s for name in ["layers"] + ["layers.0.experts.0"] * bool(args.n_experts)
-            for s in module_shapes(args, name).values() if len(s) == 2]
+    """The (out, in) shapes of the first block's matrices: what matmul_rate is measured at."""
+    return [s for s in module_shapes(args, "layers.0").values() if len(s) == 2]
 
 
 # --- the figures ---
@@ -246,10 +264,12 @@ def plan(s, disk_needs, out=print):
     traffic_dir = Path(s.out_path) if full or base_copy else model.offload_dir
     speeds = disk_speeds(traffic_dir, s.plan_mb << 20)
     tokens = s.data.micro_batch_tokens
-    rate = matmul_rate(block_matmul_shapes(model.args), tokens, model.compute_dtype, model.device, MATMUL_PROBE_S)
     tokens_per_step = tokens * s.data.grad_accum
     flops = (6 if full else 4) * matmul_params(model.args) * tokens_per_step
-    compute_s = flops / rate
+    compute_s, rates = arithmetic_seconds(model.args, tokens, 6 if full else 4, model.compute_dtype, model.device,
+                                          MATMUL_PROBE_S)
+    compute_s *= s.data.grad_accum
+    rate = flops / compute_s
     reads_forward, reads_backward, writes = step_traffic(model, s, base_copy)
     reads, working_set = reads_forward + reads_backward, reads_forward
     peak = model.memory.peak
@@ -303,7 +323,9 @@ def plan(s, disk_needs, out=print):
     out(f"measured: disk in {figures['disk_folder']} (a {gb(figures['probe_bytes'])} file, deleted): write "
         f"{speeds['write'] / 1e9:.2f} GB/s with fsync, {speeds['stream_write'] / 1e9:.2f} GB/s streaming (O_DIRECT); "
         f"read {speeds['disk_read'] / 1e9:.2f} GB/s from the disk, {speeds['cache_read'] / 1e9:.2f} GB/s from the page "
-        f"cache; matmul {rate / 1e9:.1f} GFLOP/s ({figures['compute_dtype']}, the block shapes at {tokens} tokens)")
+        f"cache; matmul {rates[0] / 1e9:.1f} GFLOP/s ({figures['compute_dtype']}, the block shapes at {tokens} tokens)"
+        + (f", {rates[1] / 1e9:.1f} GFLOP/s for the experts (at {matmul_parts(model.args, tokens)[1][2]} tokens each, "
+           "as if spread evenly)" if len(rates) > 1 else ""))
     streamed = "the run folder (the fp32 working copy" + (" and AdamW moments" if model.optimizer.states else "") \
         + ")" if full else "the run folder (an fp32 copy of the frozen base, made once)" if base_copy else \
         "the offload folder (the frozen base, converted to fp32 at every read)" if model.compute_dtype != \

@@ -525,3 +525,20 @@ def test_peft_export_of_a_mixture_with_adapted_dense_layers_is_left_out(hf_folde
     assert not (tmp_path / "a").exists() and "not written" in notes[0] and "mlp_only_layers" in notes[0]
     add_lora(model, lora(2, 6.0, 0.0, ["wq", "router"]))
     assert hf.write_peft(tmp_path / "b", model, lora(2, 6.0, 0.0, ["wq", "router"]), log=notes.append) == tmp_path / "b"
+
+
+def test_plan_counts_every_expert_and_the_active_ones_arithmetic(hf_folder, tmp_path):
+    """--plan=1 on a mixture: every expert's file read in each pass (the worst case, said in a line), the
+    arithmetic of attention, router, top_k experts a token and the output (counted here from the config)."""
+    from test_report import plan
+    folder = hf_folder("olmoe", seed=35)
+    config = config_of("olmoe")
+    f, stdout = plan(tmp_path, f"--model_path={folder}", "--mode=lora", "--memory_budget=0", "--compute_dtype=float32")
+    assert "count every expert of every block (the worst case" in stdout
+    d, heads, kv, E = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], 8
+    hd, inner, k = d // heads, config["intermediate_size"], config["num_experts_per_tok"]
+    attention = heads * hd * d * 2 + 2 * kv * hd * d
+    assert f["matmul_params"] == config["num_hidden_layers"] * (attention + E * d + k * 3 * inner * d) + \
+        config["vocab_size"] * d
+    experts = config["num_hidden_layers"] * E * 3 * inner * d * 4  # fp32 files, every expert
+    assert f["forward_read_bytes"] > experts and f["backward_read_bytes"] > experts
