@@ -95,13 +95,16 @@ def attach_adapter(model, path):
 
 
 def stacked_adapters(model, target, rows):
-    """{target(key): (A, B, parts)} of model.lora, for a layout that names the weights differently: B's rows as
+    """{target(key): (A, B, parts)} of model.lora but a mixture's experts' (each layout stacks a block's experts in
+    its own way), for a layout that names the weights differently: B's rows as
     rows(key, B) puts them; the adapters of the parts of one fused projection (Phi-3's q|k|v, gate|up:
     architectures.FUSED) stacked into one adapter of it: A the parts' A one under the other, B each part's B
     in that part's rows and its own columns (the product is the parts' products in their rows); parts: how
     many are stacked."""
     args, out = model.args, {}
     for key, (a, b) in model.lora.items():
+        if ".experts." in key:
+            continue
         a, b = a.detach().cpu().float(), b.detach().cpu().float()
         b = rows(key, b) if key.startswith("layers.") else b
         local = key.split(".", 2)[-1]

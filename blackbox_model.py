@@ -45,6 +45,7 @@ class Transformer:
             if args.sparse(i):
                 box.experts = Experts([self.boxes[name] for name in experts_of(args, i)], self.offload, args,
                                       self.router)
+        self.sparse = [box.experts for box in self.layers if box.experts]
         return_freed_memory_to_os()
         self.training, self.mode, self.optimizer, self.lora, self.run = False, None, None, {}, None
         self.keep_activations, self.plan, self.router_loss = True, None, None
@@ -165,9 +166,8 @@ class Transformer:
         n_targets = self.group.sum(torch.tensor(sum(int((y != -1).sum()) for y in ys)))  # of every process
         rope = layer_ropes(self.args, 0, xs[0].shape[1], self.device)
         self.router.start(len(xs), self.group.world)
-        for box in self.layers:
-            if box.experts:
-                box.experts.start_step(len(xs))
+        for experts in self.sparse:
+            experts.start_step(len(xs))
         forward = self.offload.stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
         hs, saved = forward_keeping_inputs(self, forward, xs, rope)
         grads, loss = the_turn(self, forward, hs, ys, max(1, int(n_targets)))
@@ -283,12 +283,10 @@ def backward_through_blocks(model, saved, grads, rope):
             model.router.batch = j
             if y is None:
                 set_rng_state(rng, model.device)
-                if box.experts:
-                    box.experts.recompute = True
+                model.router.recomputing = True
                 with torch.enable_grad():
                     y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
-                if box.experts:
-                    box.experts.recompute = False
+                model.router.recomputing = False
             y.backward(grads[j])
             grads[j] = x.grad
         saved[i] = None
@@ -323,4 +321,3 @@ def sample(logits, temperature, top_p, generator=None):
     sorted_probs[drop] = 0.0
     choice = torch.multinomial(sorted_probs.cpu() / sorted_probs.sum(), 1, generator=generator)
     return int(order[choice.to(order.device)])
-

@@ -292,8 +292,11 @@ def write_model(model, out_dir, type_name="f16", log=print):
             writer.write_ti_data_to_file()
             for module, (tensor,), *_ in (e for e in entries if e[0] is None):
                 writer.write_tensor_data(tensor.numpy())
+            by_module = {}
+            for entry in entries:
+                by_module.setdefault(entry[0], []).append(entry)
             for name in progress(names, "writing GGUF", unit="module"):
-                mine = [e for e in entries if e[0] == name]
+                mine = by_module.get(name, [])
                 if ".experts." in name:
                     for _, keys, gname, shape, ggml_type in mine:
                         writer.write_tensor_data(Stacked(model, keys, nbytes_of(shape, ggml_type),

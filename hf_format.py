@@ -263,8 +263,8 @@ def write_peft(out_dir, model, lora, base_name="", log=print):
     stacked = stacked_adapters(model, lambda key: hf_name(key, model.args).removesuffix(".weight"),
                                lambda key, b: hf_rows(key, b, model.args))
     routed = [key for key in model.lora if ".experts." in key or key.endswith("feed_forward.gate.weight")]
-    for key in routed:
-        del stacked[hf_name(key, model.args).removesuffix(".weight")]
+    for key in routed:  # (the routers': in peft_experts too)
+        stacked.pop(hf_name(key, model.args).removesuffix(".weight"), None)
     tensors = {f"base_model.model.{name}.lora_{ab}.weight": t.contiguous()
                for name, (a, b, _) in stacked.items() for ab, t in (("A", a), ("B", b))}
     stacks = {name.split(".")[-1]: n for name, (_, _, n) in stacked.items() if n > 1}

@@ -33,21 +33,24 @@ class Router:
     forward pass (output_router_logits): E * sum_e f_e * P_e, where f_e is the share of the top-k choices of all
     sparse blocks that went to expert e and P_e expert e's mean probability over those blocks' rows. A step of
     several micro-batches (and processes) adds coef times the mean of theirs to the loss; the gradient reaches each
-    block's router in that block's backward pass (RouterLoss), once every block's choices are known."""
+    block's router in that block's backward pass (RouterLoss), once every block's choices are known.
+    Also where a training step is, for every sparse block's Experts: recording (its forward pass), recomputing (a
+    block's forward run again for its backward pass), batch (the micro-batch)."""
 
     def __init__(self, args):
-        self.args, self.coef, self.recording, self.batch = args, 0.0, False, 0
+        self.args, self.coef, self.recording, self.recomputing = args, 0.0, False, False
         self.start(1)
 
     def start(self, micro_batches, processes=1):
+        """A training step of micro_batches in each of processes begins."""
         self.parts, self.batch = micro_batches * processes, 0
         self.counts = [torch.zeros(self.args.n_experts) for _ in range(micro_batches)]
         self.prob_sums = [torch.zeros(self.args.n_experts) for _ in range(micro_batches)]
         self.rows = [0] * micro_batches
 
-    def record(self, chosen, probs):
-        """One sparse block's choices and probabilities, in the forward pass of micro-batch self.batch."""
-        self.counts[self.batch] += torch.bincount(chosen.flatten().cpu(), minlength=self.args.n_experts).float()
+    def record(self, counts, probs):
+        """One sparse block's choices (tokens each expert got) and probabilities, in micro-batch self.batch."""
+        self.counts[self.batch] += counts
         self.prob_sums[self.batch] += probs.detach().sum(0).float().cpu()
         self.rows[self.batch] += probs.shape[0]
 
@@ -79,14 +82,13 @@ class RouterLoss(torch.autograd.Function):
 
 class Experts:
     """The experts of one sparse block: their Blackboxes (one file each), streamed through memory for the
-    tokens routed to them. recompute: the block's forward runs again for its backward pass, whose values
-    nothing reads (the families' norms come before the MLP), so the experts are not read for it unless they
+    tokens routed to them. Where a block's forward runs again for its backward pass (router.recomputing), nothing
+    reads its values (the families' norms come before the MLP), so the experts are not read for it unless they
     draw random numbers (LoRA dropout on their adapters: the same masks are drawn again)."""
 
     def __init__(self, boxes, offload, args, router):
-        assert args.norms == "pre", "a recomputed block's expert output is not computed (see recompute)"
+        assert args.norms == "pre", "a recomputed block's expert output is not computed (router.recomputing)"
         self.boxes, self.offload, self.args, self.router = boxes, offload, args, router
-        self.recompute = False
         self.chosen = []  # the experts each micro-batch of a training step chose (note_chosen)
 
     def __call__(self, x, logits, training):
@@ -94,8 +96,10 @@ class Experts:
         x, logits = x.flatten(0, -2), logits.flatten(0, -2)
         weights, chosen, probs = route(logits, self.args)
         if self.router.recording:  # a training step's forward pass
-            self.router.record(chosen, probs)
-            self.note_chosen(chosen)
+            counts = torch.bincount(chosen.flatten().cpu(), minlength=self.args.n_experts).float()
+            if self.router.coef:
+                self.router.record(counts, probs)
+            self.note_chosen(counts)
         out = RoutedExperts.apply(x, weights, chosen, self, training)
         if self.router.coef and training and torch.is_grad_enabled():
             out = RouterLoss.apply(out, probs, self.router)
@@ -106,12 +110,12 @@ class Experts:
         for box in self.boxes:
             box.uses = 0
 
-    def note_chosen(self, chosen):
-        """The experts micro-batch router.batch chose, in every process of a parallel run (each process's
-        backward pass streams them all, in the same order, those without tokens of its own taking a zero
-        gradient: the sums over the processes are made in the same order everywhere); each expert's uses."""
-        picked = torch.zeros(self.args.n_experts)
-        picked[chosen.flatten().cpu()] = 1.0
+    def note_chosen(self, counts):
+        """The experts micro-batch router.batch chose (counts: the tokens each got here), in every process of a
+        parallel run (each process's backward pass streams them all, in the same order, those without tokens of
+        its own taking a zero gradient: the sums over the processes are made in the same order everywhere);
+        each expert's uses."""
+        picked = counts.clone()
         group = self.offload.run.group
         if group.world > 1:
             picked = group.sum(picked)
@@ -129,8 +133,10 @@ class Experts:
         """(expert, its box loaded, the rows routed to it, the top-k slot each came by) for each chosen expert,
         in ascending order as transformers sums them; or for each expert of order."""
         k, flat = chosen.shape[1], chosen.flatten()
-        order = torch.unique(flat).tolist() if order is None else order
-        picks = [(flat == e).nonzero().squeeze(1) for e in order]
+        counts = torch.bincount(flat, minlength=self.args.n_experts).tolist()
+        order = [e for e, n in enumerate(counts) if n] if order is None else order
+        by_expert = flat.argsort(stable=True).split(counts)  # each expert's positions, in ascending order
+        picks = [by_expert[e] for e in order]
         # few tokens an expert (generation, short rows): the next expert read ahead into the page cache only, as
         # the background thread's work on it would slow the short matmuls of this one more than it saves
         into_memory = None if flat.numel() >= TOKENS_TO_READ_AHEAD * len(order) else False
@@ -147,10 +153,11 @@ class RoutedExperts(torch.autograd.Function):
         ctx.experts, ctx.training, ctx.rng, ctx.batch = experts, training, {}, experts.router.batch
         ctx.save_for_backward(x, weights, chosen)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        if experts.recompute and not experts.random(training):
+        random = experts.random(training)
+        if experts.router.recomputing and not random:
             return out
         for e, box, rows, slots in experts.stream(chosen):
-            if experts.random(training):
+            if random:
                 ctx.rng[e] = get_rng_state(x.device)
             y = mlp(box, x[rows], experts.args, training, prefix="")
             out.index_add_(0, rows, (y * weights[rows, slots, None].to(y.dtype)).float())
