@@ -16,6 +16,11 @@ the median of each step's ratio to the reference's step right after it. A mixtur
 steps read of its experts against what their tokens chose (random routers route near uniformly: the worst
 case). --generate N: instead of training, N tokens generated from a prompt of --seq_len tokens, and the bytes
 read a token against the bytes of the parameters a token uses (with --cold, every file read from the disk).
+--cold: the run as where the page cache cannot hold the model: module files read and written past it (O_DIRECT)
+where the disk allows, and any file still read through it (converted on the way in) evicted after each use.
+Every figure comes with the floors of the step: its matmuls at the probe's rate (compute_floor_s), its disk bytes
+at the disk's sequential rates, measured first on a temporary file (disk_floor_s), and efficiency, the larger
+floor over the step (for --generate: tokens/s against the disk's rate over the bytes a token uses).
 """
 import argparse
 import json
@@ -36,26 +41,19 @@ from adapters import add_lora
 from bench_reference import ReferenceRun, reference_child
 import default_model
 from default_model import SHAPES, checkpoint, n_params, remove, shape_args
-from files import evict_from_page_cache
-from plan import arithmetic_seconds, matmul_params
+from plan import arithmetic_seconds, disk_speeds, matmul_params
 from run_folder import RunFolder
 from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, memory_budget_bytes,
                    parse_dtype, peak_rss_mb, proc_io)
 
 HERE = Path(__file__).resolve().parent
+DISK_PROBE_BYTES = 1 << 30  # the disk's rates are measured on a temporary file of this size
+
+
 def make_batches(vocab, batch_size, seq_len, n):
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g) for _ in range(n)]
     return [(w[:, :-1], w[:, 1:]) for w in windows]
-
-
-def disk_read_gbps(path):
-    evict_from_page_cache(path)
-    start = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(64 << 20):
-            pass
-    return path.stat().st_size / (time.perf_counter() - start) / 1e9
 
 
 IO_KEYS = ("rchar", "wchar", "disk_read_bytes", "disk_write_bytes", "file_read_bytes", "file_write_bytes",
@@ -79,6 +77,16 @@ def cpu_seconds():
 
 def seconds_so_far(model):
     return dict(model.offload.seconds, collective_wait=model.group.wait_s, **cpu_seconds())
+
+
+def floors(io, compute_s, disk, step_s):
+    """What bounds a step: the seconds of its matmuls (the recomputed forward passes of blocks included) at the
+    probe's rates (compute_floor_s), and of its disk bytes at the disk's sequential rates, reads and writes one
+    after the other on the one disk (disk_floor_s); efficiency: the larger floor over the step."""
+    disk_s = io["disk_read_bytes"] / disk["disk_read"] + io["disk_write_bytes"] / disk["stream_write"]
+    return {"disk_read_gbps": round(disk["disk_read"] / 1e9, 2),
+            "disk_write_gbps": round(disk["stream_write"] / 1e9, 2), "compute_floor_s": round(compute_s, 2),
+            "disk_floor_s": round(disk_s, 2), "efficiency": round(max(compute_s, disk_s) / step_s, 3)}
 
 
 def run_steps(model, batches, lr, between=None, after=None):
@@ -108,7 +116,8 @@ def run_steps(model, batches, lr, between=None, after=None):
 def disk_needs(a, cached, offload, reuse):
     """What the run writes on the disk: [(what, folder, bytes)] for utils.check_disk."""
     n = n_params(a.shape, a.layers)
-    run = n * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else 0  # one slot: bench commits no step
+    full = a.mode == "full" and not a.generate
+    run = n * (4 if a.optimizer == "sgd" else 12) if full else 0  # one slot: bench commits no step
     return [("source (cached)" if cached else "source", default_model.CACHE, 0 if cached else 2 * n),  # bf16
             ("offload (reused)" if reuse else "offload", offload.parent, 0 if reuse else 2 * n),
             ("run folder", default_model.CACHE / "run", run)]
@@ -128,7 +137,8 @@ def main():
     p.add_argument("--keep_activations", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--base_copy", type=int, default=-1, help="LoRA in fp32: finetune.py's base_copy (-1: when it fits)")
-    p.add_argument("--cold", action="store_true", help="evict every offloaded file from the page cache before reading it")
+    p.add_argument("--cold", action="store_true", help="every module read from the disk, as where the page cache cannot "
+                                                        "hold the model (past the page cache, else evicted after use)")
     p.add_argument("--reference", action="store_true",
                    help="also time plain in-memory autograd, in a child process whose steps alternate with these")
     p.add_argument("--keep_cache", action="store_true",
@@ -181,7 +191,7 @@ def main():
 def load(a, source, offload_root):
     return loader.load_model(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
                              memory_budget=memory_budget_bytes(-1 if a.memory_budget is None else a.memory_budget),
-                             prefetch=bool(a.prefetch), evict_before_read=a.cold, log=lambda *x: None)
+                             prefetch=bool(a.prefetch), cold=a.cold, log=lambda *x: None)
 
 
 class ExpertReads:
@@ -272,11 +282,12 @@ def parallel_steps(a):
     return times, io, seconds, figures
 
 
-def generation_figures(a, model):
+def generation_figures(a, model, disk):
     """--generate: the bytes a generated token reads (module files; from the disk, the page cache aside) against
     the bytes of the parameters it uses (a block's attention, norms, router and top_k experts or its MLP, the
-    output, a row of the embeddings), in the storage dtype; tokens per second. The prompt's pass is left out:
-    the difference of generating 1 and 1 + N tokens after it."""
+    output, a row of the embeddings), in the storage dtype; tokens per second, against the disk's floor (those
+    bytes at the disk's read rate: what a cold disk allows). The prompt's pass is left out: the difference of
+    generating 1 and 1 + N tokens after it."""
     model.eval()
     prompt = make_batches(model.args.vocab_size, 1, a.seq_len, 1)[0][0][0].tolist()
     counts = []
@@ -292,7 +303,10 @@ def generation_figures(a, model):
     expert = model.layers[0].experts.boxes[0].numel() if args.n_experts else 0
     active = sum(box.numel() + args.top_k * expert * bool(box.experts) for box in model.layers) + \
         model.norm.numel() + model.output.numel() * (not args.tied) + args.dim * (1 + args.tied * (args.vocab_size - 1))
-    return {"prompt_tokens": a.seq_len, "generated": a.generate, "tokens_per_s": round(a.generate / (more_s - one_s), 3),
+    tokens_per_s, floor = a.generate / (more_s - one_s), disk["disk_read"] / (active * unit)
+    return {"prompt_tokens": a.seq_len, "generated": a.generate, "tokens_per_s": round(tokens_per_s, 3),
+            "disk_read_gbps": round(disk["disk_read"] / 1e9, 2), "disk_floor_tokens_per_s": round(floor, 3),
+            "efficiency": round(tokens_per_s / floor, 3),
             "file_read_bytes_per_token": per_token["file_read_bytes"],
             "disk_read_bytes_per_token": per_token["disk_read_bytes"], "active_bytes_per_token": active * unit,
             "model_bytes": sum(box.numel() for box in model.boxes.values()) * unit,
@@ -303,15 +317,18 @@ def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
     args = shape_args(a.shape, a.layers)
     tokens = a.batch_size * a.seq_len
+    os.sync()  # the checkpoint's writes reach the disk before anything is timed (the OS's writeback takes CPU)
+    disk = disk_speeds(default_model.CACHE, DISK_PROBE_BYTES)  # where the offload and the run folder are
     # the step's matmuls timed at their shapes, before the model takes its memory (not counted in its peak)
     matmul_s, rates = arithmetic_seconds(args, tokens, 6 if a.mode == "full" else 4, parse_dtype(a.compute_dtype),
                                          torch.device("cpu"), 1.0)
     start = time.perf_counter()
     model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
+    os.sync()
     if a.generate:
         return {"cpu": cpu_name(), "shape": a.shape, "layers": a.layers, "compute_dtype": a.compute_dtype,
-                "cold": a.cold, **generation_figures(a, model)}
+                "cold": a.cold, **generation_figures(a, model, disk)}
     reference = ReferenceRun() if a.reference else None
     experts = None
     if a.nproc > 1:
@@ -325,7 +342,11 @@ def run(a, source, offload_root, run_dir):
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
-    flops = (6 if a.mode == "full" else 4) * n * tokens
+    # the blocks' forward passes the backward computes again (their graphs beyond the memory plan): 2 more FLOPs
+    # per parameter and token of a block each
+    base_flops = (6 if a.mode == "full" else 4) * n * tokens
+    flops = base_flops + 2 * (n - args.vocab_size * args.dim) // args.n_layers * tokens * model.recomputed
+    compute_s = matmul_s * flops / base_flops
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
               "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
@@ -336,16 +357,15 @@ def run(a, source, offload_root, run_dir):
               **{f"{key}_per_step": value for key, value in io.items()}, "min_bytes_per_step": min_bytes,
               **{f"{key}_s": value for key, value in seconds.items()},
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
-              "gemm_gflops": round(rates[0] / 1e9, 1), "matmul_s": round(matmul_s, 2),
-              "matmul_share": round(matmul_s / step_s, 2),
+              "gemm_gflops": round(rates[0] / 1e9, 1),
+              "recomputed_blocks": model.recomputed, "matmul_share": round(compute_s / step_s, 2),
+              **floors(io, compute_s, disk, step_s),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.nproc > 1:  # peaks per process (shared mapped pages count in each), and the time waited for the others
         result.update(peak_rss_mb_each=[round(f["peak_rss_mb"]) for f in figures],
                       collective_wait_share=round(seconds["collective_wait"] / step_s, 3))
     if experts:
         result.update(experts)
-    if a.cold:
-        result["disk_read_gbps"] = round(disk_read_gbps(model.offload_dir / "layers.0.safetensors"), 2)
     if reference:
         figures = reference.figures()
         result.update(figures, ratio_vs_reference=round(step_s / figures["reference_step_s"], 3))

@@ -12,26 +12,28 @@ from pathlib import Path
 import torch
 
 from adapters import copy_base
-from files import read_tensors
+from files import direct_io_works, read_tensors
 from model import block_forward, embed, experts_of, graph_bytes_per_token, head, loss_sum, module_names, module_shapes
 from rope import layer_ropes, longrope_switches
 from moe import Experts, Router
-from offload import Blackbox, Offload, plan_memory
+from memory_plan import plan_memory
+from offload import Blackbox, Offload
 from optim import Optimizer
 from parallel import Group
-from utils import get_rng_state, release_heap_holes, return_freed_memory_to_os, rss_bytes, set_rng_state
+from utils import (get_rng_state, mem_available_bytes, release_heap_holes, return_freed_memory_to_os, rss_bytes,
+                   set_rng_state)
 
 
 class Transformer:
     """The model: Blackboxes in order, the final norm in memory, streaming and the manual step."""
 
     def __init__(self, args, offload_dir, manifest, tokenizer, storage_dtype, device, compute_dtype, memory_budget,
-                 dropout=0.0, prefetch=True, evict_before_read=False):
+                 dropout=0.0, prefetch=True, cold=False):
         """memory_budget: bytes of RAM the whole process plans for (utils.memory_budget_bytes)."""
         self.args, self.offload_dir, self.manifest, self.tokenizer = args, Path(offload_dir), manifest, tokenizer
         self.storage_dtype, self.device, self.compute_dtype, self.dropout = storage_dtype, device, compute_dtype, dropout
         self.memory_budget = int(memory_budget)
-        self.offload = Offload(device, compute_dtype, prefetch, evict_before_read)
+        self.offload = Offload(device, compute_dtype, prefetch, cold)
         self.boxes = {name: Blackbox(name, self.offload_dir / f"{name}.safetensors",
                                      module_shapes(args, name), self.offload,
                                      grad_uses=2 if args.tied and name == "tok_embeddings" else 1,
@@ -48,6 +50,7 @@ class Transformer:
         self.sparse = [box.experts for box in self.layers if box.experts]
         return_freed_memory_to_os()
         self.training, self.mode, self.optimizer, self.lora, self.run = False, None, None, {}, None
+        self.recomputed = 0  # of the last training step (forward_keeping_inputs)
         self.keep_activations, self.plan, self.router_loss = True, None, None
         self.base_files = {}  # box -> its offload file, while LoRA reads it from an fp32 copy (adapters.copy_base)
 
@@ -65,17 +68,27 @@ class Transformer:
 
     @property
     def memory(self):
-        """The memory plan (offload.plan_memory) in force: for inference until setup_training makes the one of
+        """The memory plan (memory_plan.plan_memory) in force: for inference until setup_training makes the one of
         its micro-batches."""
         if self.plan is None:
             self.make_plan(0)
         return self.plan
 
     def make_plan(self, tokens_per_micro_batch, micro_batches=1):
+        """The memory plan, and whether the streamed modules are read past the page cache (Offload.direct): where
+        the page cache cannot hold them (in what the plan leaves of the RAM available now), or a cold-disk
+        benchmark says so, and the disks of their folders allow it."""
         opt = self.optimizer
-        self.plan = plan_memory(self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget,
-                                tokens_per_micro_batch, micro_batches, bool(opt and opt.whole_grads) or self.args.tied,
-                                self.keep_activations)
+        plan = lambda reads_from_disk: plan_memory(
+            self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_micro_batch,
+            micro_batches, bool(opt and opt.whole_grads) or self.args.tied, self.keep_activations, reads_from_disk)
+        self.plan = plan(False)
+        streamed = sum(box.memory_bytes() for box in self.boxes.values() if box.name not in self.plan.resident)
+        folders = {self.offload_dir, *([self.run.dir] if self.run else [])}
+        self.offload.direct = (self.offload.cold or streamed > mem_available_bytes() - self.plan.peak) and \
+            all(map(direct_io_works, folders))
+        if self.offload.direct:
+            self.plan = plan(True)
         for box in self.boxes.values():
             box.resident = box.name in self.plan.resident
         self.offload.prefetch_in_memory = self.plan.prefetch_in_memory
@@ -224,9 +237,10 @@ class Transformer:
 def forward_keeping_inputs(model, forward, xs, rope):
     """The forward pass through the embeddings and the blocks (forward: the stream of modules): (the last
     block's outputs, saved[i][j] = (block i's input of micro-batch j, the random state before it, its output
-    with the autograd graph while the memory plan has room for graphs, else None))."""
+    with the autograd graph while the memory plan has room for graphs, else None)). model.recomputed: the
+    blocks' forward passes (one a block and micro-batch) the backward pass will compute again."""
     graph_bytes = xs[0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, xs[0].shape[1])
-    kept_bytes, saved = 0, []
+    kept_bytes, saved, model.recomputed = 0, [], 0
     table = next(forward)
     hs = [embed(table, x, model.args.embed_scale) for x in xs]
     model.router.recording = True
@@ -240,6 +254,7 @@ def forward_keeping_inputs(model, forward, xs, rope):
                 y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
             keep = model.keep_activations and kept_bytes + graph_bytes <= model.memory.graph_budget
             kept_bytes += graph_bytes if keep else 0
+            model.recomputed += not keep
             saved[i].append((x, rng, y if keep else None))
             hs[j] = y.detach()
     model.router.recording = False

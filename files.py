@@ -177,6 +177,66 @@ def read_tensors(path, buffer_for=None, dtype=None, names=None):
     return tensors, buffer
 
 
+DIRECT_ALIGN = 4096  # reads and writes past the page cache (O_DIRECT) start, end and sit in memory at multiples
+
+
+def direct_io_works(folder):
+    """Whether files in folder can be read and written past the page cache (O_DIRECT: not on every file system)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    path = os.path.join(folder, f".slowllama-direct-{os.getpid()}")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644))
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def read_image(path, take_buffer, dtype):
+    """({name: tensor}, (buffer, image, size)), or None where a tensor is not stored in dtype (as map_tensors): the
+    whole module file read past the page cache (O_DIRECT) into a page-aligned stretch (image) of a buffer of
+    take_buffer, every tensor a view of its bytes there. Where the page cache cannot hold the model, caching it
+    only costs: a copy, and pages the OS must find. The image is written back as it is (write_image)."""
+    with module_file(path) as f:
+        stored, data_start = read_header(f, path)
+        size = os.fstat(f.fileno()).st_size
+    if not maps_as(stored, data_start, dtype):
+        return None
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    buffer = take_buffer(padded + DIRECT_ALIGN)
+    first = -buffer.data_ptr() % DIRECT_ALIGN
+    image = buffer[first:first + padded]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        view, done = image.numpy(), 0
+        while done < size:
+            n = os.preadv(fd, [view[done:]], done)
+            if not n:
+                raise UserError(f"{path}: truncated; the file is damaged")
+            done += n
+    finally:
+        os.close(fd)
+    tensors = {name: image[data_start + start:data_start + end].view(kind).view(shape)
+               for name, (kind, shape, start, end) in stored.items()}
+    return tensors, (buffer, image, size)
+
+
+def write_image(image, size, path):
+    """The image of a module file (read_image's, its tensors changed in place) written over path past the
+    page cache."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        view, done = image.numpy(), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 MADV_POPULATE_READ = 22  # Linux 5.14+: fault a mapping's pages in now (reading them from the disk if needed)
 
 

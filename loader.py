@@ -205,11 +205,11 @@ def write_offload(model_dir, out, fp, log=log_line):
 # --- the model ---
 
 def load_model(path=None, offload_path=None, device="cpu", compute_dtype="float32", memory_budget=None,
-               dropout=0.0, prefetch=True, evict_before_read=False, log=log_line):
+               dropout=0.0, prefetch=True, cold=False, log=log_line):
     """The offloaded model of a model folder (the built-in default model when path is None).
     compute_dtype: float32, bfloat16 or auto (bf16 where the device has it natively); memory_budget:
     bytes of RAM the whole process plans for (None: memory_budget's default, utils.memory_budget_bytes);
-    prefetch: read the next module in the background; evict_before_read: benchmarks of a disk serving
+    prefetch: read the next module in the background; cold: benchmarks of a disk serving
     every read."""
     device = check_device(device)
     compute_dtype = choose_compute_dtype(compute_dtype, device, log)
@@ -218,7 +218,7 @@ def load_model(path=None, offload_path=None, device="cpu", compute_dtype="float3
     storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
     budget = memory_budget_bytes() if memory_budget is None else int(memory_budget)
     return Transformer(args, folder, manifest, load_tokenizer(folder), storage, device,
-                       compute_dtype, budget, dropout, prefetch, evict_before_read)
+                       compute_dtype, budget, dropout, prefetch, cold)
 
 
 def export_layout(model, out_format=None, gguf_type=None, shards=None, dtype=None):

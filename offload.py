@@ -1,26 +1,22 @@
-"""Modules that live on disk: the Blackbox, the background reader and writer, recycled buffers and
-the memory plan.
+"""Modules that live on disk: the Blackbox, the background reader and writer, recycled buffers.
 
 A Blackbox holds one module's tensors in a file (the token embeddings, a block, the final norm, the
 output; any piece a step may need alone): read into memory when used (the next one in the background
 meanwhile), let go after, written back by the background writer when training changed it. Nothing in a
-Blackbox knows which module it holds but what its owner tells it. The memory plan decides what stays in
-memory.
+Blackbox knows which module it holds but what its owner tells it. The memory plan (memory_plan.py) decides
+what stays in memory. Files are mapped from the OS's page cache where it can hold what a step streams, else read and
+written past it (Offload.direct; the model decides).
 """
 import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
-from files import WINDOW_BYTES, evict_from_page_cache, map_tensors, mappable, read_ahead, read_tensors, write_tensors
-from model import graph_bytes_per_token
+from files import (evict_from_page_cache, map_tensors, mappable, read_ahead, read_image, read_tensors, write_image,
+                   write_tensors)
 
-CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
-PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers, with room for what allocations round
-# up to (bench.py's peaks against its plans check it)
 
 
 def take_one_thread():
@@ -33,11 +29,12 @@ class Offload:
     order, the buffers reads go into (recycled), the device and compute dtype, the run folder of a
     training run (run_folder.RunFolder; None otherwise), and the bytes of module files read and written."""
 
-    def __init__(self, device, compute_dtype, prefetch=True, evict_before_read=False):
+    def __init__(self, device, compute_dtype, prefetch=True, cold=False):
         self.device, self.compute_dtype = device, compute_dtype
         self.prefetch = prefetch  # read the next module in the background while this one computes
         self.prefetch_in_memory = True  # into memory; else only into the OS's page cache (the plan decides)
-        self.evict_before_read = evict_before_read  # drop each file from the page cache first (cold-disk benchmarks)
+        self.cold = cold  # cold-disk benchmarks: each file leaves the page cache once used and written (evict)
+        self.direct = False  # module files the step maps are read and written past the page cache (read_image)
         self.io = ThreadPoolExecutor(max_workers=1)
         self.io_on_one_thread = False
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
@@ -82,13 +79,10 @@ class Offload:
             box.release(keep=box in keep)
 
     def background_on_one_thread(self):
-        """From now on the background thread's torch work runs on that thread alone: for runs whose
-        steps only map files. The background thread has little to do then, and an OpenMP team of its
-        own (made by any earlier conversion) would leave more OpenMP threads than cores: OpenMP then
-        lets the step's idle threads sleep at once rather than wait for its next operation (idle
-        cores; docs/performance.md). Where reads convert at every step, the step's
-        threads had better yield to the background thread's team: that stays. The old thread ends
-        here, and its team with it."""
+        """From now on the background thread's torch work runs on that thread alone, for runs whose steps
+        convert nothing: an OpenMP team of its own (made by an earlier conversion) would leave more OpenMP
+        threads than cores, and OpenMP then lets the step's idle threads sleep at once (idle cores;
+        docs/performance.md). Where reads convert at every step, its team stays. The old thread ends here."""
         if not self.io_on_one_thread:
             self.io.shutdown(wait=True)
             threads = torch.get_num_threads()  # (this thread's count settles here, before the new one's)
@@ -133,6 +127,7 @@ class Blackbox:
         self.mapped = False  # the weights are views of a shared mapping of self.file: changes go straight into it
         self.mapping = None  # the file's pages the weights are views of (mmap), or
         self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
+        self.image = None  # (the file's bytes in self.buffer, its size, its tensors' names): read past the page cache
         self.compute_buffer = None  # the memory of the compute-dtype copies, likewise
         self.reading = self.writing = None  # futures of the background reader and writer
         self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
@@ -181,8 +176,6 @@ class Blackbox:
         """Start reading this module in the background: into memory, or only into the OS's page cache."""
         o = self.offload
         if self.weights is None and self.reading is None:
-            if o.evict_before_read and not self.reading_ahead:
-                o.io.submit(evict_from_page_cache, self.file)
             if into_memory:
                 self.reading, self.reading_ahead = o.io.submit(o.timed, "reading", self._read), False
             elif not self.reading_ahead:
@@ -193,7 +186,7 @@ class Blackbox:
         if self.weights is None:
             self.prefetch()
             self.weights, self.compute, self.optim, grads, self.buffer, self.compute_buffer, self.mapping, \
-                self.mapped = self.offload.timed("wait_read", self.reading.result)
+                self.mapped, self.image = self.offload.timed("wait_read", self.reading.result)
             self.grads.update(grads)
         elif self.stale:  # updated since its compute-dtype copies were made
             for key, copy in self.compute.items():
@@ -213,8 +206,16 @@ class Blackbox:
         shared = self.trainable and not self.resident and o.run is not None and o.run.is_open_slot(self.file)
         # a frozen table that is only looked up: its pages come in as rows are read, not the whole table
         rows_only = self.looked_up and not self.trainable and self.grad_uses == 1
-        mapped = map_tensors(self.file, dtype, shared, populate=not rows_only) if o.device.type == "cpu" else None
-        if mapped is None:  # converted on the way in, or bound for another device
+        # past the page cache where it cannot hold the model (each process reads its own copy: not for a shared slot)
+        direct = o.direct and o.device.type == "cpu" and not rows_only and not (shared and o.run.group.local_world > 1)
+        read = read_image(self.file, o.take_buffer, dtype) if direct else None
+        mapped = map_tensors(self.file, dtype, shared, populate=not rows_only) \
+            if o.device.type == "cpu" and read is None else None
+        image = None
+        if read is not None:
+            data, (buffer, file_bytes, size) = read
+            image, mapping, shared = (file_bytes, size, set(data)), None, False
+        elif mapped is None:  # converted on the way in, or bound for another device
             data, buffer = read_tensors(self.file, o.take_buffer, dtype)
             mapping, shared = None, False
             if o.device.type != "cpu":
@@ -237,7 +238,7 @@ class Blackbox:
             o.bytes["read"] += self.grad_file.stat().st_size
             self.grad_file.unlink()
             self.grad_file = None
-        return weights, compute, optim, grads, buffer, compute_buffer, mapping, shared
+        return weights, compute, optim, grads, buffer, compute_buffer, mapping, shared, image
 
     # --- letting go and writing ---
 
@@ -256,12 +257,20 @@ class Blackbox:
             buffers = [b for b in (self.buffer, self.compute_buffer) if b is not None]
             if buffers:
                 o.io.submit(o.give_buffers, buffers)  # once any pending write of them is done
-            self.weights = self.compute = self.buffer = self.compute_buffer = self.mapping = None
+            if o.cold and self.image is None:  # after its writes, the file leaves the page cache (its changes
+                # reach the disk first) and its next read comes from the disk; after each use, not before each
+                # read, as the OS writes back and evicts where the model does not fit
+                o.io.submit(evict_from_page_cache, self.file)
+            self.weights = self.compute = self.buffer = self.compute_buffer = self.mapping = self.image = None
             self.optim, self.mapped, self.dirty = {}, False, False  # a mapping closes once no view of it is left
 
     def _write_file(self, tensors, path, in_place=False):
         write_tensors(tensors, path, in_place)
         self.offload.bytes["written"] += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def _write_image(self, image, size, path):
+        write_image(image, size, path)
+        self.offload.bytes["written"] += size
 
     def prepare_update(self, states):
         """Before the weights change: the optimizer state is there (states: the fp32 tensors per weight,
@@ -280,7 +289,8 @@ class Blackbox:
         nbytes = sum(t.numel() * 4 for t in self.state().values()) // run.group.local_world
         if self.mapped and run.is_open_slot(self.file):
             o.bytes["written"] += nbytes  # by the OS
-        elif o.device.type == "cpu" and not self.resident:  # into the slot (this process's part), then mapped
+        elif self.image is None and o.device.type == "cpu" and not self.resident:  # into the slot (this
+            # process's part), then mapped; an image read past the page cache is written whole when let go
             self.file = run.slot(self.name)
             write_tensors(self.state(), self.file, in_place=True, rows=run.own_rows)
             o.bytes["written"] += nbytes
@@ -306,7 +316,10 @@ class Blackbox:
             return
         self.file = run.slot(self.name)
         if run.writes:  # else the machine's first process writes the same bytes
-            self.writing = o.io.submit(o.timed, "writing", self._write_file, self.state(), self.file, True)
+            if self.image is not None and self.image[2] == set(self.state()):  # (no optimizer state added since)
+                self.writing = o.io.submit(o.timed, "writing", self._write_image, *self.image[:2], self.file)
+            else:
+                self.writing = o.io.submit(o.timed, "writing", self._write_file, self.state(), self.file, True)
             run.written.add(self.file)
 
     def wait_write(self):
@@ -331,54 +344,3 @@ def compute_copies(weights, dtype, wanted, take_buffer=None):
         compute[key] = buffer[offset:offset + size].view(dtype).view(weights[key].shape).copy_(weights[key])
         offset += size
     return compute, buffer
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    graph_budget: int  # bytes of blocks' activations kept for the backward pass
-    prefetch_in_memory: bool  # the next module is read into memory ahead of its use (else into the page cache)
-    peak: int  # the planned peak of the process, bytes
-    resident: frozenset  # names of the modules that stay in memory
-
-
-def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_batches=1, whole_grads=False,
-                keep_activations=True):
-    """Share the memory budget (bytes, the whole process) out. Always needed: a block (of a mixture: with two
-    of its experts, whatever the number chosen) and the embeddings or output beside it (at the turns of the
-    step both are in memory), the gradient rows being applied
-    (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
-    one table: whole_grads), each block's input, the logits and their gradient, the block being computed.
-    Then, in order of what they save: blocks' activations (a quarter of a block's arithmetic each),
-    reading the next module into memory ahead of its use (else the OS reads it ahead), and the last
-    modules staying resident (the final norm always: it is tiny and used at every turn)."""
-    modules = list(dict.fromkeys([embeddings, *layers, output]))  # the output may be the embeddings
-    experts = [box.experts.boxes[0] for box in layers if box.experts]  # a mixture: an expert in use, the next
-    block = max((box.memory_bytes() for box in layers), default=0) + \
-        2 * max((e.memory_bytes() for e in experts), default=0)  # read ahead
-    big = max(embeddings.memory_bytes(), output.memory_bytes())
-    grads = 0 if not embeddings.trainable else \
-        4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
-    all_tokens = tokens * micro_batches  # tokens: of one micro-batch
-    inputs = args.n_layers * all_tokens * args.dim * 4
-    # logits, their fp32 copy, the log-probabilities (their gradient); capped logits keep two more (Gemma 2)
-    head = (3 + 2 * bool(args.final_softcap)) * tokens * args.vocab_size * 4
-    per_token = graph_bytes_per_token(args, embeddings.compute_dtype, tokens)  # (a row of every token: an upper
-    # bound of attention written out)
-    working = tokens * per_token + WINDOW_BYTES  # the block being computed (its activations and their
-    # gradients) and the window a converting read maps
-    needed = PROCESS_BYTES + block + big + grads + inputs + head + working
-    prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
-    graphs = args.n_layers * all_tokens * per_token
-    graph_budget = max(0, min(budget - needed, graphs if keep_activations else 0))
-    free = budget - needed - graph_budget
-    prefetch_in_memory = free >= prefetch
-    free -= prefetch * prefetch_in_memory
-    resident = {norm.name}
-    for box in reversed(modules):  # residents are the last modules: those in use at the turn of the step
-        if box.memory_bytes() > free:
-            break
-        resident.add(box.name)
-        free -= box.memory_bytes()
-    peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.memory_bytes() for box in modules
-                                                                       if box.name in resident)
-    return MemoryPlan(graph_budget, prefetch_in_memory, peak, frozenset(resident))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from offload import CHUNK_BYTES
+from memory_plan import CHUNK_BYTES
 from parallel import checksum
 
 

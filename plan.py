@@ -26,10 +26,9 @@ it: they are counted with the arithmetic.
 Warm or cold: the files a step reads were written (or read) one step before. When they fit in the page
 cache, i.e. in the RAM the run leaves free (MemAvailable now minus the run's planned peak), the reads
 come from memory and the writes drain to the disk in the background, through the whole step, at the
-streaming write speed: "warm". When they do not, every read comes from the disk, once the file's
-writes have reached it: "cold", at the fsync'd write speed (as bench.py --cold, which flushes and
-evicts every file before reading it: the worst case). The plan prints both and counts the run at the
-one that applies.
+streaming write speed: "warm". When they do not, the run reads and writes its modules past the page
+cache (O_DIRECT), every read from the disk: "cold" (as bench.py --cold). The plan prints both and
+counts the run at the one that applies.
 
 How close the plan comes to bench.py's measured steps is in docs/performance.md.
 """
@@ -222,14 +221,14 @@ def step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes
     added to the arithmetic, at the page-cache speed.
     Warm: reads come from the page cache, and the writes drain to the disk in the background through both
     passes (the page cache holds them): the step is at least writes / stream_write speed.
-    Cold: the disk serves the reads too, and a file is read back only once its writes are on the disk
-    (bench.py --cold flushes each file before reading it): the backward pass's disk time is its reads and its
-    writes at the fsync'd write speed, one after the other."""
+    Cold: the page cache cannot hold the streamed modules, so the run reads and writes them past it (O_DIRECT):
+    the disk serves every read, and the backward pass's disk time is its reads and its writes at the streaming
+    write speed, one after the other (one disk)."""
     cache, disk = speeds["cache_read"], speeds["disk_read"]
     t = {"forward_s": compute_s * forward_share + (reads_forward / cache if copies_share_cpu else 0),
          "backward_s": compute_s * (1 - forward_share) + ((reads_backward + writes) / cache if copies_share_cpu else 0),
          "drain_s": writes / speeds["stream_write"], "cold_forward_disk_s": reads_forward / disk,
-         "cold_backward_disk_s": reads_backward / disk + writes / speeds["write"]}
+         "cold_backward_disk_s": reads_backward / disk + writes / speeds["stream_write"]}
     t["warm_forward_s"], t["warm_backward_s"] = max(t["forward_s"], reads_forward / cache), \
         max(t["backward_s"], reads_backward / cache)
     t["warm_step_s"] = max(t["warm_forward_s"] + t["warm_backward_s"], t["drain_s"])
@@ -340,7 +339,7 @@ def plan(s, disk_needs, out=print):
     out(f"per step: {flops / 1e12:.2f} TFLOP ({6 if full else 4} per matmul parameter per token) = {compute_s:.1f} s "
         f"of arithmetic ({forward_share * compute_s:.1f} s forward, {(1 - forward_share) * compute_s:.1f} s backward); "
         f"reads {gb(reads_forward)} forward + {gb(reads_backward)} backward = {gb(reads)}, writes {gb(writes)}")
-    cr, dr, wr, sw = speeds["cache_read"], speeds["disk_read"], speeds["write"], speeds["stream_write"]
+    cr, dr, sw = speeds["cache_read"], speeds["disk_read"], speeds["stream_write"]
     fwd_s, bwd_s = t["forward_s"], t["backward_s"]
     if copies_share_cpu:
         out(f"  on the CPU the I/O's memory copies take time from the arithmetic: forward {fwd_s:.1f} s "
@@ -349,9 +348,9 @@ def plan(s, disk_needs, out=print):
     out(f"  warm (reads from the page cache): forward {t['warm_forward_s']:.1f} s + backward "
         f"{t['warm_backward_s']:.1f} s = {t['warm_forward_s'] + t['warm_backward_s']:.1f} s; the writes drain to the "
         f"disk meanwhile: {gb(writes)} / {sw / 1e9:.2f} GB/s = {t['drain_s']:.1f} s -> {t['warm_step_s']:.1f} s/step")
-    out(f"  cold (reads from the disk):       forward max({fwd_s:.1f} s, {gb(reads_forward)} / {dr / 1e9:.2f} GB/s = "
+    out(f"  cold (past the page cache):       forward max({fwd_s:.1f} s, {gb(reads_forward)} / {dr / 1e9:.2f} GB/s = "
         f"{t['cold_forward_disk_s']:.1f} s) + backward max({bwd_s:.1f} s, {gb(reads_backward)} / {dr / 1e9:.2f} GB/s + "
-        f"{gb(writes)} / {wr / 1e9:.2f} GB/s = {t['cold_backward_disk_s']:.1f} s) -> {t['cold_step_s']:.1f} s/step")
+        f"{gb(writes)} / {sw / 1e9:.2f} GB/s = {t['cold_backward_disk_s']:.1f} s) -> {t['cold_step_s']:.1f} s/step")
     fit = f"the {gb(working_set)} the step reads {'fit' if warm else 'do not fit'} in the page cache " \
           f"({gb(max(0, cache_room))} of RAM free beside the run's peak)"
     bound = "arithmetic" if step_s <= (fwd_s + bwd_s) * 1.001 else "disk"

@@ -106,9 +106,9 @@ def weights_of(model):
 
 
 def ours(load, src, workdir, steps, optimizer="sgd", lr=0.5, dropout=0.0, grad_clip=0.0, budget=None,
-         prefetch=True, keep_activations=True):
+         prefetch=True, keep_activations=True, cold=False):
     """Train the offloaded model of src on steps: (losses, {key: fp32 weight}, model)."""
-    model = load(src, dropout=dropout, memory_budget=budget, prefetch=prefetch)
+    model = load(src, dropout=dropout, memory_budget=budget, prefetch=prefetch, cold=cold)
     result = compare.offloaded_run(model, workdir, steps, optimizer, lr, grad_clip, keep_activations=keep_activations)
     return result["losses"].tolist(), result["weights"], model
 

@@ -162,3 +162,27 @@ def test_the_source_is_never_the_destination(make, tmp_path):
     src = make()
     expect_error(["loader.py", src, src, "--offload_path", tmp_path / "off"], "never written", [src])
     expect_error(["loader.py", src, src / "inside", "--offload_path", tmp_path / "off"], "never written", [src])
+
+
+def test_a_module_file_read_past_the_page_cache_round_trips(tmp_path):
+    """read_image holds the file's bytes, its tensors views of them; write_image writes the changed image back."""
+    import files
+    if not files.direct_io_works(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(33, 70, generator=g), "n": torch.randn(70, generator=g),
+               "w:exp_avg": torch.randn(33, 70, generator=g), "step": torch.tensor(3.0)}
+    path, copy = tmp_path / "m.safetensors", tmp_path / "copy.safetensors"
+    files.write_tensors(tensors, path)
+    taken = []
+    read, (buffer, image, size) = files.read_image(path, lambda n: taken.append(n) or torch.empty(n, dtype=torch.uint8),
+                                                   torch.float32)
+    assert size == path.stat().st_size and image.data_ptr() % files.DIRECT_ALIGN == 0 and taken == [buffer.numel()]
+    assert bytes(image[:size].numpy()) == path.read_bytes()
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], t) for k, t in tensors.items())
+    read["w"].mul_(2)
+    read["step"].add_(1)
+    files.write_image(image, size, copy)
+    back, _ = files.read_tensors(copy)
+    assert torch.equal(back["w"], 2 * tensors["w"]) and back["step"] == 4 and torch.equal(back["n"], tensors["n"])
+    assert files.read_image(path, lambda n: torch.empty(n, dtype=torch.uint8), torch.bfloat16) is None  # as stored only

@@ -155,7 +155,7 @@ def check_plan(f, stdout):
     fwd = f["compute_s"] * f["forward_share"] + rf / cache * copies
     bwd = f["compute_s"] * (1 - f["forward_share"]) + (rb + w) / cache * copies
     warm = max(max(fwd, rf / cache) + max(bwd, rb / cache), w / f["stream_write_bps"])
-    cold = max(fwd, rf / f["disk_read_bps"]) + max(bwd, rb / f["disk_read_bps"] + w / f["write_bps"])
+    cold = max(fwd, rf / f["disk_read_bps"]) + max(bwd, rb / f["disk_read_bps"] + w / f["stream_write_bps"])
     assert f["warm_step_s"] == pytest.approx(warm, rel=1e-6)
     assert f["cold_step_s"] == pytest.approx(cold, rel=1e-6)
     assert f["compute_s"] <= warm * 1.001 and f["compute_s"] <= cold * 1.001

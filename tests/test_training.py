@@ -5,6 +5,7 @@ import pytest
 import safetensors.torch
 import torch
 
+import files
 import finetune
 import loader
 from default_model import DEFAULT_TEXT, default_model
@@ -70,16 +71,57 @@ def test_adamw_state_survives_a_new_model_object(make, load, tmp_path):
     assert_updates_match(weights_of(model), want, initial)
 
 
-def test_results_are_bit_identical_under_any_budget_and_prefetch(make, load, tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_results_are_bit_identical_under_any_budget_and_prefetch(make, load, tmp_path, optimizer):
+    """cold: the modules read and written past the page cache, as where it cannot hold the model."""
     src = make(seed=25)
-    steps = make_batches(2, micro_batches=2)
-    runs = [ours(load, src, tmp_path / f"r{i}", steps, "adamw", 1e-3, dropout=0.1, budget=budget, prefetch=prefetch,
-                 keep_activations=keep)
-            for i, (budget, prefetch, keep) in enumerate([(None, True, True), (0, False, True), (0, True, False),
-                                                          (300_000, True, True), (10**6, False, False)])]
+    steps = make_batches(3, micro_batches=2)
+    runs = [ours(load, src, tmp_path / f"r{i}", steps, optimizer, 1e-3, dropout=0.1, budget=budget, prefetch=prefetch,
+                 keep_activations=keep, cold=cold)
+            for i, (budget, prefetch, keep, cold) in enumerate([
+                (None, True, True, False), (0, False, True, False), (0, True, False, False),
+                (300_000, True, True, False), (10**6, False, False, False), (0, True, True, True),
+                (None, True, True, True)])]
+    assert runs[-1][2].offload.direct == files.direct_io_works(tmp_path)  # (every module resident, read and
+    # written past the page cache; the modules streamed so in the next test)
     for losses, weights, _ in runs[1:]:
         assert losses == runs[0][0]
         assert all(torch.equal(weights[k], runs[0][1][k]) for k in weights)
+
+
+def test_modules_are_read_past_the_page_cache_where_it_cannot_hold_them(make, load, tmp_path, monkeypatch):
+    """Where the streamed modules do not fit the RAM left beside the plan, they are read and written with
+    O_DIRECT; the plan then reads ahead before it keeps activations (nothing else reads ahead)."""
+    import blackbox_model
+    from memory_plan import plan_memory
+    src = make(seed=27)
+    model = load(src, memory_budget=0)
+    setup(model, tmp_path)
+    plan = lambda budget, from_disk: plan_memory(model.args, model.embeddings, model.layers, model.norm, model.output,
+                                                 budget, 24, reads_from_disk=from_disk)
+    block = max(box.memory_bytes() for box in model.layers)
+    big = max(model.embeddings.memory_bytes(), model.output.memory_bytes())
+    prefetch = 2 * max(block, big) - block - big  # a second module beside the one in use
+    assert 0 < prefetch < plan(1 << 40, False).graph_budget  # activations alone would take the room
+    budget = plan(0, False).peak + prefetch
+    through_cache, from_disk = plan(budget, False), plan(budget, True)
+    assert not through_cache.prefetch_in_memory and through_cache.graph_budget >= prefetch
+    assert from_disk.prefetch_in_memory and from_disk.graph_budget == through_cache.graph_budget - prefetch
+
+    assert not model.offload.direct  # a tiny model fits
+    model.memory_budget = budget
+    model.make_plan(24)
+    assert not model.offload.direct and model.plan == through_cache
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: 0)  # the page cache holds nothing
+    model.make_plan(24)
+    assert model.offload.direct == files.direct_io_works(tmp_path)
+    assert model.plan == (from_disk if model.offload.direct else through_cache)
+    monkeypatch.undo()
+    steps = make_batches(3)  # 24 tokens a step, as planned
+    (want_losses, want, _), (losses, weights, cold) = [
+        ours(load, src, tmp_path / f"r{i}", steps, "sgd", 0.5, dropout=0.1, budget=budget, cold=i == 1) for i in (0, 1)]
+    assert cold.offload.direct == files.direct_io_works(tmp_path) and cold.plan.resident == from_disk.resident
+    assert losses == want_losses and all(torch.equal(weights[k], want[k]) for k in want)
 
 
 def test_export_after_training_reloads_to_the_same_logits(make, load, tmp_path):

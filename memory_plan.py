@@ -1,0 +1,65 @@
+"""The memory plan: how a process's memory budget is shared out between what a step must hold, the blocks'
+activations kept for the backward pass, the next module read ahead, and the modules that stay resident."""
+from dataclasses import dataclass
+
+from files import WINDOW_BYTES
+from model import graph_bytes_per_token
+
+CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
+PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers, with room for what allocations round
+# up to (bench.py's peaks against its plans check it)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    graph_budget: int  # bytes of blocks' activations kept for the backward pass
+    prefetch_in_memory: bool  # the next module is read into memory ahead of its use (else into the page cache)
+    peak: int  # the planned peak of the process, bytes
+    resident: frozenset  # names of the modules that stay in memory
+
+
+def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_batches=1, whole_grads=False,
+                keep_activations=True, reads_from_disk=False):
+    """Share the memory budget (bytes, the whole process) out. Always needed: a block (of a mixture: with two
+    of its experts, whatever the number chosen) and the embeddings or output beside it (at the turns of the
+    step both are in memory), the gradient rows being applied
+    (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
+    one table: whole_grads), each block's input, the logits and their gradient, the block being computed.
+    Then, in order of what they save: blocks' activations (a quarter of a block's arithmetic each),
+    reading the next module into memory ahead of its use (else the OS reads it ahead), and the last
+    modules staying resident (the final norm always: it is tiny and used at every turn). Where the reads
+    come from the disk, past the page cache (reads_from_disk), reading ahead comes first: nothing else
+    reads ahead, and every module read while the step waits costs its read."""
+    modules = list(dict.fromkeys([embeddings, *layers, output]))  # the output may be the embeddings
+    experts = [box.experts.boxes[0] for box in layers if box.experts]  # a mixture: an expert in use, the next
+    block = max((box.memory_bytes() for box in layers), default=0) + \
+        2 * max((e.memory_bytes() for e in experts), default=0)  # read ahead
+    big = max(embeddings.memory_bytes(), output.memory_bytes())
+    grads = 0 if not embeddings.trainable else \
+        4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
+    all_tokens = tokens * micro_batches  # tokens: of one micro-batch
+    inputs = args.n_layers * all_tokens * args.dim * 4
+    # logits, their fp32 copy, the log-probabilities (their gradient); capped logits keep two more (Gemma 2)
+    head = (3 + 2 * bool(args.final_softcap)) * tokens * args.vocab_size * 4
+    per_token = graph_bytes_per_token(args, embeddings.compute_dtype, tokens)  # (a row of every token: an upper
+    # bound of attention written out)
+    working = tokens * per_token + WINDOW_BYTES  # the block being computed (its activations and their
+    # gradients) and the window a converting read maps
+    needed = PROCESS_BYTES + block + big + grads + inputs + head + working
+    prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
+    graphs = args.n_layers * all_tokens * per_token
+    prefetch_in_memory = reads_from_disk and budget - needed >= prefetch
+    graph_budget = max(0, min(budget - needed - prefetch * prefetch_in_memory, graphs if keep_activations else 0))
+    free = budget - needed - graph_budget - prefetch * prefetch_in_memory
+    if not prefetch_in_memory:
+        prefetch_in_memory = free >= prefetch
+        free -= prefetch * prefetch_in_memory
+    resident = {norm.name}
+    for box in reversed(modules):  # residents are the last modules: those in use at the turn of the step
+        if box.memory_bytes() > free:
+            break
+        resident.add(box.name)
+        free -= box.memory_bytes()
+    peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.memory_bytes() for box in modules
+                                                                       if box.name in resident)
+    return MemoryPlan(graph_budget, prefetch_in_memory, peak, frozenset(resident))
