@@ -9,7 +9,7 @@ from architectures import FUSED
 from files import load_tensors, read_tensors, write_tensors
 from model import lora_target, module_of, module_shapes
 from settings import Lora
-from utils import UserError, gb, mem_available_bytes
+from utils import UserError, gb
 
 
 def adapted(model, targets):
@@ -140,7 +140,7 @@ def base_copy_bytes(model, wanted=-1, disk_reserve=0, folder=None):
             model.storage_dtype == torch.float32 or not wanted:
         return 0
     if wanted < 0:
-        ram = mem_available_bytes() - model.memory.peak * model.group.local_world
+        ram = model.page_cache_room()
         disk = shutil.disk_usage(folder or model.run.dir).free - disk_reserve - (1 << 30)  # 1 GB to spare
         if not all(model.group.gather(need <= min(ram, disk))):
             return 0

@@ -18,9 +18,10 @@ case). --generate N: instead of training, N tokens generated from a prompt of --
 read a token against the bytes of the parameters a token uses (with --cold, every file read from the disk).
 --cold: the run as where the page cache cannot hold the model: module files read and written past it (O_DIRECT)
 where the disk allows, and any file still read through it (converted on the way in) evicted after each use.
-Every figure comes with the floors of the step: its matmuls at the probe's rate (compute_floor_s), its disk bytes
-at the disk's sequential rates, measured first on a temporary file (disk_floor_s), and efficiency, the larger
-floor over the step (for --generate: tokens/s against the disk's rate over the bytes a token uses).
+Every figure comes with the floors of the step: its matmuls at the probe's rate (compute_floor_s, the faster of
+probes before and after the steps), its disk bytes at the disk's sequential rates, measured first on a temporary
+file (disk_floor_s), and efficiency, the larger floor over the step (for --generate: tokens/s against the disk's
+read rate over the bytes a token read from it).
 """
 import argparse
 import json
@@ -48,6 +49,7 @@ from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, me
 
 HERE = Path(__file__).resolve().parent
 DISK_PROBE_BYTES = 1 << 30  # the disk's rates are measured on a temporary file of this size
+MATMUL_PROBE_S = 2.0  # seconds of matmuls at the step's shapes that rate the chip (each probe)
 
 
 def make_batches(vocab, batch_size, seq_len, n):
@@ -258,7 +260,7 @@ def parallel_worker(a, source, offload_root, run_dir):
         model = load(a, source, offload_root)
         times, io, seconds, _ = train_figures(a, model, run_dir, group)
         figures = group.gather({"times": times, "io": io, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                                "planned_peak_mb": model.memory.peak / 2**20})
+                                "planned_peak_mb": model.memory.peak / 2**20, "recomputed": model.recomputed})
     finally:
         group.close()
     if group.rank == 0:
@@ -285,9 +287,9 @@ def parallel_steps(a):
 def generation_figures(a, model, disk):
     """--generate: the bytes a generated token reads (module files; from the disk, the page cache aside) against
     the bytes of the parameters it uses (a block's attention, norms, router and top_k experts or its MLP, the
-    output, a row of the embeddings), in the storage dtype; tokens per second, against the disk's floor (those
-    bytes at the disk's read rate: what a cold disk allows). The prompt's pass is left out: the difference of
-    generating 1 and 1 + N tokens after it."""
+    output, a row of the embeddings), in the storage dtype; tokens per second, against the disk's floor (the
+    bytes a token read from the disk at the disk's read rate). The prompt's pass is left out: the difference
+    of generating 1 and 1 + N tokens after it."""
     model.eval()
     prompt = make_batches(model.args.vocab_size, 1, a.seq_len, 1)[0][0][0].tolist()
     counts = []
@@ -303,7 +305,7 @@ def generation_figures(a, model, disk):
     expert = model.layers[0].experts.boxes[0].numel() if args.n_experts else 0
     active = sum(box.numel() + args.top_k * expert * bool(box.experts) for box in model.layers) + \
         model.norm.numel() + model.output.numel() * (not args.tied) + args.dim * (1 + args.tied * (args.vocab_size - 1))
-    tokens_per_s, floor = a.generate / (more_s - one_s), disk["disk_read"] / (active * unit)
+    tokens_per_s, floor = a.generate / (more_s - one_s), disk["disk_read"] / max(1, per_token["disk_read_bytes"])
     return {"prompt_tokens": a.seq_len, "generated": a.generate, "tokens_per_s": round(tokens_per_s, 3),
             "disk_read_gbps": round(disk["disk_read"] / 1e9, 2), "disk_floor_tokens_per_s": round(floor, 3),
             "efficiency": round(tokens_per_s / floor, 3),
@@ -320,8 +322,9 @@ def run(a, source, offload_root, run_dir):
     os.sync()  # the checkpoint's writes reach the disk before anything is timed (the OS's writeback takes CPU)
     disk = disk_speeds(default_model.CACHE, DISK_PROBE_BYTES)  # where the offload and the run folder are
     # the step's matmuls timed at their shapes, before the model takes its memory (not counted in its peak)
-    matmul_s, rates = arithmetic_seconds(args, tokens, 6 if a.mode == "full" else 4, parse_dtype(a.compute_dtype),
-                                         torch.device("cpu"), 1.0)
+    probe = lambda: arithmetic_seconds(args, tokens, 6 if a.mode == "full" else 4, parse_dtype(a.compute_dtype),
+                                       torch.device("cpu"), MATMUL_PROBE_S)
+    matmul_s, rates = probe()
     start = time.perf_counter()
     model = load(a, source, offload_root)
     convert_s = time.perf_counter() - start
@@ -339,13 +342,16 @@ def run(a, source, offload_root, run_dir):
     else:
         times, io, seconds, experts = train_figures(a, model, run_dir, between=reference and reference.step)
         peak_mb, planned_mb = peak_rss_mb(), model.memory.peak / 2**20
+    recomputed = figures[0]["recomputed"] if a.nproc > 1 else model.recomputed
+    matmul_s, rates = min((matmul_s, rates), probe())  # the machine's speed drifts: the faster probe, before or
+    # after the steps, is the floor
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
     # the blocks' forward passes the backward computes again (their graphs beyond the memory plan): 2 more FLOPs
     # per parameter and token of a block each
     base_flops = (6 if a.mode == "full" else 4) * n * tokens
-    flops = base_flops + 2 * (n - args.vocab_size * args.dim) // args.n_layers * tokens * model.recomputed
+    flops = base_flops + 2 * (n - args.vocab_size * args.dim) // args.n_layers * tokens * recomputed
     compute_s = matmul_s * flops / base_flops
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
@@ -358,7 +364,7 @@ def run(a, source, offload_root, run_dir):
               **{f"{key}_s": value for key, value in seconds.items()},
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
               "gemm_gflops": round(rates[0] / 1e9, 1),
-              "recomputed_blocks": model.recomputed, "matmul_share": round(compute_s / step_s, 2),
+              "recomputed_blocks": recomputed, "matmul_share": round(compute_s / step_s, 2),
               **floors(io, compute_s, disk, step_s),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.nproc > 1:  # peaks per process (shared mapped pages count in each), and the time waited for the others

@@ -76,8 +76,9 @@ class Transformer:
 
     def make_plan(self, tokens_per_micro_batch, micro_batches=1):
         """The memory plan, and whether the streamed modules are read past the page cache (Offload.direct): where
-        the page cache cannot hold them (in what the plan leaves of the RAM available now), or a cold-disk
-        benchmark says so, and the disks of their folders allow it."""
+        the page cache cannot hold them all (in what the plan leaves of the RAM available now), or a cold-disk
+        benchmark says so, and the disks of their folders allow it (Offload._read). All of them: keeping the
+        last ones mapped from the page cache made the OS evict and fault them in page by page."""
         opt = self.optimizer
         plan = lambda reads_from_disk: plan_memory(
             self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_micro_batch,
@@ -85,13 +86,19 @@ class Transformer:
         self.plan = plan(False)
         streamed = sum(box.memory_bytes() for box in self.boxes.values() if box.name not in self.plan.resident)
         folders = {self.offload_dir, *([self.run.dir] if self.run else [])}
-        self.offload.direct = (self.offload.cold or streamed > mem_available_bytes() - self.plan.peak) and \
-            all(map(direct_io_works, folders))
+        # (on the CPU, one process a machine: the processes of a machine share the working copy's mapped slots)
+        # (on the CPU, one process a machine: the processes of a machine share the working copy's mapped slots)
+        self.offload.direct = (self.offload.cold or streamed > self.page_cache_room()) and \
+            self.device.type == "cpu" and self.group.local_world == 1 and all(map(direct_io_works, folders))
         if self.offload.direct:
             self.plan = plan(True)
         for box in self.boxes.values():
             box.resident = box.name in self.plan.resident
         self.offload.prefetch_in_memory = self.plan.prefetch_in_memory
+
+    def page_cache_room(self):
+        """Bytes of RAM the page cache can have beside this machine's processes at their planned peaks."""
+        return mem_available_bytes() - self.memory.peak * self.group.local_world
 
     def close(self):
         for box in self.boxes.values():

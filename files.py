@@ -219,9 +219,7 @@ def read_image(path, take_buffer, dtype):
             done += n
     finally:
         os.close(fd)
-    tensors = {name: image[data_start + start:data_start + end].view(kind).view(shape)
-               for name, (kind, shape, start, end) in stored.items()}
-    return tensors, (buffer, image, size)
+    return tensor_views(image, stored, data_start), (buffer, image, size)
 
 
 def write_image(image, size, path):
@@ -269,9 +267,14 @@ def map_tensors(path, dtype, writable, populate=False):
         except OSError:  # an older kernel, or not Linux: ask for the pages to be read ahead instead
             mapping.madvise(mmap.MADV_WILLNEED)
     data = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping open while a view lives
-    tensors = {name: data[data_start + start:data_start + end].view(kind).view(shape)
-               for name, (kind, shape, start, end) in stored.items()}
-    return tensors, mapping
+    return tensor_views(data, stored, data_start), mapping
+
+
+def tensor_views(data, stored, data_start):
+    """{name: tensor} of a module file's header (read_header's), each a view of its bytes in data (uint8: the
+    whole file, mapped or read)."""
+    return {name: data[data_start + start:data_start + end].view(kind).view(shape)
+            for name, (kind, shape, start, end) in stored.items()}
 
 
 def read_into(f, buffer, path):

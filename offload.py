@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,7 @@ class Offload:
         self.prefetch = prefetch  # read the next module in the background while this one computes
         self.prefetch_in_memory = True  # into memory; else only into the OS's page cache (the plan decides)
         self.cold = cold  # cold-disk benchmarks: each file leaves the page cache once used and written (evict)
-        self.direct = False  # module files the step maps are read and written past the page cache (read_image)
+        self.direct = False  # module files are read and written past the page cache (the model decides)
         self.io = ThreadPoolExecutor(max_workers=1)
         self.io_on_one_thread = False
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
@@ -61,8 +62,8 @@ class Offload:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def give_buffers(self, buffers):
-        """Keep the buffers of the module let go last (weights, compute copies) for the next read: the
-        I/O thread writes a module, hands its buffers back, then reads the next module into them. Older
+        """Keep the buffers of the module let go last (weights, compute copies) for a later read: the
+        I/O thread writes a module, hands its buffers back, then reads a module into them. Older
         spares are dropped, so at most one module's buffers wait unused."""
         with self.buffer_lock:
             self.spare_buffers = buffers
@@ -99,6 +100,14 @@ class Offload:
         self.io.shutdown(wait=True)
 
 
+class Image(NamedTuple):
+    """A module file's bytes read past the page cache (files.read_image), its tensors views of them: written
+    back whole while its tensors are the same (names)."""
+    data: torch.Tensor
+    size: int
+    names: frozenset
+
+
 class Blackbox:
     """One module whose tensors live in a file: loaded on use and let go after, unless resident.
 
@@ -127,7 +136,7 @@ class Blackbox:
         self.mapped = False  # the weights are views of a shared mapping of self.file: changes go straight into it
         self.mapping = None  # the file's pages the weights are views of (mmap), or
         self.buffer = None  # the memory the weights were read into, handed back for reuse when let go
-        self.image = None  # (the file's bytes in self.buffer, its size, its tensors' names): read past the page cache
+        self.image = None  # Image: the file's bytes in self.buffer, read past the page cache
         self.compute_buffer = None  # the memory of the compute-dtype copies, likewise
         self.reading = self.writing = None  # futures of the background reader and writer
         self.reading_ahead = False  # the OS was asked to read the file ahead into its page cache
@@ -178,7 +187,7 @@ class Blackbox:
         if self.weights is None and self.reading is None:
             if into_memory:
                 self.reading, self.reading_ahead = o.io.submit(o.timed, "reading", self._read), False
-            elif not self.reading_ahead:
+            elif not self.reading_ahead and not o.direct:  # (read past the page cache: nothing to read ahead into)
                 o.io.submit(read_ahead, self.file)
                 self.reading_ahead = True
 
@@ -197,24 +206,23 @@ class Blackbox:
 
     def _read(self):
         """(weights, compute copies, optimizer state, pending gradients, their buffers, the mapping,
-        whether it is shared): in the I/O thread. On the CPU a file stored in the wanted dtype is mapped,
-        not copied: shared when it is the working copy being trained (then updates go straight into it),
-        unless the module stays resident (its memory is written once, at a commit: the OS would write a
+        whether it is shared, the Image read past the page cache): in the I/O thread. On the CPU a file
+        stored in the wanted dtype is read past the page cache where the model says (Offload.direct), else
+        mapped, not copied: shared when it is the working copy being trained (then updates go straight into
+        it), unless the module stays resident (its memory is written once, at a commit: the OS would write a
         shared mapping's changes to the disk every few seconds)."""
         o = self.offload
         dtype = torch.float32 if self.trainable else o.compute_dtype
         shared = self.trainable and not self.resident and o.run is not None and o.run.is_open_slot(self.file)
         # a frozen table that is only looked up: its pages come in as rows are read, not the whole table
         rows_only = self.looked_up and not self.trainable and self.grad_uses == 1
-        # past the page cache where it cannot hold the model (each process reads its own copy: not for a shared slot)
-        direct = o.direct and o.device.type == "cpu" and not rows_only and not (shared and o.run.group.local_world > 1)
-        read = read_image(self.file, o.take_buffer, dtype) if direct else None
+        read = read_image(self.file, o.take_buffer, dtype) if o.direct and not rows_only else None
         mapped = map_tensors(self.file, dtype, shared, populate=not rows_only) \
             if o.device.type == "cpu" and read is None else None
         image = None
         if read is not None:
             data, (buffer, file_bytes, size) = read
-            image, mapping, shared = (file_bytes, size, set(data)), None, False
+            image, mapping, shared = Image(file_bytes, size, frozenset(data)), None, False
         elif mapped is None:  # converted on the way in, or bound for another device
             data, buffer = read_tensors(self.file, o.take_buffer, dtype)
             mapping, shared = None, False
@@ -268,9 +276,9 @@ class Blackbox:
         write_tensors(tensors, path, in_place)
         self.offload.bytes["written"] += sum(t.numel() * t.element_size() for t in tensors.values())
 
-    def _write_image(self, image, size, path):
-        write_image(image, size, path)
-        self.offload.bytes["written"] += size
+    def _write_image(self, image, path):
+        write_image(image.data, image.size, path)
+        self.offload.bytes["written"] += image.size
 
     def prepare_update(self, states):
         """Before the weights change: the optimizer state is there (states: the fp32 tensors per weight,
@@ -316,8 +324,8 @@ class Blackbox:
             return
         self.file = run.slot(self.name)
         if run.writes:  # else the machine's first process writes the same bytes
-            if self.image is not None and self.image[2] == set(self.state()):  # (no optimizer state added since)
-                self.writing = o.io.submit(o.timed, "writing", self._write_image, *self.image[:2], self.file)
+            if self.image is not None and self.image.names == set(self.state()):  # (no optimizer state added since)
+                self.writing = o.io.submit(o.timed, "writing", self._write_image, self.image, self.file)
             else:
                 self.writing = o.io.submit(o.timed, "writing", self._write_file, self.state(), self.file, True)
             run.written.add(self.file)

@@ -53,7 +53,7 @@ from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifes
 from meta_format import model_args, read_source
 from run_folder import RunFolder
 from utils import (check_device, choose_compute_dtype, dtype_name, duration, existing_folder, gb, matmul_rate,
-                   mem_available_bytes, parse_dtype)
+                   parse_dtype)
 
 MATMUL_PROBE_S = 2.0  # how long --plan=1 times the step's matmuls to rate the device (longer: steadier)
 
@@ -101,7 +101,8 @@ def plan_memory(model, s):
 def disk_speeds(folder, nbytes):
     """Bytes/s of a temporary file of nbytes in folder, removed after: write (written, then fsync: what
     reaches the disk when each write must be on it before it is read back), cache_read (read back from
-    the page cache), disk_read (from the disk, after evicting it), stream_write (overwritten in place
+    the page cache), disk_read (from the disk, after evicting it: through the page cache, or past it in one
+    request where that is faster: the cold runs read so), stream_write (overwritten in place
     with O_DIRECT: what the background writeback of a run sustains, without a flush after each file;
     the fsync figure where O_DIRECT is not supported). Reads go into one buffer, as module reads do."""
     path = existing_folder(folder) / f".slowllama-plan-{os.getpid()}.tmp"
@@ -144,11 +145,34 @@ def disk_speeds(folder, nbytes):
                 os.close(fd)
         elif fd is not None:
             os.close(fd)
+        speeds["disk_read"] = max(speeds["disk_read"], direct_read_speed(path, nbytes))
     finally:
         view.release()
         chunk.close()
         path.unlink(missing_ok=True)
     return speeds
+
+
+def direct_read_speed(path, nbytes):
+    """Bytes/s of the file's first nbytes read past the page cache in one request, as a module read so is
+    (files.read_image); 0 where the file system does not allow it."""
+    evict_from_page_cache(path)
+    whole = mmap.mmap(-1, nbytes)  # page-aligned
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return 0
+    try:
+        view, start, done = memoryview(whole), time.perf_counter(), 0
+        while done < nbytes:
+            done += os.preadv(fd, [view[done:]], done) or nbytes
+        return nbytes / (time.perf_counter() - start)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+        view.release()
+        whole.close()
 
 
 def matmul_params(args):
@@ -272,7 +296,7 @@ def plan(s, disk_needs, out=print):
     reads_forward, reads_backward, writes = step_traffic(model, s, base_copy)
     reads, working_set = reads_forward + reads_backward, reads_forward
     peak = model.memory.peak
-    cache_room = mem_available_bytes() - peak
+    cache_room = model.page_cache_room()
     forward_share = 2 / (6 if full else 4)
     copies_share_cpu = model.device.type == "cpu" and not base_copy  # LoRA's fp32 copy is mapped: no copies
     t = step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, copies_share_cpu)

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 # PyTorch's CPU allocator asks the OS for 2 MB pages (transparent huge pages, where the OS gives them on
-# request) for tensors of 2 MB and more. A block's activations and gradients are fresh memory at every
-# step; faulted in 4 KB at a time they cost time of their own, and the matmuls over them miss the TLB
-# more (docs/performance.md). Read at the first tensor's allocation, so set on import, before any exists;
-# THP_MEM_ALLOC_ENABLE=0 in the environment keeps 4 KB pages.
+# request) for tensors of 2 MB and more. A block's activations and gradients are fresh memory at every step;
+# faulted in 4 KB at a time they cost time of their own, and the matmuls over them miss the TLB more
+# (docs/performance.md). Read at the first tensor's allocation, so set on import; THP_MEM_ALLOC_ENABLE=0 keeps 4 KB.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
@@ -134,20 +133,19 @@ def bf16_is_native(device):
 
 
 def matmul_rate(shapes, tokens, dtype, device, seconds=2.0):
-    """FLOP/s of the three matmul kinds of a training step (y = x W^T, dx = dy W, dW = dy^T x) for weights of
-    the given (out, in) shapes and micro-batches of tokens, in dtype: rounds over the shapes for about
-    seconds of matmuls (at most twice that in all: small shapes spend more time making the random operands),
-    into memory kept from the first round, as a step's results go into recycled memory (fresh memory, as big
-    as a weight for its gradient, would time the OS's page faults)."""
-    flops, spent, rounds, begin, outs = 0, 0.0, 0, time.perf_counter(), {}
-    while rounds == 0 or spent < seconds and time.perf_counter() - begin < 2 * seconds:
+    """FLOP/s of a training step's three matmul kinds (y = x W^T, dx = dy W, dW = dy^T x) for weights of the
+    given (out, in) shapes and micro-batches of tokens, in dtype: rounds over the shapes for about seconds of
+    matmuls (at most twice that in all), into memory kept from the first round as a step's results go into
+    recycled memory (fresh memory, as big as a weight for its gradient, would time the OS's page faults)."""
+    flops, spent, begin, outs = 0, 0.0, time.perf_counter(), {}
+    while not spent or spent < seconds and time.perf_counter() - begin < 2 * seconds:
         for n_out, n_in in shapes:
             w = torch.randn(n_out, n_in, device=device).to(dtype)
             x, dy = torch.randn(tokens, n_in, device=device).to(dtype), torch.randn(tokens, n_out, device=device).to(dtype)
             for kind, (a, b) in enumerate(((x, w.t()), (dy, w), (dy.t(), x))):
-                out = outs.setdefault((n_out, n_in, kind), torch.empty(len(a), b.shape[1], dtype=dtype, device=device))
-                if rounds == 0:  # warm-up: the first call of a shape and kind
-                    torch.matmul(a, b, out=out)
+                out = outs.get((n_out, n_in, kind))
+                if out is None:  # warm-up: the first call of a shape and kind
+                    out = outs[n_out, n_in, kind] = torch.matmul(a, b)
                 synchronize(device)
                 start = time.perf_counter()
                 torch.matmul(a, b, out=out)
@@ -155,7 +153,6 @@ def matmul_rate(shapes, tokens, dtype, device, seconds=2.0):
                 spent += time.perf_counter() - start
                 flops += 2 * tokens * n_in * n_out
             del w, x, dy
-        rounds += 1
     return flops / spent
 
 
@@ -291,8 +288,11 @@ def duration(seconds):
     """A span of time for people: seconds, minutes, hours or days."""
     if seconds < 120:
         return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h" if seconds < 72 * 3600 else \
-        f"{seconds / 86400:.1f} days"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 72 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 def existing_folder(folder):

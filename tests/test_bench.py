@@ -6,6 +6,7 @@ import pytest
 
 import bench
 import default_model
+import plan
 import utils
 
 
@@ -30,4 +31,7 @@ def test_figures_are_printed_with_the_cache_behind_a_symlink(tmp_path, monkeypat
     assert f["disk_floor_s"] == pytest.approx(disk_s, rel=0.02, abs=0.01)
     assert f["efficiency"] == pytest.approx(max(f["compute_floor_s"], f["disk_floor_s"]) / f["step_s_median"],
                                             abs=0.006 / f["step_s_median"] + 2e-3)  # (floors rounded to 10 ms)
-    assert f["compute_floor_s"] > 0 and f["disk_read_bytes_per_step"] > 0  # cold: the reads come from the disk
+    assert f["recomputed_blocks"] == 1  # no room for the one block's graph at --memory_budget 0
+    args = default_model.shape_args("tiny", 1)
+    n = plan.matmul_params(args)  # the block's and the output's matrices; the block's forward once more
+    assert f["flops_per_step"] == 6 * n * f["tokens_per_step"] + 2 * (n - args.vocab_size * args.dim) * f["tokens_per_step"]

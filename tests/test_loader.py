@@ -182,7 +182,11 @@ def test_a_module_file_read_past_the_page_cache_round_trips(tmp_path):
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], t) for k, t in tensors.items())
     read["w"].mul_(2)
     read["step"].add_(1)
-    files.write_image(image, size, copy)
-    back, _ = files.read_tensors(copy)
-    assert torch.equal(back["w"], 2 * tensors["w"]) and back["step"] == 4 and torch.equal(back["n"], tensors["n"])
+    copy.write_bytes(b"x" * (3 * size))  # a longer file is cut to the image's size
+    for target in (copy, path):  # (the file it was read from too)
+        files.write_image(image, size, target)
+        back, _ = files.read_tensors(target)
+        assert target.stat().st_size == size and torch.equal(back["w"], 2 * tensors["w"])
+        assert back["step"] == 4 and torch.equal(back["n"], tensors["n"]) and torch.equal(back["w:exp_avg"],
+                                                                                            tensors["w:exp_avg"])
     assert files.read_image(path, lambda n: torch.empty(n, dtype=torch.uint8), torch.bfloat16) is None  # as stored only

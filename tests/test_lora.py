@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-import adapters
+import blackbox_model
 import compare
 from adapters import add_lora, adapter_state, base_copy_bytes
 from files import read_tensors, save_tensors
@@ -116,11 +116,11 @@ def test_fp32_copy_only_where_it_fits(make, load, tmp_path, monkeypatch):
     need = sum(box.numel() * 4 for box in model.boxes.values() if not box.resident)
     peak = model.memory.peak
     assert need and base_copy_bytes(model, 1) == need
-    monkeypatch.setattr(adapters, "mem_available_bytes", lambda: peak + 2 * need)
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: peak + 2 * need)
     assert base_copy_bytes(model, -1) == need
-    monkeypatch.setattr(adapters, "mem_available_bytes", lambda: peak + need // 2)
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: peak + need // 2)
     assert base_copy_bytes(model, -1) == 0  # the page cache could not keep it: converting reads instead
-    monkeypatch.setattr(adapters, "mem_available_bytes", lambda: peak + 2 * need)
+    monkeypatch.setattr(blackbox_model, "mem_available_bytes", lambda: peak + 2 * need)
     assert base_copy_bytes(model, -1, disk_reserve=shutil.disk_usage(tmp_path).free) == 0  # no room on the disk
     model.close()
     bf16 = load(make(seed=36), compute_dtype="bfloat16", memory_budget=0)  # a base in the compute dtype is mapped as it is
