@@ -216,9 +216,10 @@ class Blackbox:
         shared = self.trainable and not self.resident and o.run is not None and o.run.is_open_slot(self.file)
         # a frozen table that is only looked up: its pages come in as rows are read, not the whole table
         rows_only = self.looked_up and not self.trainable and self.grad_uses == 1
-        read = read_image(self.file, o.take_buffer, dtype) if o.direct and not rows_only else None
+        direct = o.direct and not rows_only  # (read_image maps what map_tensors would: None, then neither does)
+        read = read_image(self.file, o.take_buffer, dtype) if direct else None
         mapped = map_tensors(self.file, dtype, shared, populate=not rows_only) \
-            if o.device.type == "cpu" and read is None else None
+            if o.device.type == "cpu" and not direct else None
         image = None
         if read is not None:
             data, (buffer, file_bytes, size) = read
