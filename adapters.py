@@ -134,10 +134,10 @@ def base_copy_bytes(model, wanted=-1, disk_reserve=0, folder=None):
     cores the matmuls use), and an fp32 copy written once into the run folder is mapped from the page cache
     instead: no conversion, no copy. Made when wanted (1), or (-1) when the page cache can keep it beside
     the run's memory and the disk has room for it (disk_reserve bytes left on the disk of folder, by default
-    the run folder). One answer for every process of a parallel run."""
+    the run folder). Never over a quantized base: its point is reading fewer bytes. One answer for every process of a parallel run."""
     need = sum(box.numel() * 4 for box in base_copy_boxes(model))
     if not need or model.device.type != "cpu" or model.compute_dtype != torch.float32 or \
-            model.storage_dtype == torch.float32 or not wanted:
+            model.storage_dtype == torch.float32 or not wanted or any(box.quant for box in base_copy_boxes(model)):
         return 0
     if wanted < 0:
         ram = model.page_cache_room()

@@ -138,6 +138,8 @@ def main():
     p.add_argument("--memory_budget", type=float, default=None, help="GB (default: finetune.py's default)")
     p.add_argument("--keep_activations", type=int, default=1)
     p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--base_quant", default="none", choices=("none", "q8_0", "q4_0"),
+                   help="LoRA: the frozen base quantized at conversion (finetune.py's base_quant)")
     p.add_argument("--base_copy", type=int, default=-1, help="LoRA in fp32: finetune.py's base_copy (-1: when it fits)")
     p.add_argument("--cold", action="store_true", help="every module read from the disk, as where the page cache cannot "
                                                         "hold the model (past the page cache, else evicted after use)")
@@ -170,7 +172,9 @@ def main():
     offload_root, run_dir = default_model.CACHE / "offload", default_model.CACHE / "run"
     if a.parallel_worker:
         return parallel_worker(a, source, offload_root, run_dir)
-    offload = loader.offload_dir_for(source, offload_root)
+    if a.base_quant != "none" and a.mode != "lora":
+        raise UserError(f"--base_quant={a.base_quant} is for --mode lora")
+    offload = loader.offload_dir_for(source, offload_root, a.base_quant)
     cached = (source / "params.json").exists()  # by an earlier --keep_cache run: used and kept
     reuse = a.reuse_offload and cached and (offload / "manifest.json").exists()
     made = [run_dir] + ([] if cached else [source]) + ([] if reuse else [offload])
@@ -193,7 +197,7 @@ def main():
 def load(a, source, offload_root):
     return loader.load_model(source, offload_path=offload_root, compute_dtype=parse_dtype(a.compute_dtype),
                              memory_budget=memory_budget_bytes(-1 if a.memory_budget is None else a.memory_budget),
-                             prefetch=bool(a.prefetch), cold=a.cold, log=lambda *x: None)
+                             prefetch=bool(a.prefetch), cold=a.cold, log=lambda *x: None, base_quant=a.base_quant)
 
 
 class ExpertReads:
@@ -355,7 +359,7 @@ def run(a, source, offload_root, run_dir):
     compute_s = matmul_s * flops / base_flops
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
-              "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer,
+              "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer, "base_quant": a.base_quant,
               "compute_dtype": a.compute_dtype, "tokens_per_step": tokens, "convert_s": round(convert_s, 2),
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
               "processes": a.nproc, "threads": max(1, (os.cpu_count() or 1) // a.nproc) if a.nproc > 1 else

@@ -7,13 +7,16 @@ each block again with autograd (or reuses its kept activations), hands each weig
 optimizer (optim.py) and lets the background writer put the updated module back on disk. The math
 of each module is in model.py; LoRA's adapters in adapters.py; the run folder in run_folder.py.
 """
+import math
 from pathlib import Path
 
 import torch
 
 from adapters import copy_base
 from files import direct_io_works, read_tensors
-from model import block_forward, embed, experts_of, graph_bytes_per_token, head, loss_sum, module_names, module_shapes
+import quant
+from model import (block_forward, embed, experts_of, graph_bytes_per_token, head, loss_sum, module_names, module_of,
+                   module_shapes)
 from rope import layer_ropes, longrope_switches
 from moe import Experts, Router
 from memory_plan import plan_memory
@@ -39,6 +42,10 @@ class Transformer:
                                      grad_uses=2 if args.tied and name == "tok_embeddings" else 1,
                                      looked_up=name == "tok_embeddings")
                       for name in module_names(args)}
+        for key, kind in manifest.get("keys", []):  # matrices stored in a block format (quant.py)
+            if quant.is_quantized(kind):
+                name, local = module_of(key)
+                self.boxes[name].quant[local] = kind
         self.embeddings, self.norm = self.boxes["tok_embeddings"], self.boxes["norm"]
         self.output = self.boxes.get("output", self.embeddings)  # tied: the embedding table is the output
         self.layers = [self.boxes[f"layers.{i}"] for i in range(args.n_layers)]
@@ -95,6 +102,11 @@ class Transformer:
         for box in self.boxes.values():
             box.resident = box.name in self.plan.resident
         self.offload.prefetch_in_memory = self.plan.prefetch_in_memory
+
+    def file_bytes(self, box):
+        """Bytes of a frozen module's file: its tensors in the storage dtype, those in a block format as their blocks."""
+        return sum(quant.stored_bytes(shape, box.quant[key]) if key in box.quant else
+                   math.prod(shape) * self.storage_dtype.itemsize for key, shape in box.shapes.items())
 
     def page_cache_room(self):
         """Bytes of RAM the page cache can have beside this machine's processes at their planned peaks."""
@@ -233,6 +245,8 @@ class Transformer:
         keys = set(keys or box.shapes)
         weights = {k: t for k, t in box.weights.items() if k in keys} if box.weights is not None and box.trainable \
             else read_tensors(box.file, names=keys)[0]
+        if box.quant:
+            weights = quant.dequantized(weights, box.quant, torch.float32, torch.device("cpu"))[0]
         if merge_lora and box.lora and not (box is self.output and name == "tok_embeddings"):
             weights = dict(weights)
             for key, (a, b, scale, _) in ((k, v) for k, v in box.lora.items() if k in weights):

@@ -6,6 +6,7 @@ import json
 import math
 import mmap
 import os
+import time
 
 import torch
 
@@ -54,7 +55,8 @@ def write_json(obj, path):
 
 # --- module files: the safetensors layout, read into reusable buffers ---
 
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+             torch.uint8: "U8"}  # U8: a matrix in a block format, its rows' bytes (quant.py)
 ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
 HEADER_ALIGN = 4096  # the data starts on a page boundary
 WINDOW_BYTES = 32 << 20  # converting reads map the file a window of this size at a time
@@ -222,6 +224,28 @@ def read_image(path, take_buffer, dtype):
     return tensor_views(image, stored, data_start), (buffer, image, size)
 
 
+def direct_read_speed(path, nbytes):
+    """Bytes/s of the file's first nbytes read past the page cache in one request, as a module read so is
+    (files.read_image); 0 where the file system does not allow it."""
+    evict_from_page_cache(path)
+    whole = mmap.mmap(-1, nbytes)  # page-aligned
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return 0
+    try:
+        view, start, done = memoryview(whole), time.perf_counter(), 0
+        while done < nbytes:
+            done += os.preadv(fd, [view[done:]], done) or nbytes
+        return nbytes / (time.perf_counter() - start)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+        view.release()
+        whole.close()
+
+
 def write_image(image, size, path):
     """The image of a module file (read_image's, its tensors changed in place) written over path past the
     page cache."""
@@ -239,8 +263,8 @@ MADV_POPULATE_READ = 22  # Linux 5.14+: fault a mapping's pages in now (reading 
 
 
 def maps_as(stored, data_start, dtype):
-    """Whether a file's tensors can be mapped as dtype: all stored in it, each aligned to it."""
-    return all(kind == dtype and (data_start + start) % kind.itemsize == 0 for kind, _, start, _ in stored.values())
+    """Whether a file's tensors can be mapped as dtype (None: each as stored): all stored in it, each aligned to it."""
+    return all(kind == (dtype or kind) and (data_start + start) % kind.itemsize == 0 for kind, _, start, _ in stored.values())
 
 
 def mappable(path, dtype):

@@ -8,7 +8,7 @@ for python test_gen.py out_path.
 torchrun --nproc_per_node=N finetune.py [--name=value ...]: N processes (GPUs, or CPU processes) train
 one model, each on batch_size of every step's N x batch_size rows (parallel.py; README).
 """
-model_path = ""  # a model folder in Meta's or Hugging Face's layout; empty: the built-in default model
+model_path = ""  # a model folder in Meta's or Hugging Face's layout, a .gguf file (or ollama:NAME[:TAG]); empty: the built-in default model
 data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a .jsonl file of instructions (README); empty: slowllama.txt
 prompt_template = ""  # .jsonl prompt/response data: the text before each response; empty: the model's chat template, else Llama 2's "[INST] {prompt} [/INST]"
 system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data with prompt_template: put before the prompt when an example has a system text
@@ -41,6 +41,7 @@ lora_rank = 8  # LoRA
 lora_alpha = 16.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05  # LoRA: dropout on the adapter's input
 lora_targets = "wq,wv"  # LoRA: weights that get adapters, of wq wk wv wo w1 w2 w3 output (comma-separated)
+base_quant = "none"  # LoRA: the frozen base as the source stores it (none; a GGUF's block formats in fp32), a GGUF's own quantized tensors (source), or quantized at conversion (q8_0, q4_0); README
 base_copy = -1  # LoRA in fp32 on the CPU from a bf16/f16 model: 1 keeps an fp32 copy of the base in out_path/run (mapped at every read, not converted; removed at the end), 0 converts at every read, -1: 1 when it fits in the page cache and on the disk
 val_fraction = 0.0  # the tail of the data held out for a validation loss; 0: none
 eval_period = 100  # every this many steps: validation loss and a completion of prompt; 0: never
@@ -228,7 +229,8 @@ def train(s, group, device):
     torch.manual_seed(s.seed + group.rank)  # dropout differs between processes; LoRA's start does not
     model = load_model(s.model_path or None, offload_path=s.offload_path or None, device=device,
                        compute_dtype=s.compute_dtype, memory_budget=s.memory_budget_bytes(group.local_world),
-                       dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None)
+                       dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None,
+                       base_quant=s.base_quant)
     check_export(model, *s.export, output_adapter=s.mode == "lora" and "output" in s.lora.targets)  # before training
     if s.router_aux_loss_coef and not model.args.n_experts:
         raise UserError(f"--router_aux_loss_coef={s.router_aux_loss_coef}: {model.manifest['source']} is not a mixture "
@@ -327,6 +329,7 @@ def export(model, s, out, step):
     """The trained model into out in the layout asked (LoRA: also the adapter alone, as adapter.pt, in PEFT's
     layout and, with a GGUF export, as adapter.gguf)."""
     layout, gguf_type = s.export
+    layout = layout or model.manifest.get("layout")  # (a GGUF source: a GGUF, and the adapter for it)
     if s.mode == "lora":
         save_tensors({**adapter_state(model, s.lora), "step": step}, out / "adapter.pt")
         hf.write_peft(out / "peft", model, s.lora, base_name=model.manifest["source"], log=log_line)

@@ -233,6 +233,17 @@ def context_length(args):
     return 131072 if (args.rope_scaling or {}).get("rope_type") == "llama3" else 4096
 
 
+def source_type(model, log=None):
+    """A GGUF export's type when none is asked for: the GGUF source's own where it is one slowllama writes, else
+    f16 (log: says why)."""
+    if model.manifest.get("gguf_type"):
+        return model.manifest["gguf_type"]
+    if log and model.manifest.get("layout") == "gguf":
+        log(f"{Path(model.manifest['source']).name}: its tensors' types are not all ones slowllama writes (f32, f16, "
+            "bf16, q8_0); the model is written in f16 (out_format=gguf:q8_0 for a smaller file)")
+    return "f16"
+
+
 def check_model(model, type_name, output_adapter):
     """(GGML type, llama.cpp's architecture, the vocabulary) of the export of model, or the UserError of what
     GGUF cannot hold, before a run starts (output_adapter: the output weight gets a LoRA adapter)."""

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+import gguf_source
 import hf_format as hf
+import quant
 from architectures import read_config
 from blackbox_model import Transformer
 from default_model import HERE, default_model
@@ -27,6 +29,7 @@ from files import fsync_path, load_tensors, save_tensors, write_json, write_tens
 from model import module_names, module_of, module_shapes
 from meta_format import meta_params, model_args, read_meta_module, read_params, read_source, shard_files, \
     write_checkpoint
+from settings import BASE_QUANTS
 from tokenizer import choice_note, load_tokenizer, tokenizer_files
 from utils import (UserError, check_device, check_disk, choose_compute_dtype, dtype_name, gb, main_guard,
                    memory_budget_bytes, parse_dtype, progress)
@@ -46,6 +49,8 @@ def log_line(text):
 def layout_of(model_dir):
     """"meta" (params.json) or "hf" (config.json) for a model folder; one line saying what is missing for
     anything else."""
+    if gguf_source.is_gguf(model_dir):
+        return "gguf"
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model folder not found")
@@ -59,15 +64,15 @@ def layout_of(model_dir):
     if any(model_dir.glob("*.safetensors")) or any(model_dir.glob("pytorch_model*.bin")):
         raise UserError(f"{model_dir / 'config.json'}: not found; a model folder in Hugging Face's layout holds "
                         "config.json beside its weights")
-    found = " (its .gguf files are exports for llama.cpp, Ollama and LM Studio, not read here)" \
-        if any(model_dir.glob("*.gguf")) else ""
-    raise UserError(f"{model_dir}: holds no model slowllama reads{found}; it looks for params.json with "
-                    "consolidated.*.pth (Meta's layout) or config.json with *.safetensors or pytorch_model*.bin "
-                    "(Hugging Face's)")
+    raise UserError(f"{model_dir}: holds no model slowllama reads; it looks for params.json with "
+                    "consolidated.*.pth (Meta's layout), config.json with *.safetensors or pytorch_model*.bin "
+                    "(Hugging Face's) or a .gguf file")
 
 
 def source_files(model_dir):
-    """The weight files of a model folder: Meta's shards, or Hugging Face's safetensors or .bin files."""
+    """The weight files of a model folder: Meta's shards, Hugging Face's safetensors or .bin files, GGUF files."""
+    if layout_of(model_dir) == "gguf":
+        return gguf_source.files_of(model_dir)
     if layout_of(model_dir) == "hf":
         return sorted(set(hf.weight_files(model_dir).values()))
     return shard_files(model_dir)
@@ -75,35 +80,54 @@ def source_files(model_dir):
 
 def fingerprint(model_dir):
     """Cheap identity of a model folder: content hashes of the small files, size and time of the weights."""
+    layout, result = layout_of(model_dir), {}
     model_dir = Path(model_dir)
-    result = {}
-    config = model_dir / ("config.json" if layout_of(model_dir) == "hf" else "params.json")
-    for path in [config, *tokenizer_files(model_dir)]:
+    config = [] if layout == "gguf" else [model_dir / ("config.json" if layout == "hf" else "params.json")]
+    for path in [*config, *([] if layout == "gguf" else tokenizer_files(model_dir))]:
         result[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
     for f in source_files(model_dir):
         st = f.stat()
         result[f.name] = [st.st_size, st.st_mtime_ns]
     return result
 
-def offload_dir_for(model_dir, offload_root=None):
-    model_dir = Path(model_dir).resolve()
+def source_path(model_dir):
+    """The source as a resolved path (Ollama's ollama:NAME as its blob)."""
+    return gguf_source.files_of(model_dir)[0] if str(model_dir).startswith(gguf_source.OLLAMA) else \
+        Path(model_dir).resolve()
+
+
+def offload_dir_for(model_dir, offload_root=None, base_quant="none"):
+    """The offload folder of a source (and of its base quantized as base_quant: a folder of its own)."""
+    model_dir = source_path(model_dir)
     tag = hashlib.sha256(str(model_dir).encode()).hexdigest()[:8]
     root = Path(offload_root or os.environ.get("SLOWLLAMA_OFFLOAD", DEFAULT_OFFLOAD)).resolve()
     if root == model_dir or model_dir in root.parents:
         raise UserError(f"offload_path={root} is inside the model folder {model_dir}, which is never written to")
-    return root / f"{model_dir.name}-{tag}"
+    return root / f"{model_dir.name}-{tag}{'' if base_quant == 'none' else '-' + base_quant}"
 
-def convert(model_dir, offload_root=None, log=log_line):
-    """Make (or reuse) the offload folder of a model folder; returns (folder, manifest)."""
-    model_dir = Path(model_dir).resolve()
+
+def check_base_quant(model_dir, base_quant):
+    if base_quant not in BASE_QUANTS:
+        raise UserError(f"base_quant={base_quant!r}: use one of {', '.join(BASE_QUANTS)}")
+    if base_quant == "source" and layout_of(model_dir) != "gguf":
+        raise UserError(f"base_quant=source keeps a GGUF's own quantized tensors; {model_dir} is not a GGUF file "
+                        "(q8_0 or q4_0 quantize a model folder's weights)")
+
+
+def convert(model_dir, offload_root=None, log=log_line, base_quant="none"):
+    """Make (or reuse) the offload folder of a source model (with its base quantized as base_quant: none, source,
+    q8_0, q4_0); returns (folder, manifest)."""
+    check_base_quant(model_dir, base_quant)
+    model_dir = source_path(model_dir)
     fp = fingerprint(model_dir)
-    target = offload_dir_for(model_dir, offload_root)
+    target = offload_dir_for(model_dir, offload_root, base_quant)
     manifest = read_manifest(target)
     if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
         return target, manifest
-    sizes = [f.stat().st_size for f in source_files(model_dir)]
-    module = sum(sizes) * largest_module_share(model_dir)  # reads (and checks) the config before anything is written
-    check_disk([("offload", target.parent, sum(sizes))], log)
+    size = sum(f.stat().st_size for f in source_files(model_dir)) if layout_of(model_dir) != "gguf" else \
+        gguf_source.offload_bytes(source_files(model_dir), base_quant)  # (a quantized GGUF's none: fp32 values)
+    module = size * largest_module_share(model_dir)  # reads (and checks) the config before anything is written
+    check_disk([("offload", target.parent, size)], log)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion of a folder at a time
@@ -117,7 +141,7 @@ def convert(model_dir, offload_root=None, log=log_line):
         try:
             tmp.mkdir()
             start = time.time()
-            manifest = write_offload(model_dir, tmp, fp, log)
+            manifest = write_offload(model_dir, tmp, fp, log, base_quant)
             for f in tmp.iterdir():  # on the disk before the folder is published
                 fsync_path(f)
             log(f"converted {model_dir} into {target} in {time.time() - start:.1f} s")
@@ -133,7 +157,9 @@ def convert(model_dir, offload_root=None, log=log_line):
 
 def largest_module_share(model_dir):
     """The largest module's share of a model's parameters (a block's; of a mixture, the embeddings' or an expert's)."""
-    params = read_config(model_dir)[0] if layout_of(model_dir) == "hf" else read_params(model_dir)
+    layout = layout_of(model_dir)
+    params = read_config(model_dir)[0] if layout == "hf" else read_params(model_dir) if layout == "meta" else \
+        gguf_source.read_params(model_dir, *gguf_source.open_gguf(source_files(model_dir)))
     args = model_args(params, params.get("vocab_size") if params.get("vocab_size", -1) > 0 else 32000)
     sizes = [sum(math.prod(s) for s in module_shapes(args, name).values()) for name in module_names(args)]
     return max(sizes) / sum(sizes)
@@ -144,14 +170,19 @@ def read_manifest(folder):
     except (OSError, json.JSONDecodeError):
         return None
 
-def write_offload(model_dir, out, fp, log=log_line):
-    """Convert every module into out: one safetensors file each, in the source dtype."""
-    if layout_of(model_dir) == "hf":
+def write_offload(model_dir, out, fp, log=log_line, base_quant="none"):
+    """Convert every module into out: one safetensors file each, in the source dtype (a GGUF's block formats as
+    their bytes), or with its matrices quantized as base_quant says (quant.py)."""
+    layout, gguf_type, keys, extras, n_shards = layout_of(model_dir), None, None, {}, 1
+    if layout == "gguf":  # its tokenizer into out
+        params, args, read_module, gguf_type = gguf_source.source(source_files(model_dir), out, base_quant, log)
+        config, tokenizer_dir = None, out
+    elif layout == "hf":
         params, config = read_config(model_dir)
         files = hf.weight_files(model_dir)
         args = model_args(params, params["vocab_size"])
-        keys, extras, n_shards = None, {}, 1
-        read_module = lambda name: hf.read_module(files, [f"{name}.{k}" for k in module_shapes(args, name)], args)
+        read_module = lambda name: float_kinds(model_dir, hf.read_module(
+            files, [f"{name}.{k}" for k in module_shapes(args, name)], args), name)
         (out / "config.json").write_text(json.dumps(config, indent=1))
     else:
         params, args, shards, first = read_source(model_dir)
@@ -163,10 +194,12 @@ def write_offload(model_dir, out, fp, log=log_line):
                                 f"n_layers={args.n_layers} as params.json says")
         extras = {k: first[k].clone() for k in keys if k not in expected}  # e.g. rope.freqs: kept as they are
         del first
-        read_module = lambda name: read_meta_module(model_dir, shards, args, name)
+        read_module = lambda name: float_kinds(model_dir, read_meta_module(model_dir, shards, args, name), name)
         shutil.copyfile(model_dir / "params.json", out / "params.json")
-    tokenizer = load_tokenizer(model_dir)
-    note = choice_note(model_dir, tokenizer)
+    if layout != "gguf":
+        tokenizer_dir = model_dir
+    tokenizer = load_tokenizer(tokenizer_dir)
+    note = choice_note(tokenizer_dir, tokenizer)
     if note:
         log(f"{model_dir}: {note}")
     if tokenizer.n_words > args.vocab_size:  # fewer is fine: Qwen pads its embedding rows
@@ -174,48 +207,62 @@ def write_offload(model_dir, out, fp, log=log_line):
                         f"{args.vocab_size} embedding rows; use the tokenizer that came with these weights")
     dtypes = {k: dtype_name(t.dtype) for k, t in extras.items()}
     for name in progress(module_names(args), "converting", unit="module"):
-        tensors = read_module(name)
+        tensors, kinds = read_module(name)
         for key, shape in module_shapes(args, name).items():
-            got = tuple(tensors[f"{name}.{key}"].shape)
-            if got != tuple(shape):
+            got = tuple(tensors[key].shape)
+            if got != tuple(shape) and not quant.is_quantized(kinds[key]):
                 raise UserError(f"{model_dir}: {name}.{key} has shape {got}, but the model's settings mean {shape}")
-            dtype = tensors[f"{name}.{key}"].dtype
-            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise UserError(f"{model_dir}: {name}.{key} is stored as {dtype_name(dtype)}; weights are float32, "
-                                "bfloat16 or float16")
-            dtypes[f"{name}.{key}"] = dtype_name(dtype)
-        write_tensors({k.removeprefix(f"{name}."): t for k, t in tensors.items()}, out / f"{name}.safetensors")
+            if key in quant.kinds_at_conversion(module_shapes(args, name), base_quant) and \
+                    not quant.is_quantized(kinds[key]):
+                tensors[key], kinds[key] = quant.quantize(tensors[key], base_quant), base_quant
+            dtypes[f"{name}.{key}"] = kinds[key]
+        write_tensors(tensors, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
-    if config is not None:  # params.json in Meta's terms, the embeddings' scale in their dtype (Gemma)
+    if config is not None or layout == "gguf":  # params.json in Meta's terms, the embeddings' scale in their dtype
         if args.embed_scale != 1.0:
-            args.embed_scale = torch.tensor(args.embed_scale, dtype=parse_dtype(dtypes["tok_embeddings.weight"])).item()
+            args.embed_scale = torch.tensor(args.embed_scale, dtype=quant.float_dtype(dtypes["tok_embeddings.weight"])).item()
         params = meta_params(args)
         (out / "params.json").write_text(json.dumps(params) + "\n")
-    for f in tokenizer_files(model_dir):  # not a tokenizer.json passed over (load_tokenizer): it is not the model's
-        if f.name != "tokenizer.json" or f == tokenizer.path:
+    for f in tokenizer_files(model_dir) if layout != "gguf" else []:  # not a tokenizer.json passed over
+        if f.name != "tokenizer.json" or f == tokenizer.path:  # (load_tokenizer): it is not the model's
             shutil.copyfile(f, out / f.name)
+    if base_quant != "none" or layout == "gguf":
+        log(f"{model_dir}: the base as {gguf_source.kinds_note(dtypes.values())}")
     keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n)]
     manifest = {"format": FORMAT, "source": str(model_dir), "fingerprint": fp, "params": params,
-                "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": "hf" if config else "meta",
-                "keys": [[k, dtypes[k]] for k in keys]}
+                "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": layout, "base_quant": base_quant,
+                "gguf_type": gguf_type, "keys": [[k, dtypes[k]] for k in keys]}
     write_json(manifest, out / "manifest.json")
     return manifest
+
+
+def float_kinds(model_dir, tensors, name):
+    """({key in the module: tensor}, {key: dtype name}) of a module's tensors read from a model folder, which
+    must be float32, bfloat16 or float16."""
+    kinds = {}
+    for key, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise UserError(f"{model_dir}: {key} is stored as {dtype_name(t.dtype)}; weights are float32, "
+                            "bfloat16 or float16")
+        kinds[key.removeprefix(f"{name}.")] = dtype_name(t.dtype)
+    return {k.removeprefix(f"{name}."): t for k, t in tensors.items()}, kinds
 
 
 # --- the model ---
 
 def load_model(path=None, offload_path=None, device="cpu", compute_dtype="float32", memory_budget=None,
-               dropout=0.0, prefetch=True, cold=False, log=log_line):
-    """The offloaded model of a model folder (the built-in default model when path is None).
-    compute_dtype: float32, bfloat16 or auto (bf16 where the device has it natively); memory_budget:
-    bytes of RAM the whole process plans for (None: memory_budget's default, utils.memory_budget_bytes);
-    prefetch: read the next module in the background; cold: benchmarks of a disk serving
-    every read."""
+               dropout=0.0, prefetch=True, cold=False, log=log_line, base_quant="none"):
+    """The offloaded model of a source model (the built-in default model when path is None): a model folder, a
+    GGUF file or ollama:NAME. compute_dtype: float32, bfloat16 or auto (bf16 where the device has it natively);
+    memory_budget: bytes of RAM the whole process plans for (None: memory_budget's default,
+    utils.memory_budget_bytes); prefetch: read the next module in the background; cold: benchmarks of a disk
+    serving every read; base_quant: how the frozen base is kept (none: as the source stores it, a GGUF's block
+    formats dequantized into fp32; source: a GGUF's as they are; q8_0, q4_0: quantized at conversion)."""
     device = check_device(device)
     compute_dtype = choose_compute_dtype(compute_dtype, device, log)
-    folder, manifest = convert(path or default_model(), offload_path, log)
+    folder, manifest = convert(path or default_model(), offload_path, log, base_quant)
     args = model_args(manifest["params"], manifest["vocab_size"])
-    storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
+    storage = quant.float_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
     budget = memory_budget_bytes() if memory_budget is None else int(memory_budget)
     return Transformer(args, folder, manifest, load_tokenizer(folder), storage, device,
                        compute_dtype, budget, dropout, prefetch, cold)
@@ -241,7 +288,7 @@ def check_export(model, out_format=None, gguf_type=None, output_adapter=False):
     architecture, vocabulary and type too; output_adapter: the output weight gets a LoRA adapter)."""
     if export_layout(model, out_format, gguf_type) == "gguf":
         import gguf_format
-        gguf_format.check_model(model, gguf_type or "f16", output_adapter)
+        gguf_format.check_model(model, gguf_type or gguf_format.source_type(model), output_adapter)
 
 
 def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=log_line, gguf_type=None):
@@ -255,10 +302,10 @@ def save_model(model, out_path, shards=None, dtype=None, out_format=None, log=lo
     out_format = export_layout(model, out_format, gguf_type, shards, dtype)
     if out_format == "gguf":  # one file for llama.cpp, Ollama and LM Studio (gguf_format.check_model as it writes)
         import gguf_format
-        gguf_format.write_model(model, out_path, gguf_type or "f16", log)
+        gguf_format.write_model(model, out_path, gguf_type or gguf_format.source_type(model, log), log)
         return
     n_shards = shards or manifest["n_shards"]
-    dtypes = {k: parse_dtype(dtype) if dtype else parse_dtype(d) for k, d in manifest["keys"]}
+    dtypes = {k: parse_dtype(dtype) if dtype else quant.float_dtype(d) for k, d in manifest["keys"]}
     extras = load_tensors(model.offload_dir / "extras.pt", mmap=False)
     if out_format == "hf":
         extras = {}  # rope.freqs and such: not part of Hugging Face's layout

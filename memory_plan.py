@@ -56,10 +56,10 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
         free -= prefetch * prefetch_in_memory
     resident = {norm.name}
     for box in reversed(modules):  # residents are the last modules: those in use at the turn of the step
-        if box.memory_bytes() > free:
+        if box.resident_bytes() > free:
             break
         resident.add(box.name)
-        free -= box.memory_bytes()
-    peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.memory_bytes() for box in modules
+        free -= box.resident_bytes()
+    peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.resident_bytes() for box in modules
                                                                        if box.name in resident)
     return MemoryPlan(graph_budget, prefetch_in_memory, peak, frozenset(resident))

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+import quant
 from files import (evict_from_page_cache, map_tensors, mappable, read_ahead, read_image, read_tensors, write_image,
                    write_tensors)
 
@@ -41,7 +42,8 @@ class Offload:
         self.spare_buffers, self.buffer_lock = [], threading.Lock()
         self.run = None  # run_folder.RunFolder of a training run
         self.bytes = {"read": 0, "written": 0}  # module file data moved, memory-mapped reads included
-        self.seconds = dict.fromkeys(("wait_read", "wait_write", "reading", "writing"), 0.0)  # where time went
+        self.seconds = dict.fromkeys(("wait_read", "wait_write", "reading", "writing", "dequantizing"), 0.0)  # where
+        # time went
 
     def timed(self, what, fn, *args):
         """fn(*args), its seconds added to self.seconds[what]."""
@@ -73,9 +75,10 @@ class Offload:
         says, or into_memory says; else into the page cache); let each go after (those in keep stay: they are
         the first the next pass needs)."""
         for i, box in enumerate(boxes):
-            box.load()
-            if i + 1 < len(boxes) and self.prefetch:
+            box.prefetch()  # its read first (if not under way), then the next one's behind it: under way while
+            if i + 1 < len(boxes) and self.prefetch:  # this one is dequantized (load) and computed
                 boxes[i + 1].prefetch(into_memory=self.prefetch_in_memory if into_memory is None else into_memory)
+            box.load()
             yield box
             box.release(keep=box in keep)
 
@@ -124,6 +127,7 @@ class Blackbox:
         self.resident = False
         self.trainable, self.optimizer = False, None
         self.lora = {}
+        self.quant = {}  # key -> the block format it is stored in (quant.py), dequantized as it is read
         self.experts = None  # a sparse block's experts (moe.Experts), which its forward pass streams
         self.uses = None  # an expert: the micro-batches of this step whose tokens chose it (its gradient's parts)
         self.reads = 0  # times its file was read
@@ -155,17 +159,31 @@ class Blackbox:
     def memory_bytes(self):
         """Bytes this module holds in memory when loaded (weights, compute copies, optimizer state)."""
         cdt = self.compute_dtype
-        if not self.trainable:
-            return self.numel() * cdt.itemsize
+        if not self.trainable:  # (a quantized module: its values in the compute dtype, and its file's bytes
+            return self.resident_bytes() + self.stored_bytes()  # while they are dequantized)
         copies = 0 if not self.copies_for_compute(torch.float32) else \
             sum(math.prod(s) for s in self.shapes.values() if len(s) == 2) * cdt.itemsize  # (none of the norm)
         return self.numel() * 4 * (1 + self.optimizer.states) + copies
 
+    def stored_bytes(self):
+        """Bytes of a quantized module's matrices as their blocks (0 for others)."""
+        return sum(quant.stored_bytes(self.shapes[k], kind) for k, kind in self.quant.items())
+
+    def resident_bytes(self):
+        """Bytes this module holds while it stays in memory: memory_bytes, but a quantized module's blocks, which
+        are let go once dequantized."""
+        if not self.trainable:
+            return self.numel() * self.compute_dtype.itemsize
+        return self.memory_bytes()
+
     def converts(self):
-        """Whether reading this module makes new tensors every time (for another device, in another dtype
-        than its file's, or compute-dtype copies of trained weights) rather than mapping its file."""
+        """Whether reading this module makes new tensors on the I/O thread every time (for another device, in
+        another dtype than its file's, or compute-dtype copies of trained weights) rather than mapping its file
+        (or, quantized, reading its bytes for the step's threads to dequantize)."""
         if self.offload.device.type != "cpu":
             return True
+        if self.quant:
+            return False
         if self.trainable:  # read from its fp32 working copy once it has one
             return self.copies_for_compute(torch.float32)
         if not self.file.exists():  # a plan made before the conversion
@@ -197,6 +215,15 @@ class Blackbox:
             self.weights, self.compute, self.optim, grads, self.buffer, self.compute_buffer, self.mapping, \
                 self.mapped, self.image = self.offload.timed("wait_read", self.reading.result)
             self.grads.update(grads)
+            if self.quant:  # dequantized on the step's threads, on its device: faster than on the I/O thread,
+                # which the matmuls leave no core (bench.py's dequantizing_s)
+                o = self.offload
+                buffers = o.take_buffer if o.device.type == "cpu" else None
+                self.weights, self.compute_buffer = o.timed("dequantizing", quant.dequantized, self.weights,
+                                                            self.quant, self.compute_dtype, o.device, buffers)
+                self.compute = self.weights
+                if self.resident:  # its blocks are not needed again (resident_bytes)
+                    self.buffer = self.mapping = None
         elif self.stale:  # updated since its compute-dtype copies were made
             for key, copy in self.compute.items():
                 if copy is not self.weights[key]:
@@ -217,15 +244,16 @@ class Blackbox:
         # a frozen table that is only looked up: its pages come in as rows are read, not the whole table
         rows_only = self.looked_up and not self.trainable and self.grad_uses == 1
         direct = o.direct and not rows_only  # (read_image maps what map_tensors would: None, then neither does)
-        read = read_image(self.file, o.take_buffer, dtype) if direct else None
-        mapped = map_tensors(self.file, dtype, shared, populate=not rows_only) \
+        stored = None if self.quant else dtype  # a quantized module's bytes as they are (load() dequantizes them)
+        read = read_image(self.file, o.take_buffer, stored) if direct else None
+        mapped = map_tensors(self.file, stored, shared, populate=not rows_only) \
             if o.device.type == "cpu" and not direct else None
         image = None
         if read is not None:
             data, (buffer, file_bytes, size) = read
             image, mapping, shared = Image(file_bytes, size, frozenset(data)), None, False
         elif mapped is None:  # converted on the way in, or bound for another device
-            data, buffer = read_tensors(self.file, o.take_buffer, dtype)
+            data, buffer = read_tensors(self.file, o.take_buffer, stored)
             mapping, shared = None, False
             if o.device.type != "cpu":
                 buffer = None  # everything is moved to the device: the buffer is free again
@@ -233,6 +261,9 @@ class Blackbox:
             (data, mapping), buffer = mapped, None
         o.bytes["read"] += self.file.stat().st_size
         self.reads += 1
+        if self.quant:  # the file's bytes as they are: load() dequantizes them
+            weights = {k: data[k] for k in self.shapes}
+            return weights, weights, {}, {}, buffer, None, None, False, None
         weights = {k: data[k].to(o.device) for k in self.shapes}
         optim = {}
         for name, t in data.items():

@@ -7,28 +7,26 @@ prints, for the model and the settings given: seconds per step, the memory plan,
 the disk space and the bytes the run will write. Then it exits.
 
 Writes nothing: not out_path, not the offload folder. The model's shapes come from the offload folder
-when the model is already converted, else straight from the source folder (params.json or config.json
-and the first shard's tensor headers, memory-mapped): the plan never converts. The memory plan is the
-one training makes (model.setup_training, in a temporary folder that is removed). The built-in default
-model is the only exception: it is made in models/ on first use, as every command does.
+when the model is already converted, else straight from the source (params.json, config.json or the GGUF's
+metadata, and the tensor headers, memory-mapped): the plan never converts. The memory plan is the one
+training makes (model.setup_training, in a temporary folder that is removed). The built-in default model is
+the only exception: it is made in models/ on first use, as every command does.
 
-The model of a step: full fine-tuning keeps each module's fp32 working copy (with AdamW, weights and
-two moments) in out_path/run; a step reads each module that is not resident about twice (the forward
-pass, then the backward pass; the last block and the embeddings once) and writes it once. LoRA reads the
-frozen base (the offload's files, in the source's dtype) about twice and writes nothing. Arithmetic: 6
-FLOPs per matmul parameter per token, 2 in the forward pass and 4 in the backward (LoRA: 4, 2 and 2:
-no weight gradients). Reading ahead and writing behind overlap with the arithmetic, so each pass takes
-the slower of its arithmetic and its disk traffic (step_seconds); the forward pass, with a third of the
-arithmetic and half of the reads, is the first to wait for the disk. On the CPU the arithmetic uses
-every core, and the I/O's memory copies (page cache to module buffers and back) take their time from
-it: they are counted with the arithmetic.
+The model of a step: full fine-tuning keeps each module's fp32 working copy (with AdamW, weights and two
+moments) in out_path/run; a step reads each module that is not resident about twice (the forward pass, then
+the backward pass; the last block and the embeddings once) and writes it once. LoRA reads the frozen base (the
+offload's files: the source's dtype, or base_quant's blocks) about twice and writes nothing. Arithmetic: 6
+FLOPs per matmul parameter per token, 2 in the forward pass and 4 in the backward (LoRA: 4, 2 and 2: no
+weight gradients). Reading ahead and writing behind overlap with the arithmetic, so each pass takes the
+slower of its arithmetic and its disk traffic (step_seconds); the forward pass, with a third of the
+arithmetic and half of the reads, is the first to wait for the disk. On the CPU the I/O's memory copies
+(page cache to module buffers and back) take their time from the arithmetic: they are counted with it.
 
-Warm or cold: the files a step reads were written (or read) one step before. When they fit in the page
-cache, i.e. in the RAM the run leaves free (MemAvailable now minus the run's planned peak), the reads
-come from memory and the writes drain to the disk in the background, through the whole step, at the
-streaming write speed: "warm". When they do not, the run reads and writes its modules past the page
-cache (O_DIRECT), every read from the disk: "cold" (as bench.py --cold). The plan prints both and
-counts the run at the one that applies.
+Warm or cold: the files a step reads were written (or read) one step before. When they fit in the page cache
+(the RAM the run leaves free: MemAvailable now minus the run's planned peak), the reads come from memory and
+the writes drain to the disk in the background at the streaming write speed: "warm". When they do not, the
+run reads and writes its modules past the page cache (O_DIRECT), every read from the disk: "cold" (as
+bench.py --cold). The plan prints both and counts the run at the one that applies.
 
 How close the plan comes to bench.py's measured steps is in docs/performance.md.
 """
@@ -43,13 +41,15 @@ from pathlib import Path
 
 import numpy as np
 
+import gguf_source
+import quant
 from adapters import add_lora, base_copy_bytes
 from architectures import read_config
 from blackbox_model import Transformer
 from default_model import default_model
-from files import evict_from_page_cache
-from model import module_shapes
-from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifest, source_files
+from files import direct_read_speed, evict_from_page_cache
+from model import module_names, module_shapes
+from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifest, source_files, source_path
 from meta_format import model_args, read_source
 from run_folder import RunFolder
 from utils import (check_device, choose_compute_dtype, dtype_name, duration, existing_folder, gb, matmul_rate,
@@ -64,14 +64,16 @@ def planning_model(s, log=lambda *a: None):
     folder's manifest when the model is converted already, else from the source folder (nothing written)."""
     device = check_device(s.device)
     compute_dtype = choose_compute_dtype(s.compute_dtype, device, log)
-    source = Path(s.model_path or default_model()).resolve()
+    source = source_path(s.model_path or default_model())
     fp = fingerprint(source)  # also: the folder and its config exist
-    folder = offload_dir_for(source, s.offload_path or None)
+    folder = offload_dir_for(source, s.offload_path or None, s.base_quant)
     manifest = read_manifest(folder)
     converted = bool(manifest and manifest.get("format") == FORMAT and manifest.get("fingerprint") == fp)
+    keys = manifest["keys"] if converted else None  # the stored kinds: block formats count as their blocks
     if converted:
         args = model_args(manifest["params"], manifest["vocab_size"])
-        storage = parse_dtype(dict(manifest["keys"])["tok_embeddings.weight"])
+    elif layout_of(source) == "gguf":
+        args, keys = gguf_source.stored_kinds(source_files(source), s.base_quant)
     elif layout_of(source) == "hf":
         params, config = read_config(source)
         args = model_args(params, params["vocab_size"])
@@ -80,7 +82,11 @@ def planning_model(s, log=lambda *a: None):
         _, args, _, first = read_source(source)
         storage = first["tok_embeddings.weight"].dtype
         del first
-    manifest = {"source": str(source), "fingerprint": fp}
+    if keys is None:  # as the conversion will store them
+        keys = [[f"{name}.{key}", quant.kinds_at_conversion(module_shapes(args, name), s.base_quant).get(
+            key, dtype_name(storage))] for name in module_names(args) for key in module_shapes(args, name)]
+    storage = quant.float_dtype(dict(keys)["tok_embeddings.weight"])
+    manifest = {"source": str(source), "fingerprint": fp, "keys": keys}
     model = Transformer(args, folder, manifest, None, storage, device, compute_dtype, s.memory_budget_bytes(),
                         s.dropout)
     model.source_bytes = 0 if converted else sum(f.stat().st_size for f in source_files(source))
@@ -153,28 +159,6 @@ def disk_speeds(folder, nbytes):
     return speeds
 
 
-def direct_read_speed(path, nbytes):
-    """Bytes/s of the file's first nbytes read past the page cache in one request, as a module read so is
-    (files.read_image); 0 where the file system does not allow it."""
-    evict_from_page_cache(path)
-    whole = mmap.mmap(-1, nbytes)  # page-aligned
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except (OSError, AttributeError):
-        return 0
-    try:
-        view, start, done = memoryview(whole), time.perf_counter(), 0
-        while done < nbytes:
-            done += os.preadv(fd, [view[done:]], done) or nbytes
-        return nbytes / (time.perf_counter() - start)
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)
-        view.release()
-        whole.close()
-
-
 def matmul_params(args):
     """Parameters of the matmuls a token passes through: every block's matrices (of a mixture's sparse block,
     attention, the router and top_k experts) and the output."""
@@ -217,7 +201,7 @@ def step_traffic(model, s, base_copy=0):
     A mixture's experts count as if every one were chosen in every block (the worst case: a step reads and
     writes only those its tokens choose)."""
     full = s.mode == "full"
-    size = lambda box: 0 if box.resident else box.numel() * file_unit(model, s, base_copy)
+    size = lambda box: 0 if box.resident else file_bytes(model, s, box, base_copy)
     ends = list(dict.fromkeys([model.embeddings, model.output]))  # one table when tied
     experts = sum(size(e) for box in model.layers if box.experts for e in box.experts.boxes)  # as if every one
     forward = sum(map(size, ends)) + sum(map(size, model.layers)) + experts  # were chosen: the worst case
@@ -229,10 +213,11 @@ def step_traffic(model, s, base_copy=0):
     return forward, backward, writes
 
 
-def file_unit(model, s, base_copy=0):
-    """Bytes per parameter of the module files a step reads: the fp32 working copy (and AdamW's moments), LoRA's
-    fp32 copy of the base, or the offload's source dtype."""
-    return 4 * (1 + model.optimizer.states) if s.mode == "full" else 4 if base_copy else model.storage_dtype.itemsize
+def file_bytes(model, s, box, base_copy=0):
+    """Bytes of a module's file a step reads: its fp32 working copy (and AdamW's moments), LoRA's fp32 copy of the
+    base, or the offload's (a quantized base's matrices as their blocks)."""
+    full = s.mode == "full"
+    return box.numel() * 4 * (1 + model.optimizer.states * full) if full or base_copy else model.file_bytes(box)
 
 
 def step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, copies_share_cpu):
@@ -305,8 +290,8 @@ def plan(s, disk_needs, out=print):
     n_evals = n_evaluations(s, first_step)
     # each generated token streams the whole model once (a mixture: of each block only the top_k experts)
     passes = s.gen_tokens + (s.data.val_fraction > 0)
-    experts = sum(e.numel() for box in model.layers if box.experts for e in box.experts.boxes)
-    unchosen = experts * file_unit(model, s, base_copy) * (1 - model.args.top_k / max(1, model.args.n_experts))
+    experts = sum(file_bytes(model, s, e, base_copy) for box in model.layers if box.experts for e in box.experts.boxes)
+    unchosen = experts * (1 - model.args.top_k / max(1, model.args.n_experts))
     eval_s = (passes * working_set - s.gen_tokens * unchosen) / speeds["cache_read" if warm else "disk_read"]
     total_s = steps * step_s + n_evals * eval_s
     if base_copy:
@@ -351,7 +336,8 @@ def plan(s, disk_needs, out=print):
            "as if spread evenly)" if len(rates) > 1 else ""))
     streamed = "the run folder (the fp32 working copy" + (" and AdamW moments" if model.optimizer.states else "") \
         + ")" if full else "the run folder (an fp32 copy of the frozen base, made once)" if base_copy else \
-        "the offload folder (the frozen base, converted to fp32 at every read)" if model.compute_dtype != \
+        "the offload folder (the frozen base, dequantized at every read)" if any(b.quant for b in model.boxes.values()) \
+        else "the offload folder (the frozen base, converted to fp32 at every read)" if model.compute_dtype != \
         model.storage_dtype else "the offload folder (the frozen base)"
     if model.args.n_experts:
         out(f"a mixture of {model.args.n_experts} experts, {model.args.top_k} a token: the reads and writes below "

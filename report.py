@@ -160,7 +160,7 @@ class RunLog:
         exported = sorted(f.name for f in out.iterdir() if f.name not in skip and not f.name.startswith("."))
         lines += [f"- model: {out}/ ({', '.join(exported)})",
                   f"- loss plot: {out / 'loss.png'}; metrics: {out / 'metrics.jsonl'}",
-                  *how_to_run(out, source, s.export[0] or "", s.mode == "lora", chat)]
+                  *how_to_run(out, source, s.export[0] or "gguf" * (out / "model.gguf").exists(), s.mode == "lora", chat)]
         return "\n".join(lines) + "\n"
 
 
@@ -191,7 +191,10 @@ def how_to_run(out, source, layout, lora, chat):
         lines.append(f"- the adapter alone: {adapter}, on its base model: "
                      f"`{command('test_gen.py', source, '--lora', adapter, *chat_flag)}`; merged into it: "
                      f"`{command('merge_lora.py', source, adapter, out / 'merged')}`; for PEFT: {out / 'peft'}")
-        if layout == "gguf" and (out / "adapter.gguf").exists():
+        if layout == "gguf" and (out / "adapter.gguf").exists() and str(source).endswith(".gguf"):
+            lines.append(f"- the GGUF adapter on the GGUF it was trained on: "
+                         f"`{command('llama-cli', '-m', source, '--lora', out / 'adapter.gguf')}`")
+        elif layout == "gguf" and (out / "adapter.gguf").exists():
             base = out / "base-gguf"
             lines.append(f"- the GGUF adapter on the base model's GGUF: `{command('loader.py', source, base, '--out_format', 'gguf')}` "
                          f"then `{command('llama-cli', '-m', base / 'model.gguf', '--lora', out / 'adapter.gguf')}`")

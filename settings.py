@@ -12,6 +12,7 @@ from utils import UserError, memory_budget_bytes
 
 OUT_FORMATS = ("meta", "hf", "gguf")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
+BASE_QUANTS = ("none", "source", "q8_0", "q4_0")  # how a LoRA run's frozen base is kept (quant.py)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Settings:
     dropout: float
     router_aux_loss_coef: float
     mode: str
+    base_quant: str
     base_copy: int
     eval_period: int
     prompt: str
@@ -135,9 +137,13 @@ def typed_overrides(argv, defaults):
 def parse(argv, defaults):
     """Settings of --name=value arguments over defaults ({name: value}, each typed like its value), checked."""
     s = typed_overrides(argv, defaults)
-    for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora")), ("base_copy", (-1, 0, 1))):
+    for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora")), ("base_copy", (-1, 0, 1)),
+                          ("base_quant", BASE_QUANTS)):
         if s[name] not in allowed:
             raise UserError(f"--{name}={s[name]}: use one of {', '.join(map(str, allowed))}")
+    if s["base_quant"] != "none" and s["mode"] != "lora":
+        raise UserError(f"--base_quant={s['base_quant']} is for --mode=lora: full fine-tuning trains every weight in "
+                        "fp32 (a quantized source is dequantized once, at conversion)")
     for name in ("iters", "seq_len", "batch_size", "grad_accum", "save_period", "lora_rank", "plan_mb", "dist_timeout"):
         if s[name] < 1:
             raise UserError(f"--{name}={s[name]}: must be at least 1")
@@ -168,7 +174,7 @@ def parse(argv, defaults):
         device=s["device"], compute_dtype=s["compute_dtype"], memory_budget=s["memory_budget"],
         keep_activations=bool(s["keep_activations"]), seed=s["seed"], iters=s["iters"], dropout=s["dropout"],
         router_aux_loss_coef=s["router_aux_loss_coef"],
-        mode=s["mode"], base_copy=s["base_copy"], eval_period=s["eval_period"], prompt=s["prompt"],
+        mode=s["mode"], base_quant=s["base_quant"], base_copy=s["base_copy"], eval_period=s["eval_period"], prompt=s["prompt"],
         gen_tokens=s["gen_tokens"], save_period=s["save_period"], resume=bool(s["resume"]),
         overwrite=bool(s["overwrite"]), plan=bool(s["plan"]), plan_mb=s["plan_mb"], dist_timeout=s["dist_timeout"],
         lora=Lora(rank=s["lora_rank"], alpha=s["lora_alpha"], dropout=s["lora_dropout"], targets=targets),

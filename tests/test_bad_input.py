@@ -40,8 +40,8 @@ CASES = [
     ("params.json missing", lambda m, t: (m / "params.json").unlink(), [], "params.json: not found"),
     ("a folder holding no model", lambda m, t: (shutil.rmtree(m), m.mkdir(), (m / "notes.txt").write_text("x")), [],
      "holds no model slowllama reads; it looks for params.json with consolidated.*.pth"),
-    ("a folder holding only GGUF files", lambda m, t: (shutil.rmtree(m), m.mkdir(), (m / "model.gguf").write_bytes(
-        b"GGUF")), [], "its .gguf files are exports for llama.cpp, Ollama and LM Studio, not read here"),
+    ("a folder holding a damaged GGUF file", lambda m, t: (shutil.rmtree(m), m.mkdir(), (m / "model.gguf").write_bytes(
+        b"GGUF")), [], "model.gguf: not a GGUF file"),
     ("params.json not JSON", lambda m, t: (m / "params.json").write_text("{'dim': 64"), [], "not valid JSON"),
     ("params.json lacks a key", lambda m, t: edit_params(m, n_layers=None), [], "missing the key 'n_layers'"),
     ("params.json wrong type", lambda m, t: edit_params(m, dim="64"), [], "dim must be a positive integer"),
