@@ -153,6 +153,8 @@ def copy_base(model, wanted=-1, disk_reserve=0, log=print):
     the modules from it. Returns {box: its offload file} for drop_base_copy."""
     run, first = model.run, model.group.rank == 0
     need = base_copy_bytes(model, wanted, disk_reserve)
+    if wanted > 0 and any(box.quant for box in base_copy_boxes(model)) and model.group.rank == 0:
+        log("LoRA: base_copy=1 is for a bf16 or f16 base; a quantized base is read as its blocks (base_quant)")
     if not need:
         if first and wanted < 0 and base_copy_bytes(model, 1):
             log("LoRA: the base is converted to fp32 at every read (an fp32 copy would not fit in the page "

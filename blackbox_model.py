@@ -91,7 +91,8 @@ class Transformer:
             self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_micro_batch,
             micro_batches, bool(opt and opt.whole_grads) or self.args.tied, self.keep_activations, reads_from_disk)
         self.plan = plan(False)
-        streamed = sum(box.memory_bytes() for box in self.boxes.values() if box.name not in self.plan.resident)
+        streamed = sum(self.file_bytes(box) if box.quant else box.memory_bytes() for box in self.boxes.values()
+                       if box.name not in self.plan.resident)  # (a quantized module's file: its blocks)
         folders = {self.offload_dir, *([self.run.dir] if self.run else [])}
         # (on the CPU, one process a machine: the processes of a machine share the working copy's mapped slots)
         # (on the CPU, one process a machine: the processes of a machine share the working copy's mapped slots)

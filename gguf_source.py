@@ -74,20 +74,22 @@ def files_of(source):
 def ollama_blob(spec):
     """The model blob of Ollama's NAME[:TAG] (library models as NAME, others as NAMESPACE/NAME or HOST/NS/NAME)."""
     root = Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
-    name, _, tag = spec.partition(":")
+    name, _, tag = spec.rpartition(":") if ":" in spec.rsplit("/", 1)[-1] else (spec, "", "latest")
     parts = name.split("/")
     parts = ["registry.ollama.ai", "library", *parts] if len(parts) == 1 else \
         ["registry.ollama.ai", *parts] if len(parts) == 2 else parts
-    manifest = root.joinpath("manifests", *parts, tag or "latest")
+    manifest = root.joinpath("manifests", *parts, tag)
     try:
         layers = json.loads(manifest.read_text())["layers"]
         digest = next(layer["digest"] for layer in layers if layer["mediaType"].endswith(".model"))
+        blob = root / "blobs" / digest.replace(":", "-")
     except FileNotFoundError:
         raise UserError(f"{OLLAMA}{spec}: Ollama has no such model ({manifest} not found; `ollama pull {spec}` "
                         "fetches it, OLLAMA_MODELS says where Ollama keeps its models)")
-    except (ValueError, KeyError, TypeError, StopIteration):
+    except OSError as e:
+        raise UserError(f"{manifest}: cannot be read ({e.strerror})")
+    except (ValueError, KeyError, TypeError, AttributeError, StopIteration):
         raise UserError(f"{manifest}: not an Ollama manifest naming a model layer")
-    blob = root / "blobs" / digest.replace(":", "-")
     if not blob.is_file():
         raise UserError(f"{blob}: the model's blob named by {manifest} is missing")
     return blob
@@ -118,6 +120,11 @@ def read_params(path, meta, tensors):
     def key(name, default=None):  # a float32 of the file as the shortest decimal it is (1e-05, not 9.99999974e-06)
         value = meta.get(f"{arch}.{name}", default)
         return float(str(np.float32(value))) if isinstance(value, float) else value
+    required = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length")
+    missing = [f"{arch}.{name}" for name in required if not isinstance(key(name), int)]
+    if missing or not meta.get("tokenizer.ggml.tokens") and "token_embd.weight" not in tensors:
+        raise UserError(f"{path}: its metadata lacks {missing[0] if missing else 'tokenizer.ggml.tokens'}; not a "
+                        "model GGUF file slowllama can read")
     n_heads, dim = key("attention.head_count"), key("embedding_length")
     kv = key("attention.head_count_kv", n_heads)
     if isinstance(kv, list):
@@ -167,16 +174,19 @@ def source(files, out, base_quant, log):
                                                   base_quant), gguf_file_type(meta)
 
 
-def stored_kinds(files, base_quant):
-    """(ModelArgs, [[key, kind]] as the offload will store them) of a GGUF source, without converting it."""
-    meta, tensors = open_gguf(files)
+def stored_kinds(files, base_quant, found=None):
+    """(ModelArgs, [[key, kind]] as the offload stores them) of a GGUF source (found: its open_gguf), without
+    converting it: a block format as it is (base_quant none: its values in float32), a float matrix quantized
+    where base_quant q8_0 / q4_0 says (quant.kinds_at_conversion), else under its dtype's name."""
+    meta, tensors = found or open_gguf(files)
     params = read_params(files[0], meta, tensors)
     args = model_args(params, params["vocab_size"])
     keys = []
     for name in module_names(args):
+        quantized = quant.kinds_at_conversion(args, name, base_quant)
         for key in module_shapes(args, name):
-            keys.append([f"{name}.{key}", stored_kind(kind_of(files[0], tensors[gguf_key(f"{name}.{key}", args)]),
-                                                      base_quant)])
+            kind = stored_kind(kind_of(files[0], tensor_of(files[0], tensors, args, f"{name}.{key}")), base_quant)
+            keys.append([f"{name}.{key}", kind if quant.is_quantized(kind) else quantized.get(key, kind)])
     return args, keys
 
 
@@ -197,6 +207,14 @@ def stored_kind(kind, base_quant):
     return dtype_name(quant.FLOATS[kind])
 
 
+def tensor_of(path, tensors, args, key):
+    """The GGUF tensor of a Meta key; one line where the file lacks it."""
+    gname = gguf_key(key, args)
+    if gname not in tensors:
+        raise UserError(f"{path}: tensor {gname} ({key}) is missing")
+    return tensors[gname]
+
+
 def kind_of(path, tensor):
     kind = {number: name for name, number in quant.GGML_TYPES.items()}.get(int(tensor.tensor_type))
     if kind is None:
@@ -211,11 +229,8 @@ def read_module(path, tensors, args, name, shapes, base_quant):
     out, kinds = {}, {}
     for key, shape in shapes.items():
         full = f"{name}.{key}"
-        gname = gguf_key(full, args)
-        if gname not in tensors:
-            raise UserError(f"{path}: tensor {gname} ({full}) is missing")
-        t = tensors[gname]
-        kind = kind_of(path, t)
+        t = tensor_of(path, tensors, args, full)
+        gname, kind = t.name, kind_of(path, t)
         values = tuple(int(n) for n in reversed(t.shape.tolist()))
         if values != tuple(shape):
             raise UserError(f"{path}: {gname} has shape {values}, but the model's metadata means {tuple(shape)}")
@@ -335,11 +350,3 @@ def gguf_file_type(meta):
     """The type a merged export is written in: the source's where slowllama writes that type (f32, f16, bf16,
     q8_0), else None (f16)."""
     return {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}.get(meta.get("general.file_type"))
-
-
-def kinds_note(kinds):
-    """The stored kinds of a model's tensors, most frequent first ("170 q4_k, 28 q6_k, 57 float32")."""
-    counts = {}
-    for kind in kinds:
-        counts[kind] = counts.get(kind, 0) + 1
-    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))

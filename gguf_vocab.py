@@ -27,7 +27,7 @@ def gguf():
     try:
         import gguf as module
     except ImportError:
-        raise UserError("GGUF export needs the gguf package: pip install gguf")
+        raise UserError("GGUF files (reading and writing them) need the gguf package: pip install gguf")
     return module
 
 

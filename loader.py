@@ -106,6 +106,14 @@ def offload_dir_for(model_dir, offload_root=None, base_quant="none"):
     return root / f"{model_dir.name}-{tag}{'' if base_quant == 'none' else '-' + base_quant}"
 
 
+def offload_bytes(model_dir, base_quant):
+    """Bytes the offload of a source takes at most: the source's (a model folder's quantized is smaller), or a
+    GGUF's tensors as stored (a quantized GGUF's none: their values in fp32)."""
+    if layout_of(model_dir) == "gguf":
+        return gguf_source.offload_bytes(source_files(model_dir), base_quant)
+    return sum(f.stat().st_size for f in source_files(model_dir))
+
+
 def check_base_quant(model_dir, base_quant):
     if base_quant not in BASE_QUANTS:
         raise UserError(f"base_quant={base_quant!r}: use one of {', '.join(BASE_QUANTS)}")
@@ -124,8 +132,7 @@ def convert(model_dir, offload_root=None, log=log_line, base_quant="none"):
     manifest = read_manifest(target)
     if manifest and manifest["fingerprint"] == fp and manifest["format"] == FORMAT:
         return target, manifest
-    size = sum(f.stat().st_size for f in source_files(model_dir)) if layout_of(model_dir) != "gguf" else \
-        gguf_source.offload_bytes(source_files(model_dir), base_quant)  # (a quantized GGUF's none: fp32 values)
+    size = offload_bytes(model_dir, base_quant)
     module = size * largest_module_share(model_dir)  # reads (and checks) the config before anything is written
     check_disk([("offload", target.parent, size)], log)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -209,25 +216,26 @@ def write_offload(model_dir, out, fp, log=log_line, base_quant="none"):
     for name in progress(module_names(args), "converting", unit="module"):
         tensors, kinds = read_module(name)
         for key, shape in module_shapes(args, name).items():
+            if name == "tok_embeddings":  # the dtype the embeddings' scale is rounded to, quantized or not
+                table_dtype = quant.float_dtype(kinds[key])
             got = tuple(tensors[key].shape)
             if got != tuple(shape) and not quant.is_quantized(kinds[key]):
                 raise UserError(f"{model_dir}: {name}.{key} has shape {got}, but the model's settings mean {shape}")
-            if key in quant.kinds_at_conversion(module_shapes(args, name), base_quant) and \
-                    not quant.is_quantized(kinds[key]):
+            if key in quant.kinds_at_conversion(args, name, base_quant) and not quant.is_quantized(kinds[key]):
                 tensors[key], kinds[key] = quant.quantize(tensors[key], base_quant), base_quant
             dtypes[f"{name}.{key}"] = kinds[key]
         write_tensors(tensors, out / f"{name}.safetensors")
     save_tensors(extras, out / "extras.pt")
     if config is not None or layout == "gguf":  # params.json in Meta's terms, the embeddings' scale in their dtype
         if args.embed_scale != 1.0:
-            args.embed_scale = torch.tensor(args.embed_scale, dtype=quant.float_dtype(dtypes["tok_embeddings.weight"])).item()
+            args.embed_scale = torch.tensor(args.embed_scale, dtype=table_dtype).item()
         params = meta_params(args)
         (out / "params.json").write_text(json.dumps(params) + "\n")
     for f in tokenizer_files(model_dir) if layout != "gguf" else []:  # not a tokenizer.json passed over
         if f.name != "tokenizer.json" or f == tokenizer.path:  # (load_tokenizer): it is not the model's
             shutil.copyfile(f, out / f.name)
     if base_quant != "none" or layout == "gguf":
-        log(f"{model_dir}: the base as {gguf_source.kinds_note(dtypes.values())}")
+        log(f"{model_dir}: the base as {quant.kinds_note(dtypes.values())}")
     keys = keys or [f"{n}.{k}" for n in module_names(args) for k in module_shapes(args, n)]
     manifest = {"format": FORMAT, "source": str(model_dir), "fingerprint": fp, "params": params,
                 "vocab_size": args.vocab_size, "n_shards": n_shards, "layout": layout, "base_quant": base_quant,

@@ -49,7 +49,8 @@ from blackbox_model import Transformer
 from default_model import default_model
 from files import direct_read_speed, evict_from_page_cache
 from model import module_names, module_shapes
-from loader import FORMAT, fingerprint, layout_of, offload_dir_for, read_manifest, source_files, source_path
+from loader import (FORMAT, check_base_quant, fingerprint, layout_of, offload_bytes, offload_dir_for, read_manifest,
+                    source_files, source_path)
 from meta_format import model_args, read_source
 from run_folder import RunFolder
 from utils import (check_device, choose_compute_dtype, dtype_name, duration, existing_folder, gb, matmul_rate,
@@ -64,6 +65,7 @@ def planning_model(s, log=lambda *a: None):
     folder's manifest when the model is converted already, else from the source folder (nothing written)."""
     device = check_device(s.device)
     compute_dtype = choose_compute_dtype(s.compute_dtype, device, log)
+    check_base_quant(s.model_path or default_model(), s.base_quant)
     source = source_path(s.model_path or default_model())
     fp = fingerprint(source)  # also: the folder and its config exist
     folder = offload_dir_for(source, s.offload_path or None, s.base_quant)
@@ -83,13 +85,13 @@ def planning_model(s, log=lambda *a: None):
         storage = first["tok_embeddings.weight"].dtype
         del first
     if keys is None:  # as the conversion will store them
-        keys = [[f"{name}.{key}", quant.kinds_at_conversion(module_shapes(args, name), s.base_quant).get(
-            key, dtype_name(storage))] for name in module_names(args) for key in module_shapes(args, name)]
+        keys = [[f"{name}.{key}", quant.kinds_at_conversion(args, name, s.base_quant).get(key, dtype_name(storage))]
+                for name in module_names(args) for key in module_shapes(args, name)]
     storage = quant.float_dtype(dict(keys)["tok_embeddings.weight"])
     manifest = {"source": str(source), "fingerprint": fp, "keys": keys}
     model = Transformer(args, folder, manifest, None, storage, device, compute_dtype, s.memory_budget_bytes(),
                         s.dropout)
-    model.source_bytes = 0 if converted else sum(f.stat().st_size for f in source_files(source))
+    model.source_bytes = 0 if converted else offload_bytes(source, s.base_quant)
     return model, converted
 
 

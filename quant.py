@@ -43,10 +43,14 @@ def fits(shape, kind):
     return len(shape) == 2 and shape[-1] % BLOCKS[kind][0] == 0
 
 
-def kinds_at_conversion(shapes, base_quant):
-    """{key: block format} of the matrices of {key: shape} a base_quant of q8_0 or q4_0 quantizes at conversion
-    (those of rows of whole blocks, as ggml quantizes them); none for other settings."""
-    return {k: base_quant for k, shape in shapes.items() if base_quant in ENCODE and fits(shape, base_quant)}
+def kinds_at_conversion(args, name, base_quant):
+    """{key: block format} of the matrices of a module a base_quant of q8_0 or q4_0 quantizes at conversion: those
+    of rows of whole blocks, as ggml quantizes them (the embedding table too: read whole at each use, as a file of
+    a quarter or half the bytes, rather than as its rows)."""
+    from model import module_shapes
+    if base_quant not in ENCODE:
+        return {}
+    return {k: base_quant for k, shape in module_shapes(args, name).items() if fits(shape, base_quant)}
 
 
 def dequantize(data, kind, cols, dtype=torch.float32, out=None):
@@ -255,3 +259,11 @@ def float_dtype(kind):
     values: what exports write them in unless told otherwise)."""
     from utils import parse_dtype
     return torch.bfloat16 if kind in BLOCKS else parse_dtype(kind)
+
+
+def kinds_note(kinds):
+    """The stored kinds of a model's tensors, most frequent first ("170 q4_k, 28 q6_k, 57 float32")."""
+    counts = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import gguf_source
 from files import write_text
 from plot import draw_run, read_metrics, smooth, smoothing_window
 from utils import duration, gb, proc_io
@@ -191,7 +192,7 @@ def how_to_run(out, source, layout, lora, chat):
         lines.append(f"- the adapter alone: {adapter}, on its base model: "
                      f"`{command('test_gen.py', source, '--lora', adapter, *chat_flag)}`; merged into it: "
                      f"`{command('merge_lora.py', source, adapter, out / 'merged')}`; for PEFT: {out / 'peft'}")
-        if layout == "gguf" and (out / "adapter.gguf").exists() and str(source).endswith(".gguf"):
+        if layout == "gguf" and (out / "adapter.gguf").exists() and gguf_source.is_gguf(source):
             lines.append(f"- the GGUF adapter on the GGUF it was trained on: "
                          f"`{command('llama-cli', '-m', source, '--lora', out / 'adapter.gguf')}`")
         elif layout == "gguf" and (out / "adapter.gguf").exists():

@@ -346,3 +346,41 @@ def test_the_plan_counts_the_blocks(tmp_path, kind):
     loader.load_model(None, offload_path=load_model_dir, base_quant=kind, log=lambda *a: None).close()
     after, _ = plan(tmp_path, *settings, offload=load_model_dir)
     assert after["converted"] and (after["forward_read_bytes"], after["backward_read_bytes"]) == (forward, backward)
+
+
+def test_damaged_gguf_and_ollama_store_are_one_line(make, load, tmp_path, monkeypatch):
+    """A file without a tensor, one without its settings, a tensor of a type not read here, a broken manifest."""
+    path = export(load(make()), tmp_path / "out", "f32")
+    reader = gguf.GGUFReader(path)
+    for name, change in (("no-tensor", "drop"), ("no-settings", "meta"), ("iq-type", "type")):
+        writer = gguf.GGUFWriter(tmp_path / f"{name}.gguf", "llama")
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture" or change == "meta" and \
+                    key == "llama.embedding_length":
+                continue
+            vtype = f.types[0]
+            writer.add_key_value(key, f.contents(), vtype, f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+        for t in reader.tensors:
+            if change == "drop" and t.name == "blk.1.ffn_down.weight":
+                continue
+            if change == "type" and t.name == "blk.0.attn_q.weight":  # IQ4_NL: blocks of 32 in 18 bytes
+                writer.add_tensor(t.name, np.zeros((int(t.shape[1]), int(t.shape[0]) // 32 * 18), np.uint8),
+                                  raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+                continue
+            writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    for name, message in (("no-tensor", "tensor blk.1.ffn_down.weight (layers.1.feed_forward.w2.weight) is missing"),
+                          ("no-settings", "its metadata lacks llama.embedding_length"),
+                          ("iq-type", "tensor blk.0.attn_q.weight is of type IQ4_NL")):
+        code, _, err = run_main("finetune.py", f"--model_path={tmp_path / name}.gguf", f"--out_path={tmp_path / 'o'}",
+                                f"--offload_path={tmp_path / 'off'}", "--mode=lora", "--base_quant=source")
+        one_error_line(code, err, f"{name}.gguf", message)
+    store = tmp_path / "ollama"
+    (store / "manifests" / "registry.ollama.ai" / "library" / "tiny").mkdir(parents=True)
+    (store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest").write_text('{"layers": [{"x": 1}]}')
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    code, _, err = run_main("finetune.py", "--model_path=ollama:tiny", f"--out_path={tmp_path / 'o'}")
+    one_error_line(code, err, "latest: not an Ollama manifest naming a model layer")
