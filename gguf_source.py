@@ -28,6 +28,7 @@ from files import write_json
 from utils import UserError, dtype_name
 
 OLLAMA = "ollama:"
+OPENED = {}  # open_gguf's last files and what they hold
 ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # GGUF architecture -> the family read as
 SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 PRE_TOKENIZERS = {"llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}  # split by a regular expression first
@@ -98,7 +99,16 @@ def ollama_blob(spec):
 # --- metadata ---
 
 def open_gguf(files):
-    """(metadata {key: value}, {tensor name: gguf ReaderTensor}) of a model's GGUF files."""
+    """(metadata {key: value}, {tensor name: gguf ReaderTensor}) of a model's GGUF files: read once for the
+    conversion's steps (its size, its shapes, its tensors), the files' sizes and times naming them."""
+    key = tuple((str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+    if key not in OPENED:
+        OPENED.clear()  # (the last model's only: its files stay mapped while it is kept)
+        OPENED[key] = read_gguf(files)
+    return OPENED[key]
+
+
+def read_gguf(files):
     fields, tensors = {}, {}
     for path in files:
         try:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 # PyTorch's CPU allocator asks the OS for 2 MB pages (transparent huge pages, where the OS gives them on
-# request) for tensors of 2 MB and more. A block's activations and gradients are fresh memory at every step;
+# request) for tensors of a huge page and more. A block's activations and gradients are fresh memory at every step;
 # faulted in 4 KB at a time they cost time of their own, and the matmuls over them miss the TLB more
 # (docs/performance.md). Read at the first tensor's allocation, so set on import; THP_MEM_ALLOC_ENABLE=0 keeps 4 KB.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
