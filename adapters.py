@@ -2,6 +2,7 @@
 (A, B) tensors, checked on load), and the fp32 copy of the frozen base a LoRA run in fp32 maps."""
 import math
 import shutil
+from contextlib import contextmanager
 
 import torch
 
@@ -57,6 +58,21 @@ def adapter_state(model, lora):
     return {"config": {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
                        "model": model_identity(model.args)},
             "tensors": {k: [a.detach().cpu(), b.detach().cpu()] for k, (a, b) in model.lora.items()}}
+
+
+@contextmanager
+def without_adapters(*holders):
+    """Inside, the modules (Blackboxes, or a model: all of its) run without their LoRA adapters: the base alone,
+    DPO's reference."""
+    boxes = [box for h in holders for box in (h.boxes.values() if hasattr(h, "boxes") else [h])]
+    saved = [(box, box.lora) for box in boxes]
+    for box in boxes:
+        box.lora = {}
+    try:
+        yield
+    finally:
+        for box, lora in saved:
+            box.lora = lora
 
 
 def read_adapter(path, model, lora=None):

@@ -4,24 +4,21 @@ Phi-4, Qwen3-30B-A3B, Mixtral 8x7B; random weights, Meta's format).
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
                 [--keep_cache [--reuse_offload]] [--nproc N] [--base_copy 0|1] [--generate N]
-Checks the disk first (the synthetic source, its offload and the run folder, as training does), makes the
-checkpoint in bench_cache/, converts it into a fresh offload (timed), runs one warm-up and --steps timed
-training steps in this process, and prints a table and, as the last line, JSON. What it made for the shape
-is removed when the run ends, unless --keep_cache (then --reuse_offload skips the conversion next time);
-anything an earlier --keep_cache run left in bench_cache/ is used and kept. --nproc N: the steps are
-taken by N processes under torchrun (gloo), batch_size/N rows each, this machine's cores shared out.
---reference: plain in-memory autograd on the same batches in a child process, a step of it after each
-step here (after all of them with --nproc); ratio_vs_reference compares the medians, ratio_paired is
-the median of each step's ratio to the reference's step right after it. A mixture of experts adds what the
-steps read of its experts against what their tokens chose (random routers route near uniformly: the worst
-case). --generate N: instead of training, N tokens generated from a prompt of --seq_len tokens, and the bytes
-read a token against the bytes of the parameters a token uses (with --cold, every file read from the disk).
---cold: the run as where the page cache cannot hold the model: module files read and written past it (O_DIRECT)
-where the disk allows, and any file still read through it (converted on the way in) evicted after each use.
-Every figure comes with the floors of the step: its matmuls at the probe's rate (compute_floor_s, the faster of
-probes before and after the steps), its disk bytes at the disk's sequential rates, measured first on a temporary
-file (disk_floor_s), and efficiency, the larger floor over the step (for --generate: tokens/s against the disk's
-read rate over the bytes a token read from it).
+                [--objective sft|dpo] [--examples_per_row N]
+Checks the disk, makes the checkpoint in bench_cache/, converts it (timed), runs a warm-up and --steps timed
+steps, prints a table and, last, JSON; what it made is removed at the end unless --keep_cache (then
+--reuse_offload skips the conversion next time). --nproc N: N processes under torchrun (gloo), batch_size/N rows
+each. --reference: plain in-memory autograd on the same batches in a child process, a step of it after each of
+ours (after all with --nproc): ratio_vs_reference of the medians, ratio_paired the median of each step's ratio.
+A mixture of experts adds what the steps read of its experts against what their tokens chose. --generate N:
+N tokens generated after a prompt of --seq_len tokens, the bytes read a token against those of the parameters
+a token uses. --cold: as where the page cache cannot hold the model (files read and written past it, O_DIRECT,
+where the disk allows; else evicted after use). --objective dpo: DPO on --batch_size pairs (two rows each, the
+loss on each row's second half; LoRA: the reference in the step's pass, full: given). --examples_per_row N: N
+examples packed into each row (the block-diagonal mask). Every figure comes with the step's floors: its matmuls
+at the probe's rate (compute_floor_s, the faster probe before or after the steps), its disk bytes at the disk's
+rates measured first on a temporary file (disk_floor_s), and efficiency, the larger floor over the step (for
+--generate: tokens/s against the disk's read rate over the bytes a token read from it).
 """
 import argparse
 import json
@@ -40,6 +37,7 @@ import finetune
 import loader
 from adapters import add_lora
 from bench_reference import ReferenceRun, reference_child
+from dpo import Objective
 import default_model
 from default_model import SHAPES, checkpoint, n_params, remove, shape_args
 from plan import arithmetic_seconds, disk_speeds, matmul_params
@@ -52,10 +50,19 @@ DISK_PROBE_BYTES = 1 << 30  # the disk's rates are measured on a temporary file 
 MATMUL_PROBE_S = 2.0  # seconds of matmuls at the step's shapes that rate the chip (each probe)
 
 
-def make_batches(vocab, batch_size, seq_len, n):
+def make_batches(vocab, rows, seq_len, n, examples=1, dpo_reference=None):
+    """n micro-batches (x, y, positions, DPO's reference) of random tokens, rows packing examples each; with
+    dpo_reference ("given": random, "in_pass": None) the loss on each row's second half."""
     g = torch.Generator().manual_seed(0)
-    windows = [torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g) for _ in range(n)]
-    return [(w[:, :-1], w[:, 1:]) for w in windows]
+    positions = None if examples == 1 else (torch.arange(seq_len) % -(-seq_len // examples)).expand(rows, -1)
+    batches = []
+    for _ in range(n):
+        window = torch.randint(0, vocab, (rows, seq_len + 1), generator=g)
+        y = window[:, 1:].clone()
+        y[:, :seq_len // 2] = -1 if dpo_reference else y[:, :seq_len // 2]
+        reference = -10 * seq_len * torch.rand(rows, generator=g) if dpo_reference == "given" else None
+        batches.append((window[:, :-1], y, positions, reference))
+    return batches
 
 
 IO_KEYS = ("rchar", "wchar", "disk_read_bytes", "disk_write_bytes", "file_read_bytes", "file_write_bytes",
@@ -141,19 +148,16 @@ def main():
     p.add_argument("--base_quant", default="none", choices=("none", "q8_0", "q4_0"),
                    help="LoRA: the frozen base quantized at conversion (finetune.py's base_quant)")
     p.add_argument("--base_copy", type=int, default=-1, help="LoRA in fp32: finetune.py's base_copy (-1: when it fits)")
-    p.add_argument("--cold", action="store_true", help="every module read from the disk, as where the page cache cannot "
-                                                        "hold the model (past the page cache, else evicted after use)")
-    p.add_argument("--reference", action="store_true",
-                   help="also time plain in-memory autograd, in a child process whose steps alternate with these")
-    p.add_argument("--keep_cache", action="store_true",
-                   help="keep the synthetic source, its offload and the run folder in bench_cache/ for repeated runs "
-                        "of this shape, where --reuse_offload then skips the conversion (by default what a run "
-                        "made is removed when it ends)")
-    p.add_argument("--reuse_offload", action="store_true",
-                   help="use the offload an earlier --keep_cache run of this shape kept (conversion not timed)")
+    p.add_argument("--cold", action="store_true", help="every module read from the disk (past the page cache)")
+    p.add_argument("--reference", action="store_true", help="also time plain in-memory autograd (a child process)")
+    p.add_argument("--keep_cache", action="store_true", help="keep what the run made in bench_cache/ (the source, "
+                                                             "its offload, the run folder) for --reuse_offload")
+    p.add_argument("--reuse_offload", action="store_true", help="use the offload a --keep_cache run kept")
     p.add_argument("--nproc", type=int, default=1, help="processes taking the steps together (torchrun, gloo)")
     p.add_argument("--generate", type=int, default=0, help="instead of training: tokens to generate after a prompt "
                                                               "of --seq_len tokens (bytes read a token)")
+    p.add_argument("--objective", default="sft", choices=("sft", "dpo"), help="dpo: --batch_size pairs a step")
+    p.add_argument("--examples_per_row", type=int, default=1, help="examples packed into each row")
     p.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parallel-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -161,12 +165,13 @@ def main():
     if a.layers < 1 or a.steps < 1:
         raise UserError(f"--layers={a.layers}, --steps={a.steps}: both must be at least 1")
     a.optimizer = "adamw" if a.mode == "lora" else a.optimizer  # LoRA adapters are trained with AdamW
-    if a.reference and SHAPES[a.shape].get("family"):
-        raise UserError(f"--reference: the in-memory reference is the Llama family's; {a.shape} is not")
+    if a.reference and (SHAPES[a.shape].get("family") or a.objective == "dpo" or a.examples_per_row > 1):
+        raise UserError("--reference: the in-memory reference is the Llama family's cross-entropy of unpacked rows")
     if a.reference_child:
         return reference_child(a)
-    if a.batch_size % a.nproc:
-        raise UserError(f"--batch_size={a.batch_size} is not a multiple of --nproc={a.nproc}")
+    if a.batch_size % a.nproc or a.nproc > 1 and a.objective == "dpo":
+        raise UserError(f"--batch_size={a.batch_size} is not a multiple of --nproc={a.nproc} (--objective dpo: one)")
+    a.rows = a.batch_size * (2 if a.objective == "dpo" else 1)
 
     source = default_model.CACHE / f"{a.shape}-{a.layers}L"
     offload_root, run_dir = default_model.CACHE / "offload", default_model.CACHE / "run"
@@ -237,20 +242,24 @@ def train_figures(a, model, run_dir, group=None, between=None):
     """run_steps' figures of --steps timed steps after a warm-up (a mixture's: ExpertReads' too); in a parallel
     run, of this process's rows of each step."""
     processes, rank = (group.world, group.rank) if group else (1, 0)
-    rows = a.batch_size // processes
+    rows = a.rows // processes
     try:
         s = finetune.settings(mode=a.mode, optimizer=a.optimizer, lora_rank=8, lora_alpha=16.0, lora_dropout=0,
                               lora_targets="wq,wv")
         if a.mode == "lora":
             add_lora(model, s.lora)
+        in_pass = a.mode == "lora" and not model.args.n_experts
+        model.objective = Objective(0.1, 0.0, in_pass) if a.objective == "dpo" else None
         model.setup_training(RunFolder(run_dir.parent, group), a.mode, s.optim, rows * a.seq_len,
                              keep_activations=bool(a.keep_activations), base_copy=a.base_copy,
                              log=lambda line: print(line, file=sys.stderr))
         model.train()
-        batches = make_batches(model.args.vocab_size, a.batch_size, a.seq_len, a.steps + 1)
+        batches = make_batches(model.args.vocab_size, a.rows, a.seq_len, a.steps + 1, a.examples_per_row,
+                               a.objective == "dpo" and ("in_pass" if in_pass else "given"))
         experts = ExpertReads(model) if model.args.n_experts and processes == 1 else None
-        times, io, seconds = run_steps(model, [(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])
-                                               for x, y in batches], 1e-4, between, experts and experts.step)
+        mine = lambda t: t if t is None else t[rank * rows:(rank + 1) * rows]  # this process's rows
+        times, io, seconds = run_steps(model, [tuple(map(mine, b)) for b in batches], 1e-4, between,
+                                       experts and experts.step)
         return times, io, seconds, experts and experts.figures(io["file_read_bytes"])
     finally:
         model.close()  # no write into the run folder is left when it is removed
@@ -322,11 +331,12 @@ def generation_figures(a, model, disk):
 def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
     args = shape_args(a.shape, a.layers)
-    tokens = a.batch_size * a.seq_len
+    tokens = a.rows * a.seq_len
+    flops_per_param = (6 if a.mode == "full" else 4) + 2 * (a.objective == "dpo" and a.mode == "lora")  # DPO's ref.
     os.sync()  # the checkpoint's writes reach the disk before anything is timed (the OS's writeback takes CPU)
     disk = disk_speeds(default_model.CACHE, DISK_PROBE_BYTES)  # where the offload and the run folder are
     # the step's matmuls timed at their shapes, before the model takes its memory (not counted in its peak)
-    probe = lambda: arithmetic_seconds(args, tokens, 6 if a.mode == "full" else 4, parse_dtype(a.compute_dtype),
+    probe = lambda: arithmetic_seconds(args, tokens, flops_per_param, parse_dtype(a.compute_dtype),
                                        torch.device("cpu"), MATMUL_PROBE_S)
     matmul_s, rates = probe()
     start = time.perf_counter()
@@ -354,12 +364,13 @@ def run(a, source, offload_root, run_dir):
     n_all = sum(box.numel() for box in model.boxes.values())
     # the blocks' forward passes the backward computes again (their graphs beyond the memory plan): 2 more FLOPs
     # per parameter and token of a block each
-    base_flops = (6 if a.mode == "full" else 4) * n * tokens
+    base_flops = flops_per_param * n * tokens
     flops = base_flops + 2 * (n - args.vocab_size * args.dim) // args.n_layers * tokens * recomputed
     compute_s = matmul_s * flops / base_flops
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
               "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer, "base_quant": a.base_quant,
+              "objective": a.objective, "examples_per_row": a.examples_per_row,
               "compute_dtype": a.compute_dtype, "tokens_per_step": tokens, "convert_s": round(convert_s, 2),
               "step_s_median": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 2),
               "processes": a.nproc, "threads": max(1, (os.cpu_count() or 1) // a.nproc) if a.nproc > 1 else

@@ -65,7 +65,7 @@ def reference_child(a):
         torch.optim.AdamW(trained, lr=1e-4)
     print("ready", flush=True)
     times, kernel_cpu = [], []
-    for _, (x, y) in zip(sys.stdin, make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len,
+    for _, (x, y, *_) in zip(sys.stdin, make_batches(model.tok_embeddings.num_embeddings, a.batch_size, a.seq_len,
                                                  a.steps + 1)):
         start, kernel_start = time.perf_counter(), cpu_seconds()["kernel_cpu"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.compute_dtype == "bf16"):

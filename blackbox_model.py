@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
-from adapters import copy_base
+from adapters import copy_base, without_adapters
 from files import direct_io_works, read_tensors
 import quant
-from model import (block_forward, embed, experts_of, graph_bytes_per_token, head, loss_sum, module_names, module_of,
-                   module_shapes)
+from model import block_forward, embed, experts_of, head, loss_rows, loss_sum, module_names, module_of, module_shapes
 from rope import layer_ropes, longrope_switches
 from moe import Experts, Router
-from memory_plan import plan_memory
+from memory_plan import graph_bytes_per_token, plan_memory
 from offload import Blackbox, Offload
 from optim import Optimizer
 from parallel import Group
@@ -59,6 +58,7 @@ class Transformer:
         self.training, self.mode, self.optimizer, self.lora, self.run = False, None, None, {}, None
         self.recomputed = 0  # of the last training step (forward_keeping_inputs)
         self.keep_activations, self.plan, self.router_loss = True, None, None
+        self.objective = None  # the loss of a training step: None, the cross-entropy; a dpo.Objective
         self.base_files = {}  # box -> its offload file, while LoRA reads it from an fp32 copy (adapters.copy_base)
 
     def train(self, on=True):
@@ -89,7 +89,8 @@ class Transformer:
         opt = self.optimizer
         plan = lambda reads_from_disk: plan_memory(
             self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_micro_batch,
-            micro_batches, bool(opt and opt.whole_grads) or self.args.tied, self.keep_activations, reads_from_disk)
+            micro_batches, bool(opt and opt.whole_grads) or self.args.tied, self.keep_activations, reads_from_disk,
+            bool(self.objective and self.objective.reference_in_pass))
         self.plan = plan(False)
         streamed = sum(self.file_bytes(box) if box.quant else box.memory_bytes() for box in self.boxes.values()
                        if box.name not in self.plan.resident)  # (a quantized module's file: its blocks)
@@ -121,12 +122,13 @@ class Transformer:
     # --- inference ---
 
     @torch.no_grad()
-    def forward(self, tokens, targets=None, caches=None, start=0):
-        """Logits for a batch of token ids (and the mean loss over targets != -1 when given)."""
+    def forward(self, tokens, targets=None, caches=None, start=0, positions=None):
+        """Logits for a batch of token ids (and the mean loss over targets != -1 when given); positions: of packed
+        rows (data.get_batch)."""
         if self.plan is None:  # the plan decides what stays in memory
             self.make_plan(0)
         tokens = tokens.to(self.device)
-        rope = layer_ropes(self.args, start, tokens.shape[1], self.device)
+        rope = layer_ropes(self.args, start, tokens.shape[1], self.device, positions)
         modules = [self.embeddings, *self.layers, self.output]  # with tied embeddings, the first is the last
         for i, box in enumerate(self.offload.stream(modules)):
             if i == 0:
@@ -190,23 +192,27 @@ class Transformer:
             self.offload.background_on_one_thread()  # the steps only map files
 
     def train_step(self, batches, lr):
-        """One optimizer step on a list of (x, y) micro-batches, layer-major: every micro-batch
-        passes through a module while it is in memory. Returns the mean loss over all targets."""
+        """One optimizer step on a list of micro-batches (x, y[, positions of packed rows or None[, with DPO, the
+        reference's log-probabilities of the rows or None: computed in the pass]]), layer-major: every micro-batch
+        passes through a module while it is in memory. Returns the mean loss over all targets (DPO: pairs)."""
         full, opt = self.mode == "full", self.optimizer
         opt.start_step(lr)
-        xs = [x.to(self.device) for x, _ in batches]
-        ys = [y.to(self.device) for _, y in batches]
-        n_targets = self.group.sum(torch.tensor(sum(int((y != -1).sum()) for y in ys)))  # of every process
-        rope = layer_ropes(self.args, 0, xs[0].shape[1], self.device)
+        xs = [b[0].to(self.device) for b in batches]
+        ys = [b[1].to(self.device) for b in batches]
+        ropes = [layer_ropes(self.args, 0, x.shape[1], self.device, b[2] if len(b) > 2 else None)
+                 for x, b in zip(xs, batches)]
+        counted = [len(y) // 2 if self.objective else int((y != -1).sum()) for y in ys]  # DPO: pairs
+        n = self.group.sum(torch.tensor(sum(counted)))  # of every process
         self.router.start(len(xs), self.group.world)
         for experts in self.sparse:
             experts.start_step(len(xs))
         forward = self.offload.stream([self.embeddings, *self.layers, self.output], keep=self.layers[-1:])
-        hs, saved = forward_keeping_inputs(self, forward, xs, rope)
-        grads, loss = the_turn(self, forward, hs, ys, max(1, int(n_targets)))
+        hs, saved, refs = forward_keeping_inputs(self, forward, xs, ropes)
+        references = [b[3] if len(b) > 3 else None for b in batches]
+        grads, loss = the_turn(self, forward, hs, ys, max(1, int(n)), refs or references)
         self.router_loss = self.router.loss() if self.router.coef else None  # (this process's)
-        del hs  # the last block's outputs (and their .grad) are not needed through the backward
-        backward_through_blocks(self, saved, grads, rope)
+        del hs, refs  # the last block's outputs (and their .grad) are not needed through the backward
+        backward_through_blocks(self, saved, grads, ropes)
         if full:
             opt.take(self.embeddings, "weight", embedding_grad(xs, grads, self.args, self.device), parts=len(xs))
             self.embeddings.release(keep=True)
@@ -256,15 +262,17 @@ class Transformer:
 
 # --- the parts of a training step ---
 
-def forward_keeping_inputs(model, forward, xs, rope):
+def forward_keeping_inputs(model, forward, xs, ropes):
     """The forward pass through the embeddings and the blocks (forward: the stream of modules): (the last
     block's outputs, saved[i][j] = (block i's input of micro-batch j, the random state before it, its output
-    with the autograd graph while the memory plan has room for graphs, else None)). model.recomputed: the
+    with the autograd graph while the memory plan has room for graphs, else None), and with DPO's reference in
+    the pass, the last block's outputs of the model without adapters, else None). model.recomputed: the
     blocks' forward passes (one a block and micro-batch) the backward pass will compute again."""
     graph_bytes = xs[0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, xs[0].shape[1])
     kept_bytes, saved, model.recomputed = 0, [], 0
     table = next(forward)
     hs = [embed(table, x, model.args.embed_scale) for x in xs]
+    refs = list(hs) if model.objective and model.objective.reference_in_pass else None
     model.router.recording = True
     for i, box in zip(range(len(model.layers)), forward):
         saved.append([])
@@ -273,26 +281,36 @@ def forward_keeping_inputs(model, forward, xs, rope):
             model.router.batch = j
             rng = get_rng_state(model.device)
             with torch.enable_grad():  # also when recomputing later: the same kernels, the same bits
-                y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
+                y = block_forward(box, x, model.args, ropes[j], i, model.training, model.dropout)
+            if refs:  # (no dropout: the reference is the base model as it generates)
+                with torch.no_grad(), without_adapters(box):
+                    refs[j] = block_forward(box, refs[j], model.args, ropes[j], i)
             keep = model.keep_activations and kept_bytes + graph_bytes <= model.memory.graph_budget
             kept_bytes += graph_bytes if keep else 0
             model.recomputed += not keep
             saved[i].append((x, rng, y if keep else None))
             hs[j] = y.detach()
     model.router.recording = False
-    return hs, saved
+    return hs, saved, refs
 
 
-def the_turn(model, forward, hs, ys, n_targets):
+def the_turn(model, forward, hs, ys, n, references):
     """The head of the step: final norm, output and loss, forward and backward at once (the output is updated
-    here). Returns (the gradients at the last block's outputs, the loss over n_targets)."""
+    here). n: the targets (DPO: pairs) the loss is the mean over; references: DPO's reference log-probabilities of
+    each micro-batch's rows, or the reference's last block outputs to compute them from. Returns (the gradients at
+    the last block's outputs, the loss)."""
     next(forward)
     grads, loss = [], 0.0
-    for h, y in zip(hs, ys):
+    if model.objective:
+        model.objective.reset()
+    for h, y, reference in zip(hs, ys, references):
         h.requires_grad_()
+        if reference is not None and reference.dim() == 3:
+            with torch.no_grad(), without_adapters(model.norm, model.output):
+                reference = -loss_rows(head(model.norm.load(), model.output, reference, model.args), y)
         with torch.enable_grad():
             logits = head(model.norm.load(), model.output, h, model.args, model.training)
-            batch_loss = loss_sum(logits, y) / n_targets
+            batch_loss = model.objective.loss(logits, y, reference, n) if model.objective else loss_sum(logits, y) / n
         if not torch.isfinite(batch_loss) and model.group.world == 1:  # else every process finds the summed
             raise FloatingPointError(f"the loss is {batch_loss.item()}")  # gradients non-finite
         batch_loss.backward()
@@ -306,7 +324,7 @@ def the_turn(model, forward, hs, ys, n_targets):
     return grads, loss
 
 
-def backward_through_blocks(model, saved, grads, rope):
+def backward_through_blocks(model, saved, grads, ropes):
     """The blocks in reverse: each block's kept graph, or its forward recomputed with the random state it had,
     takes the gradient from above (grads, replaced by the gradients at the blocks' inputs). y.backward hands
     each weight's gradient to the optimizer as autograd computes it (Linear/Scale -> box.take_grad ->
@@ -322,7 +340,7 @@ def backward_through_blocks(model, saved, grads, rope):
                 set_rng_state(rng, model.device)
                 model.router.recomputing = True
                 with torch.enable_grad():
-                    y = block_forward(box, x, model.args, rope, i, model.training, model.dropout)
+                    y = block_forward(box, x, model.args, ropes[j], i, model.training, model.dropout)
                 model.router.recomputing = False
             y.backward(grads[j])
             grads[j] = x.grad

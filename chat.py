@@ -11,7 +11,7 @@ from pathlib import Path
 
 from utils import UserError, read_json_object
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # --- the format ---
@@ -51,10 +51,10 @@ def chat_format(folder, tokenizer):
         special = {k: token_text(config.get(k)) or "" for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         compiled = compile_template(template)
 
-        def render(messages, add_generation_prompt=False):
+        def render(messages, add_generation_prompt=False, tools=None):
             import jinja2
             try:
-                return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                        documents=None, **special)
             except jinja2.exceptions.TemplateError as e:  # raise_exception(...) of the template, or its own bug
                 raise UserError(f"the model's chat template refuses this conversation: {e}")
@@ -101,8 +101,9 @@ def compile_template(template):
         raise UserError(f"the chat template cannot be read ({e})")
 
 
-def meta_llama3(messages, add_generation_prompt=False):
-    """Meta's Llama 3 format: each message as a header with its role, its text, then <|eot_id|>."""
+def meta_llama3(messages, add_generation_prompt=False, tools=None):
+    """Meta's Llama 3 format: each message as a header with its role, its text, then <|eot_id|> (tools: not
+    rendered)."""
     text = "<|begin_of_text|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
                                          f"{m['content'].strip()}<|eot_id|>" for m in messages)
     return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
@@ -120,48 +121,78 @@ def check_messages(messages, where):
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: messages must be a non-empty list")
     for i, m in enumerate(messages, 1):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             raise UserError(f"{where}: message {i} needs a role and a text content")
         if m.get("role") not in ROLES:
             raise UserError(f"{where}: message {i} has role {m.get('role')!r}; use {', '.join(ROLES)}")
+        if calls and not (isinstance(calls, list) and all(isinstance(c, dict) and isinstance(called(c), str)
+                                                          for c in calls)):
+            raise UserError(f"{where}: message {i}'s tool_calls must be a list of {{\"function\": {{\"name\", "
+                            "\"arguments\"}}")
 
 
-def encode_conversation(tokenizer, render, messages, where):
-    """(ids, targets) of a conversation: targets are -1 except on each assistant turn's content and the
-    end-of-turn token that closes it. Each turn is the text its message adds to the rendering of the
-    conversation before it (with the generation prompt before an assistant turn)."""
+def called(call):
+    """The function name of a tool call ({"function": {"name", "arguments"}}, or the function itself)."""
+    function = call.get("function", call)
+    return function.get("name") if isinstance(function, dict) else None
+
+
+def check_tools_rendered(messages, tools, text, where):
+    """Tool results, calls and definitions must reach the rendered text: a template that drops them would train
+    the model on conversations it never sees."""
+    seen = [m["content"] for m in messages if m["role"] == "tool"] + \
+        [called(c) for m in messages for c in m.get("tool_calls") or ()] + [called(t) or "" for t in tools or ()]
+    if any(s not in text for s in seen):
+        raise UserError(f"{where}: the model's chat template does not render tool calls, their results or the tools "
+                        "given; this conversation cannot be trained on with it")
+
+
+def encode_conversation(tokenizer, render, messages, where, tools=None, answers_from=0):
+    """(ids, targets) of a conversation (tools: the definitions its template is given): targets are -1 except on
+    each assistant turn from message answers_from on, its content and the end-of-turn token that closes it. The
+    conversation is rendered whole and cut where the rendering of the messages up to a turn ends (before an
+    assistant turn: with the generation prompt, which is not the assistant's to learn); a turn whose rendering
+    changes once later ones follow (consecutive tool results grouped in one turn) is cut with those."""
     check_messages(messages, where)
-    render = with_where(render, where)
+    render = with_where(render, where, tools)
+    whole = render(messages)
+    check_tools_rendered(messages, tools, whole, where)
     ends = set(tokenizer.stop_ids) | {tokenizer.eos_id}
     ids, targets, done = [], [], ""
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":  # the generation prompt is not the assistant's to learn
+        learn = message["role"] == "assistant" and i >= answers_from
+        if learn:
             prompt = render(messages[:i], add_generation_prompt=True) if i else ""
-            ids_, done = piece(tokenizer, done, prompt, where)
+            ids_, done = piece(tokenizer, done, prompt, whole, where)
             ids += ids_
             targets += [-1] * len(ids_)
-        turn, done = piece(tokenizer, done, render(messages[:i + 1]), where)
+        rendered = render(messages[:i + 1])
+        if not learn and not whole.startswith(rendered):
+            continue
+        turn, done = piece(tokenizer, done, rendered, whole, where)
         ids += turn
-        if message["role"] != "assistant":
+        if not learn:
             targets += [-1] * len(turn)
             continue
         end = next((j for j, t in enumerate(turn) if t in ends), len(turn) - 1)
         targets += turn[:end + 1] + [-1] * (len(turn) - end - 1)
-    return ids, targets
+    rest, _ = piece(tokenizer, done, whole, whole, where)
+    return ids + rest, targets + [-1] * len(rest)
 
 
-def with_where(render, where):
+def with_where(render, where, tools=None):
     def rendered(messages, add_generation_prompt=False):
         try:
-            return render(messages, add_generation_prompt=add_generation_prompt)
+            return render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         except UserError as e:
             raise UserError(f"{where}: {e}")
     return rendered
 
 
-def piece(tokenizer, done, rendered, where):
-    """(ids of what rendered adds to done, rendered)."""
-    if not rendered.startswith(done):
+def piece(tokenizer, done, rendered, whole, where):
+    """(ids of what rendered adds to done, rendered), where both are the start of the whole rendering."""
+    if not rendered.startswith(done) or not whole.startswith(rendered):
         raise UserError(f"{where}: the chat template renders earlier turns differently once later ones follow; "
                         "its turns cannot be told apart for training")
     return encode_rendered(tokenizer, rendered[len(done):]), rendered

@@ -1,11 +1,20 @@
-"""Training data: a text file, a stream of token ids or a .jsonl file of conversations or instruction
-examples, as (tokens, targets) streams, and the random windows a step trains on."""
-import json
+"""Training data: the rows of a data file (data_formats.py) encoded as examples of token ids and targets, a
+stream of them packed one after another (or, for preference tuning, pairs: dpo.py), and the rows a step
+trains on.
+
+A Stream holds the tokens, their targets (-1: no loss, as on prompts and user turns; an example's first
+token is never the target of the one before) and where each example starts. Packed rows (pack=1) are
+windows of the stream: an example attends only to itself, its positions restarting at 0 (as transformers
+packs with position ids); an example longer than a row spans rows, its positions counted from the row's
+start. pack=0: one example a row, padded.
+"""
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from chat import chat_format, encode_conversation
+from data_formats import FORMATS, example, read_rows, recognise
 from default_model import DEFAULT_TEXT
 from files import load_tensors
 from utils import UserError
@@ -13,92 +22,175 @@ from utils import UserError
 LLAMA2_PROMPT = "[INST] {prompt} [/INST]"
 
 
-def load_tokens(data, tokenizer, model_dir):
-    """(train, val) streams of the data settings (settings.Data), each (tokens, targets): targets are the
-    tokens, or -1 where no loss is counted (prompts and user turns). Text is encoded with BOS and EOS; a
-    .pt stream of token ids is used as it is; a .jsonl file holds conversations or instruction examples
-    (model_dir: whose chat template renders them)."""
+class Stream(NamedTuple):
+    tokens: torch.Tensor  # (n,) token ids, the examples one after another
+    targets: torch.Tensor  # (n,) the token, or -1 where no loss is counted
+    starts: torch.Tensor  # (examples,) where each example begins, the first at 0
+
+
+def load_data(data, tokenizer, model_dir, objective="sft", log=print):
+    """(train, val) of the data settings (settings.Data), the tail held out (val_fraction): Streams, or with
+    objective "dpo" lists of encoded preference pairs (dpo.py). The format found is said in a line (log)."""
     path = Path(data.path or DEFAULT_TEXT)
-    if not path.is_file():
-        raise UserError(f"data_path={path}: file not found")
+    encoded = encode_file(path, data, tokenizer, model_dir, objective, log)
+    if objective != "dpo":
+        return split(encoded, data, path)
+    n_val = round(len(encoded) * data.val_fraction)
+    log(f"data_path={path}: {len(encoded) - n_val} pairs for training, {n_val} held out")
+    return encoded[:len(encoded) - n_val], encoded[len(encoded) - n_val:]
+
+
+def encode_file(path, data, tokenizer, model_dir, objective="sft", log=print):
+    """The Stream of the examples in path (a file or folder; data_formats.py), or with objective "dpo" the list
+    of its encoded preference pairs."""
+    path = Path(path)
     if path.suffix == ".pt":
-        tokens = load_tensors(path, mmap=False)
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
-            raise UserError(f"data_path={path}: a .pt file must hold a 1-D LongTensor of token ids")
-        if len(tokens) and (tokens.min() < 0 or tokens.max() >= tokenizer.n_words):
-            raise UserError(f"data_path={path}: token ids must lie in [0, {tokenizer.n_words})")
-        targets = tokens
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"data_path={path}: not UTF-8 text ({e.reason} at byte {e.start})")
-        if not text.strip():
-            raise UserError(f"data_path={path}: the file is empty")
-        if path.suffix == ".jsonl":
-            tokens, targets = encode_instructions(text, path, data, tokenizer, model_dir)
-        else:
-            tokens = targets = torch.tensor(tokenizer.encode(text, bos=True, eos=True))
-    n_val = int(len(tokens) * data.val_fraction)
-    cut = len(tokens) - n_val
+        return token_ids(path, tokenizer)
+    kind, rows = read_rows(path)
+    encode = encoder(data, tokenizer, model_dir)
+    fmt, examples = None, []
+    for where, row in rows:
+        fmt = fmt or recognise(row, where)
+        if (fmt == "preferences") != (objective == "dpo"):
+            raise UserError(f"{where}: {FORMATS[fmt][1]} are for --objective={'dpo' if fmt == 'preferences' else 'sft'}")
+        examples.append(encode(example(fmt, row, where), where))
+    if not examples:
+        raise UserError(f"data_path={path}: no examples")
+    if objective == "dpo":
+        log(f"data_path={path}: {kind} of {FORMATS[fmt][1]}: {len(examples)} pairs")
+        return examples
+    stream = pack(examples)
+    log(f"data_path={path}: {kind} of {FORMATS[fmt][1]}: {len(examples)} examples, {len(stream.tokens)} tokens, "
+        f"{int((stream.targets != -1).sum())} of them trained on")
+    return stream
+
+
+def token_ids(path, tokenizer):
+    tokens = load_tensors(path, mmap=False)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
+        raise UserError(f"data_path={path}: a .pt file must hold a 1-D LongTensor of token ids")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= tokenizer.n_words):
+        raise UserError(f"data_path={path}: token ids must lie in [0, {tokenizer.n_words})")
+    return Stream(tokens, tokens, torch.zeros(1, dtype=torch.long))
+
+
+def pack(examples):
+    """The Stream of (ids, targets) examples one after another."""
+    lengths = torch.tensor([len(ids) for ids, _ in examples])
+    starts = torch.cumsum(lengths, 0) - lengths
+    targets = torch.tensor([t for _, targets in examples for t in targets])
+    targets[starts[starts < len(targets)]] = -1  # nothing before an example predicts its first token
+    return Stream(torch.tensor([t for ids, _ in examples for t in ids]), targets, starts)
+
+
+def split(stream, data, path):
+    """(train, val) Streams: the last val_fraction of the tokens held out."""
+    n_val = int(len(stream.tokens) * data.val_fraction)
+    cut = len(stream.tokens) - n_val
     if cut < data.seq_len + 1:
         raise UserError(f"data_path={path}: {cut} training tokens{' after the validation hold-out' if n_val else ''}, "
                         f"fewer than one window of seq_len+1={data.seq_len + 1}; lower seq_len or give more data")
-    return (tokens[:cut], targets[:cut]), (tokens[cut:], targets[cut:])
+    tokens, targets, starts = stream
+    later = starts[starts > cut] - cut
+    return (Stream(tokens[:cut], targets[:cut], starts[starts < cut]),
+            Stream(tokens[cut:], targets[cut:], torch.cat([torch.zeros(1, dtype=torch.long), later])))
 
 
-def encode_instructions(text, path, data, tokenizer, model_dir=None):
-    """One example per line, packed one after another: a conversation {"messages": [{"role", "content"},
-    ...]} in the model's chat format, the loss on its assistant turns (chat.py); or {"prompt",
-    "response", optional "system"}: the prompt in prompt_template (the model's chat template when
-    prompt_template is empty and the model has one), then the response and EOS, the loss on the response."""
+def encoder(data, tokenizer, model_dir):
+    """encode(example, where) -> (ids, targets) of an example (data_formats.example), or of a preference pair
+    ((ids, targets) of prompt + chosen, of prompt + rejected: targets on the answer only). Conversations in the
+    model's chat format (chat.py); text with BOS and EOS; a prompt and response (a pair of texts: each answer)
+    in prompt_template where given, else in the model's chat template, else in Llama 2's [INST] format."""
     render, no_chat = None, None
     try:
         render = chat_format(model_dir, tokenizer) if model_dir else None
     except UserError as e:
-        no_chat = e
-    tokens, targets = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"data_path={path}: line {number}"
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where} is not JSON ({e.msg})")
-        has_pair = isinstance(example, dict) and all(isinstance(example.get(k), str) for k in ("prompt", "response"))
-        if not isinstance(example, dict) or "messages" not in example and not has_pair:
-            raise UserError(f"{where} needs messages, or the text fields prompt and response")
-        if "messages" in example and render is None:
+        no_chat = str(e)  # (not the exception: its traceback would hold the frames of the run)
+
+    def conversation(messages, where, tools=None, answers_from=0):
+        if render is None:
             raise UserError(f"{where}: conversations need the model's chat format{f' ({no_chat})' if no_chat else ''}")
-        if "messages" in example or render and not data.prompt_template:
-            messages = example["messages"] if "messages" in example else as_messages(example)
-            ids, marks = encode_conversation(tokenizer, render, messages, where)
-            tokens, targets = tokens + ids, targets + marks
-            continue
+        return encode_conversation(tokenizer, render, messages, where, tools, answers_from)
+
+    def encode(ex, where):
+        if "text" in ex:
+            ids = tokenizer.encode(ex["text"], bos=True, eos=True)
+            return ids, ids
+        if "messages" in ex:
+            return conversation(ex["messages"], where, ex["tools"])
+        if "chosen" in ex:
+            turns = [ex["prompt"], ex["chosen"], ex["rejected"]]
+            if (render is None or data.prompt_template) and all(len(t) == 1 for t in turns):  # as a prompt, response
+                return tuple(encode({"prompt": turns[0][0]["content"], "response": t[0]["content"]}, where)
+                             for t in turns[1:])
+            return tuple(conversation(ex["prompt"] + ex[k], where, answers_from=len(ex["prompt"]))
+                         for k in ("chosen", "rejected"))
+        if render and not data.prompt_template:
+            return conversation(as_messages(ex), where)
         template = data.prompt_template or LLAMA2_PROMPT
-        system = data.system_template.replace("{system}", example["system"]) if example.get("system") else ""
-        prompt = tokenizer.encode(template.replace("{prompt}", system + example["prompt"]), bos=True)
-        response = tokenizer.encode(example["response"], bos=False, eos=True)
-        tokens += prompt + response
-        targets += [-1] * len(prompt) + response
-    if not tokens:
-        raise UserError(f"data_path={path}: no examples")
-    return torch.tensor(tokens), torch.tensor(targets)
+        system = data.system_template.replace("{system}", ex["system"]) if ex.get("system") else ""
+        prompt = tokenizer.encode(template.replace("{prompt}", system + ex["prompt"]), bos=True)
+        response = tokenizer.encode(ex["response"], bos=False, eos=True)
+        return prompt + response, [-1] * len(prompt) + response
+    return encode
 
 
-def as_messages(example):
-    system = [{"role": "system", "content": example["system"]}] if example.get("system") else []
-    return system + [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["response"]}]
+def as_messages(ex):
+    system = [{"role": "system", "content": ex["system"]}] if ex.get("system") else []
+    return system + [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex["response"]}]
 
+
+# --- the rows of a step ---
 
 def get_batch(stream, data, generator, part=(0, 1)):
-    """data.batch_size random windows of seq_len+1 tokens: x the first seq_len tokens, y the targets of
-    the last seq_len. part=(i, n): n x batch_size windows are drawn (the same on every process of a
-    parallel run), process i takes the i-th batch_size of them."""
-    tokens, targets = stream
+    """data.batch_size random rows of seq_len tokens: (x, y, positions), y the targets of x's next tokens,
+    positions (rows, seq_len) or None where every row is positions 0.. (one example, or its part). part=(i, n):
+    n x batch_size rows are drawn (the same on every process of a parallel run), process i takes the i-th
+    batch_size of them. Packed: random windows of the stream; else random examples (a random window of a
+    longer one), padded."""
     i, n, rows, length = *part, data.batch_size, data.seq_len
-    starts = torch.randint(0, len(tokens) - length, (n * rows,), generator=generator).tolist()[i * rows:(i + 1) * rows]
-    x = torch.stack([tokens[s:s + length] for s in starts])
-    y = torch.stack([targets[s + 1:s + length + 1] for s in starts])
-    return x, y
+    if data.pack:
+        starts = torch.randint(0, len(stream.tokens) - length, (n * rows,), generator=generator).tolist()
+        return windows(stream, starts[i * rows:(i + 1) * rows], length)
+    picked = torch.randint(0, len(stream.starts), (n * rows,), generator=generator)
+    spans = [example_span(stream, e) for e in picked.tolist()]
+    offsets = [int(torch.randint(0, max(1, b - a - length), (1,), generator=generator)) for a, b in spans]
+    spans = [(a + o, min(b, a + o + length + 1)) for (a, b), o in zip(spans, offsets)]
+    return padded_rows(stream, spans[i * rows:(i + 1) * rows], length)
+
+
+def example_span(stream, e):
+    end = int(stream.starts[e + 1]) if e + 1 < len(stream.starts) else len(stream.tokens)
+    return int(stream.starts[e]), end
+
+
+def windows(stream, starts, length):
+    """(x, y, positions) of the windows of length + 1 tokens at starts."""
+    x = torch.stack([stream.tokens[s:s + length] for s in starts])
+    y = torch.stack([stream.targets[s + 1:s + length + 1] for s in starts])
+    at = torch.tensor(starts)[:, None] + torch.arange(length)
+    begins = stream.starts[torch.searchsorted(stream.starts, at, right=True) - 1]
+    positions = at - torch.maximum(begins, at[:, :1])
+    return x, y, None if bool((positions == torch.arange(length)).all()) else positions
+
+
+def padded_rows(stream, spans, length):
+    """(x, y, None) of one span of the stream a row, each shorter one padded at its end (targets -1): causal
+    attention keeps the padding out of every real token's view."""
+    x = torch.zeros(len(spans), length, dtype=torch.long)
+    y = torch.full((len(spans), length), -1, dtype=torch.long)
+    for row, (a, b) in enumerate(spans):
+        x[row, :b - a - 1] = stream.tokens[a:b - 1]
+        y[row, :b - a - 1] = stream.targets[a + 1:b]
+    return x, y, None
+
+
+def eval_rows(stream, data, limit):
+    """The held-out rows of an evaluation, up to limit: consecutive windows (packed), or each example's
+    consecutive pieces, padded."""
+    length = min(data.seq_len, len(stream.tokens) - 1)
+    if data.pack:
+        return windows(stream, list(range(0, len(stream.tokens) - length, length))[:limit], length)
+    spans = [(s, min(b, s + length + 1)) for a, b in map(lambda e: example_span(stream, e), range(len(stream.starts)))
+             for s in range(a, b - 1, length)]
+    return padded_rows(stream, spans[:limit], length)

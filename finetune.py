@@ -9,9 +9,10 @@ torchrun --nproc_per_node=N finetune.py [--name=value ...]: N processes (GPUs, o
 one model, each on batch_size of every step's N x batch_size rows (parallel.py; README).
 """
 model_path = ""  # a model folder in Meta's or Hugging Face's layout, a .gguf file (or ollama:NAME[:TAG]); empty: the built-in default model
-data_path = ""  # a text file; a .pt file of a 1-D LongTensor of token ids; or a .jsonl file of instructions (README); empty: slowllama.txt
-prompt_template = ""  # .jsonl prompt/response data: the text before each response; empty: the model's chat template, else Llama 2's "[INST] {prompt} [/INST]"
-system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # .jsonl data with prompt_template: put before the prompt when an example has a system text
+data_path = ""  # a text file, a folder of them, a .pt file of token ids, or rows in JSON, JSON lines or Parquet: conversations, instructions (Alpaca's too), ShareGPT, preference pairs (README); empty: slowllama.txt
+pack = 1  # 1: examples packed into rows, each attending only to itself (positions restart); 0: one example a row, padded
+prompt_template = ""  # prompt/response data: the text before each response; empty: the model's chat template, else Llama 2's "[INST] {prompt} [/INST]"
+system_template = "<<SYS>>\n{system}\n<</SYS>>\n\n"  # prompt/response data with prompt_template: put before the prompt when an example has a system text
 out_path = "out"  # the run's folder: working state in out_path/run, the exported model in out_path
 out_format = ""  # layout of the exported model: meta, hf or gguf (out_path/model.gguf for llama.cpp, Ollama, LM Studio, f16; gguf:q8_0, gguf:bf16, gguf:f32 for other types; LoRA runs add adapter.gguf); empty: the source's
 offload_path = ""  # where converted models are kept (one folder per source model); empty: ./offload
@@ -37,13 +38,16 @@ grad_clip = 0.0  # clip the global gradient norm to this; 0: off
 dropout = 0.0  # dropout on the output of attention and feed-forward in every block
 router_aux_loss_coef = 0.0  # a mixture of experts: the load-balancing loss times this joins the loss (transformers' router_aux_loss_coef with output_router_logits); 0: off, as the published configs have it
 mode = "full"  # full: update every weight; lora: train low-rank adapters, the base is only read
+objective = "sft"  # sft: the cross-entropy of the targets; dpo: preference tuning on pairs (prompt, chosen, rejected) against the model as it starts (dpo.py)
+dpo_beta = 0.1  # DPO: how far the policy may move from the reference (TRL's beta)
+dpo_label_smoothing = 0.0  # DPO: the share of pairs taken as mislabelled (conservative DPO); 0: plain DPO
 lora_rank = 8  # LoRA
 lora_alpha = 16.0  # LoRA: the adapter's output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.05  # LoRA: dropout on the adapter's input
 lora_targets = "wq,wv"  # LoRA: weights that get adapters, of wq wk wv wo w1 w2 w3 output (comma-separated)
 base_quant = "none"  # LoRA: the frozen base as the source stores it (none; a GGUF's block formats in fp32), a GGUF's own quantized tensors (source), or quantized at conversion (q8_0, q4_0); README
 base_copy = -1  # LoRA in fp32 on the CPU from a bf16/f16 model: 1 keeps an fp32 copy of the base in out_path/run (mapped at every read, not converted; removed at the end), 0 converts at every read, -1: 1 when it fits in the page cache and on the disk
-val_fraction = 0.0  # the tail of the data held out for a validation loss; 0: none
+val_fraction = -1.0  # the tail of the data held out for a validation loss; 0: none; -1: a tenth of the pairs with objective=dpo, else none
 eval_period = 100  # every this many steps: validation loss and a completion of prompt; 0: never
 prompt = "The basic problem is one of size."  # completed greedily at each evaluation and at the end
 gen_tokens = 24  # tokens to generate for the completion
@@ -72,9 +76,10 @@ import hf_format as hf
 import parallel
 import settings as settings_module
 from adapters import add_lora, adapted_params, adapter_state, drop_base_copy, read_adapter
-from data import get_batch, load_tokens
+import dpo
+from data import eval_rows, get_batch, load_data
 from files import load_tensors, save_tensors, write_text
-from model import graph_bytes_per_token
+from memory_plan import graph_bytes_per_token
 from loader import check_export, load_model, log_line, save_model
 from chat import chat_format
 from report import RunLog, command
@@ -103,17 +108,20 @@ def disk_needs(model, s):
     return [("run folder", out / "run", max(0, run)), ("export", out, export)]
 
 
-def evaluate(model, s, val, step, say=print):
-    """The validation loss (where data is held out) and a greedy completion of prompt: printed, and
-    returned as {val_loss, perplexity, completion} (the loss and perplexity only with validation data)."""
+def evaluate(model, s, val, step, say=print, reference=None):
+    """The validation loss (where data is held out; DPO: the loss and TRL's metrics of the held-out pairs,
+    reference: their reference log-probabilities, if computed before) and a greedy completion of prompt:
+    printed, and returned as {val_loss, perplexity or DPO's metrics, completion}."""
     model.eval()
     parts, result = [], {}
-    tokens, targets = val
-    if len(tokens) > 1:
-        n = min(s.data.seq_len, len(tokens) - 1)
-        starts = list(range(0, len(tokens) - n, n))[:8 * s.data.batch_size]
-        _, loss = model(torch.stack([tokens[i:i + n] for i in starts]),
-                        torch.stack([targets[i + 1:i + n + 1] for i in starts]))
+    if s.data.objective == "dpo" and val:
+        metrics = dpo.evaluate(model, model.objective, val, s.data, reference)
+        result.update(val_loss=metrics.pop("loss"), **metrics)
+        parts.append(f"val loss {result['val_loss']:.4f}, accuracy {result['rewards/accuracies']:.3f}, "
+                     f"margin {result['rewards/margins']:.3f}")
+    elif s.data.objective != "dpo" and len(val.tokens) > 1:
+        x, y, positions = eval_rows(val, s.data, 8 * s.data.batch_size)
+        _, loss = model(x, y, positions=positions)
         result.update(val_loss=loss.item(), perplexity=math.exp(min(loss.item(), 700)))
         parts.append(f"val loss {loss.item():.4f}")
     prompt_ids = model.tokenizer.encode(s.prompt)
@@ -126,15 +134,16 @@ def evaluate(model, s, val, step, say=print):
 
 # --- committed steps: the run folder's protocol is in run_folder.py; here, what a step's state is ---
 
-def commit(model, s, run, step, data_rng):
+def commit(model, s, run, step, data_rng, kept=None):
     """Make the current state the run's last committed step: every process flushes its modules, then the
     checkpoint (every process's random state, the data order, LoRA's adapter and optimizer state) and the
-    manifest are written and the step is committed (RunFolder.commit)."""
+    manifest are written and the step is committed (RunFolder.commit). kept: what else the checkpoint holds (DPO's
+    reference log-probabilities)."""
     group = run.group
     files = model.flush()
     rngs = group.gather(get_rng_state(model.device))  # once every process has flushed
     group.check_same(model.optimizer.checksums, step)
-    state = {"step": step, "rng": rngs[group.rank], "data_rng": data_rng.get_state()}
+    state = {"step": step, "rng": rngs[group.rank], "data_rng": data_rng.get_state(), **(kept or {})}
     if group.world > 1:
         state["rngs"] = rngs
     if s.mode == "lora":  # the adapter checkpoint: adapter, settings, optimizer state, step, RNG
@@ -145,7 +154,8 @@ def commit(model, s, run, step, data_rng):
 
 def start_training(model, s, run, previous, data_rng):
     """Set the model up for training: from scratch, or from the run's last committed step (weights and
-    optimizer state, adapters, random state, data order). Returns the step to continue from."""
+    optimizer state, adapters, random state, data order). Returns (the step to continue from, the checkpoint's
+    state or None)."""
     group, state = run.group, None
     if previous:
         checkpoint = run.dir / previous["checkpoint"]
@@ -155,7 +165,7 @@ def start_training(model, s, run, previous, data_rng):
     model.setup_training(run, s.mode, s.optim, s.data.micro_batch_tokens, s.data.grad_accum, s.keep_activations,
                          s.base_copy, disk_needs(model, s)[0][2], log_line)
     if not previous:
-        return 0
+        return 0, None
     rngs = state.get("rngs", [state["rng"]])
     if previous.get("processes", 1) != group.world and group.rank == 0:
         print(f"{run.dir}: a run of {previous.get('processes', 1)} processes continued by {group.world}: the same "
@@ -165,7 +175,7 @@ def start_training(model, s, run, previous, data_rng):
     if s.mode == "lora":
         model.optimizer.adapter_optimizer.load_state_dict(state["optimizer"])
     print(f"resuming {run.dir} from step {previous['step']}")
-    return previous["step"]
+    return previous["step"], state
 
 
 def resume_command(group):
@@ -236,13 +246,24 @@ def train(s, group, device):
         raise UserError(f"--router_aux_loss_coef={s.router_aux_loss_coef}: {model.manifest['source']} is not a mixture "
                         "of experts (it has no router)")
     model.router.coef = s.router_aux_loss_coef
-    train_tokens, val_tokens = load_tokens(s.data, model.tokenizer, model.offload_dir)
+    train_data, val_data = load_data(s.data, model.tokenizer, model.offload_dir, s.data.objective,
+                                     log_line if first else lambda *_: None)
+    if s.data.objective == "dpo":
+        model.objective = dpo.objective_for(s, model)
+        cut = dpo.truncated(train_data + val_data, s.data.seq_len)
+        if cut and first:
+            log_line(f"{cut} pairs are longer than seq_len + 1 = {s.data.seq_len + 1} tokens: their rows keep their "
+                     "last tokens (the start of the prompt is cut)")
     if group.local_rank == 0:
         check_disk(disk_needs(model, s), log_line)
     run = RunFolder(s.out_path, group)
     previous = run.open(model.manifest["source"], model.manifest["fingerprint"], s.mode, s.resume, s.overwrite)
     data_rng = torch.Generator().manual_seed(s.seed)
-    step = start_training(model, s, run, previous, data_rng)
+    step, state = start_training(model, s, run, previous, data_rng)
+    reference, kept = (None, None), None
+    if model.objective and not model.objective.reference_in_pass:
+        reference, kept = dpo.reference_for(model, (train_data, val_data), s.data, state,
+                                            log_line if first else lambda *_: None)
     if first:
         plan = model.memory
         graph = s.data.micro_batch_tokens * graph_bytes_per_token(model.args, model.compute_dtype, s.data.seq_len)
@@ -253,15 +274,17 @@ def train(s, group, device):
             log_line(f"{group.world} processes, {group.local_world} on this machine: {group.world * s.data.batch_size} "
                      f"rows a micro-batch")
     try:
-        loop(model, s, run, step, data_rng, train_tokens, val_tokens)
+        loop(model, s, run, step, data_rng, train_data, val_data, reference, kept)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
         raise disk_full(model, s, run, e) from e
 
 
-def loop(model, s, run, step, data_rng, train_tokens, val_tokens):
-    """The steps from step to s.iters, their evaluations and commits; then (the first process) the export."""
+def loop(model, s, run, step, data_rng, train_data, val_data, reference=(None, None), kept=None):
+    """The steps from step to s.iters, their evaluations and commits; then (the first process) the export.
+    train_data, val_data: Streams, or DPO's pairs with their reference log-probabilities (reference) where they
+    were computed before training (kept: what the checkpoints keep of them)."""
     group = run.group
     first = group.rank == 0
     stop = StopRequest()
@@ -271,7 +294,8 @@ def loop(model, s, run, step, data_rng, train_tokens, val_tokens):
     def evaluation(step):
         if first:
             eval_start = time.time()
-            run_log.evaluation(step, evaluate(model, s, val_tokens, step, run_log.say), time.time() - eval_start)
+            result = evaluate(model, s, val_data, step, run_log.say, reference[1])
+            run_log.evaluation(step, result, time.time() - eval_start)
             for box in model.boxes.values():  # a module it let go is on the disk before the others read it
                 box.wait_write()
 
@@ -279,7 +303,9 @@ def loop(model, s, run, step, data_rng, train_tokens, val_tokens):
         evaluation(step)
     start, first_step = time.time(), step
     while step < s.iters:
-        batches = [get_batch(train_tokens, s.data, data_rng, (group.rank, group.world)) for _ in range(s.data.grad_accum)]
+        part = (group.rank, group.world)
+        batches = [dpo.get_pairs(train_data, s.data, data_rng, part, reference[0]) if model.objective else
+                   get_batch(train_data, s.data, data_rng, part) for _ in range(s.data.grad_accum)]
         step_start = time.time()
         try:
             loss = model.train_step(batches, s.optim.lr_at(step + 1, s.iters))
@@ -291,11 +317,13 @@ def loop(model, s, run, step, data_rng, train_tokens, val_tokens):
         left = (time.time() - start) / (step - first_step) * (s.iters - step)
         if first:
             run_log.step(model, step, loss, s.optim.lr_at(step, s.iters), elapsed, left)
+        elif model.objective:
+            model.objective.metrics(group)  # (a sum over the processes: each takes part)
         if s.eval_period and step % s.eval_period == 0 and step < s.iters:
             evaluation(step)
         stopping = bool(group.sum(torch.tensor(int(stop.requested))))  # every process stops at the same step
         if step % s.save_period == 0 or step == s.iters or stopping:
-            commit(model, s, run, step, data_rng)
+            commit(model, s, run, step, data_rng, kept)
         if stopping:
             if first:
                 run_log.close()

@@ -2,12 +2,28 @@
 activations kept for the backward pass, the next module read ahead, and the modules that stay resident."""
 from dataclasses import dataclass
 
+import torch
+
 from files import WINDOW_BYTES
-from model import graph_bytes_per_token
 
 CHUNK_BYTES = 32 << 20  # gradients are computed and applied in blocks of rows of about this size
 PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers, with room for what allocations round
 # up to (bench.py's peaks against its plans check it)
+
+
+def graph_bytes_per_token(args, dtype, row_tokens=0):
+    """What autograd keeps of one block per token: the residual stream and the norms' inputs in fp32 (two
+    norms more in Gemma's sandwich, q and k norms'), the inputs to matmuls, attention and the gated MLP in the
+    compute dtype, and a tenth more for what allocations round up to (tests/test_model.py holds it against
+    what autograd saves of a block of each family). Of rows of row_tokens: the mask of a sliding window or of
+    packed examples, and attention with capped logits (Gemma 2), computed whole: three (heads x row_tokens)
+    matrices a token."""
+    attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
+    norms = (5 + 4 * (args.norms == "sandwich")) * args.dim + 2 * (args.n_heads + args.kv_heads) * args.head_dim * \
+        bool(args.qk_norm)  # the q and k norms' inputs and outputs, in fp32
+    capped = 3 * args.n_heads * row_tokens if args.attn_softcap else 0
+    mask = row_tokens  # a sliding window's or packed examples' mask, in fp32
+    return ((norms + mask) * 4 + (attention + 3 * args.hidden_dim + capped) * torch.finfo(dtype).bits // 8) * 11 // 10
 
 
 @dataclass(frozen=True)
@@ -19,7 +35,7 @@ class MemoryPlan:
 
 
 def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_batches=1, whole_grads=False,
-                keep_activations=True, reads_from_disk=False):
+                keep_activations=True, reads_from_disk=False, reference_in_pass=False):
     """Share the memory budget (bytes, the whole process) out. Always needed: a block (of a mixture: with two
     of its experts, whatever the number chosen) and the embeddings or output beside it (at the turns of the
     step both are in memory), the gradient rows being applied
@@ -29,7 +45,8 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     reading the next module into memory ahead of its use (else the OS reads it ahead), and the last
     modules staying resident (the final norm always: it is tiny and used at every turn). Where the reads
     come from the disk, past the page cache (reads_from_disk), reading ahead comes first: nothing else
-    reads ahead, and every module read while the step waits costs its read."""
+    reads ahead, and every module read while the step waits costs its read. DPO's reference in the pass
+    (reference_in_pass) holds one more input a micro-batch and its logits at the turn."""
     modules = list(dict.fromkeys([embeddings, *layers, output]))  # the output may be the embeddings
     experts = [box.experts.boxes[0] for box in layers if box.experts]  # a mixture: an expert in use, the next
     block = max((box.memory_bytes() for box in layers), default=0) + \
@@ -38,9 +55,9 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     grads = 0 if not embeddings.trainable else \
         4 * max(box.numel() for box in modules) if whole_grads else CHUNK_BYTES
     all_tokens = tokens * micro_batches  # tokens: of one micro-batch
-    inputs = args.n_layers * all_tokens * args.dim * 4
+    inputs = (args.n_layers + reference_in_pass) * all_tokens * args.dim * 4
     # logits, their fp32 copy, the log-probabilities (their gradient); capped logits keep two more (Gemma 2)
-    head = (3 + 2 * bool(args.final_softcap)) * tokens * args.vocab_size * 4
+    head = (3 + 2 * bool(args.final_softcap) + 2 * reference_in_pass) * tokens * args.vocab_size * 4
     per_token = graph_bytes_per_token(args, embeddings.compute_dtype, tokens)  # (a row of every token: an upper
     # bound of attention written out)
     working = tokens * per_token + WINDOW_BYTES  # the block being computed (its activations and their

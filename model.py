@@ -148,20 +148,6 @@ def module_of(key):
     return ".".join(parts[:n]), ".".join(parts[n:])
 
 
-def graph_bytes_per_token(args, dtype, row_tokens=0):
-    """What autograd keeps of one block per token: the residual stream and the norms' inputs in fp32 (two
-    norms more in Gemma's sandwich, q and k norms'), the inputs to matmuls, attention and the gated MLP in the
-    compute dtype, and a tenth more for what allocations round up to (tests/test_model.py holds it against
-    what autograd saves of a block of each family). Of rows of row_tokens: a sliding window's mask, and
-    attention with capped logits (Gemma 2), computed whole: three (heads x row_tokens) matrices a token."""
-    attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
-    norms = (5 + 4 * (args.norms == "sandwich")) * args.dim + 2 * (args.n_heads + args.kv_heads) * args.head_dim * \
-        bool(args.qk_norm)  # the q and k norms' inputs and outputs, in fp32
-    capped = 3 * args.n_heads * row_tokens if args.attn_softcap else 0
-    mask = row_tokens if args.sliding_window else 0  # a sliding window's mask, in fp32, one for every head
-    return ((norms + mask) * 4 + (attention + 3 * args.hidden_dim + capped) * torch.finfo(dtype).bits // 8) * 11 // 10
-
-
 # --- matmuls and norms whose weights are looked up at use ---
 
 class Linear(torch.autograd.Function):
@@ -303,7 +289,7 @@ def attention(box, x, args, rope, layer, training, cache, start):
         cache_k, cache_v = cache
         cache_k[:B, start:start + T], cache_v[:B, start:start + T] = k, v
         k, v = cache_k[:B, :start + T], cache_v[:B, :start + T]
-    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), args, window, start)
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), args, window, start, rope["examples"])
     return linear(box, "attention.wo.weight", out.transpose(1, 2).reshape(B, T, -1), training)
 
 
@@ -315,12 +301,16 @@ def visible(T, start, window, device):
     return (k <= q) & (k > q - window) if window else k <= q
 
 
-def attend(q, k, v, args, window, start):
+def attend(q, k, v, args, window, start, examples=None):
     """Attention of q (B, heads, T, hd) over k, v (B, kv heads, start + T, hd): the fused kernel, with the
-    causal (or sliding window) mask; written out where the logits are capped (Gemma 2)."""
+    causal (or sliding window) mask, within each token's example where rows are packed (examples: (B, T));
+    written out where the logits are capped (Gemma 2)."""
     T, S = q.shape[2], k.shape[2]
     whole = T > 1 and start == 0 and (not window or S <= window)  # the causal mask alone is the visible set
     mask = None if whole or (T == 1 and (not window or S <= window)) else visible(T, start, window, q.device)
+    if examples is not None:  # (B, 1, T, T): block-diagonal
+        whole, mask = False, (mask if mask is not None else visible(T, start, None, q.device)) & \
+            (examples[:, None, :, None] == examples[:, None, None, :])
     if args.attn_softcap:
         k, v = (t.repeat_interleave(args.n_heads // args.kv_heads, 1) for t in (k, v))
         scores = (q @ k.transpose(-1, -2)) * (args.attn_scale or args.head_dim ** -0.5)
@@ -374,13 +364,18 @@ def head(norm, output, h, args, training=False):
 
 def loss_sum(logits, targets):
     """The cross-entropy of logits (..., vocab) against targets (-1: no target), summed."""
-    return CrossEntropySum.apply(logits, targets)
+    return loss_rows(logits, targets).sum()
 
 
-class CrossEntropySum(torch.autograd.Function):
-    """loss_sum whose backward turns the kept log-probabilities into the gradient in place (softmax
-    minus one-hot): two (tokens x vocab) buffers live at most, where autograd's cross-entropy keeps the
-    log-probabilities and makes a one-hot gradient and the logits' gradient beside them."""
+def loss_rows(logits, targets):
+    """The cross-entropy of logits (rows, tokens, vocab) against targets (-1: no target), summed in each row."""
+    return CrossEntropyRows.apply(logits, targets)
+
+
+class CrossEntropyRows(torch.autograd.Function):
+    """loss_rows whose backward turns the kept log-probabilities into the gradient in place (softmax minus
+    one-hot, times the row's gradient): two (tokens x vocab) buffers live at most, where autograd's cross-entropy
+    keeps the log-probabilities and makes a one-hot gradient and the logits' gradient beside them."""
 
     @staticmethod
     def forward(ctx, logits, targets):
@@ -389,7 +384,8 @@ class CrossEntropySum(torch.autograd.Function):
         rows = (targets != -1).nonzero().squeeze(1)
         ctx.save_for_backward(logp, targets, rows)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        return -logp[rows, targets[rows]].sum()
+        n_rows = targets.numel() // logits.shape[-2]
+        return torch.zeros(n_rows, device=logp.device).index_add_(0, rows // logits.shape[-2], -logp[rows, targets[rows]])
 
     @staticmethod
     def backward(ctx, g):
@@ -397,4 +393,5 @@ class CrossEntropySum(torch.autograd.Function):
         grad = logp.exp_()  # softmax, in the log-probabilities' memory (this graph is not run twice)
         grad[targets == -1] = 0.0
         grad[rows, targets[rows]] -= 1.0
-        return grad.mul_(g).view(ctx.shape).to(ctx.dtype), None
+        per_token = g.repeat_interleave(ctx.shape[-2])[:, None]
+        return grad.mul_(per_token).view(ctx.shape).to(ctx.dtype), None

@@ -46,6 +46,7 @@ import quant
 from adapters import add_lora, base_copy_bytes
 from architectures import read_config
 from blackbox_model import Transformer
+from dpo import objective_for
 from default_model import default_model
 from files import direct_read_speed, evict_from_page_cache
 from model import module_names, module_shapes
@@ -99,6 +100,7 @@ def plan_memory(model, s):
     """The memory plan training makes (setup_training), in a temporary run folder that is removed."""
     if s.mode == "lora":
         add_lora(model, s.lora, s.seed)
+    model.objective = objective_for(s, model)
     with tempfile.TemporaryDirectory(prefix="slowllama-plan-") as tmp:
         model.setup_training(RunFolder(tmp), s.mode, s.optim, s.data.micro_batch_tokens, s.data.grad_accum,
                              s.keep_activations, base_copy=0)
@@ -275,8 +277,10 @@ def plan(s, disk_needs, out=print):
     speeds = disk_speeds(traffic_dir, s.plan_mb << 20)
     tokens = s.data.micro_batch_tokens
     tokens_per_step = tokens * s.data.grad_accum
-    flops = (6 if full else 4) * matmul_params(model.args) * tokens_per_step
-    compute_s, rates = arithmetic_seconds(model.args, tokens, 6 if full else 4, model.compute_dtype, model.device,
+    reference = 2 * bool(model.objective and model.objective.reference_in_pass)  # DPO's reference: a forward more
+    per_param = (6 if full else 4) + reference
+    flops = per_param * matmul_params(model.args) * tokens_per_step
+    compute_s, rates = arithmetic_seconds(model.args, tokens, per_param, model.compute_dtype, model.device,
                                           MATMUL_PROBE_S)
     compute_s *= s.data.grad_accum
     rate = flops / compute_s
@@ -284,7 +288,7 @@ def plan(s, disk_needs, out=print):
     reads, working_set = reads_forward + reads_backward, reads_forward
     peak = model.memory.peak
     cache_room = model.page_cache_room()
-    forward_share = 2 / (6 if full else 4)
+    forward_share = (2 + reference) / per_param
     copies_share_cpu = model.device.type == "cpu" and not base_copy  # LoRA's fp32 copy is mapped: no copies
     t = step_seconds(compute_s, forward_share, reads_forward, reads_backward, writes, speeds, copies_share_cpu)
     warm = working_set <= cache_room
@@ -348,7 +352,7 @@ def plan(s, disk_needs, out=print):
     out(f"memory: about {gb(peak)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
         f"{n_resident} of {len(model.boxes)} modules stay in memory"
         + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed"))
-    out(f"per step: {flops / 1e12:.2f} TFLOP ({6 if full else 4} per matmul parameter per token) = {compute_s:.1f} s "
+    out(f"per step: {flops / 1e12:.2f} TFLOP ({per_param} per matmul parameter per token) = {compute_s:.1f} s "
         f"of arithmetic ({forward_share * compute_s:.1f} s forward, {(1 - forward_share) * compute_s:.1f} s backward); "
         f"reads {gb(reads_forward)} forward + {gb(reads_backward)} backward = {gb(reads)}, writes {gb(writes)}")
     cr, dr, sw = speeds["cache_read"], speeds["disk_read"], speeds["stream_write"]

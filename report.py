@@ -85,12 +85,16 @@ class RunLog:
             record["grad_norm"] = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).item()
         if model.router_loss is not None:  # a mixture's load-balancing loss (without its coef), of this process
             record["router_aux_loss"] = model.router_loss
+        metrics = model.objective.metrics(model.group) if model.objective else {}  # DPO's, of every process
+        record.update({k: v for k, v in metrics.items() if k != "loss"})
         self.write(record)
+        accuracy = f" | accuracy {metrics['rewards/accuracies']:.2f}" if metrics else ""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {loss:.4f}, {self.tokens_per_step / seconds:.0f} tok/s", refresh=True)
+            self.bar.set_postfix_str(f"loss {loss:.4f}{accuracy}, {self.tokens_per_step / seconds:.0f} tok/s",
+                                     refresh=True)
         else:
-            print(f"step {step}/{self.s.iters} | loss {loss:.4f} | {self.tokens_per_step / seconds:.0f} tok/s | "
+            print(f"step {step}/{self.s.iters} | loss {loss:.4f}{accuracy} | {self.tokens_per_step / seconds:.0f} tok/s | "
                   f"{seconds:.2f} s/step | {left:.0f} s left", flush=True)
 
     def evaluation(self, step, result, seconds):
@@ -138,7 +142,8 @@ class RunLog:
         lines = [f"# slowllama run: {out}", "",
                  f"{run['model']}, mode={s.mode}, optimizer={s.optim.kind}, lr={s.optim.lr:g}, "
                  f"{f'{self.processes}x' if self.processes > 1 else ''}{s.data.batch_size}x{s.data.seq_len}"
-                 f"{f'x{s.data.grad_accum}' if s.data.grad_accum > 1 else ''} tokens a step, "
+                 f"{f'x{s.data.grad_accum}' if s.data.grad_accum > 1 else ''} "
+                 f"{'tokens' if s.data.objective != 'dpo' else 'pairs x tokens (DPO)'} a step, "
                  f"compute {run['compute_dtype']} on {s.device}", ""]
         if train:
             elapsed = max(r.get("elapsed", 0.0) for r in self.records)
@@ -149,9 +154,11 @@ class RunLog:
                       f"{train[-1]['step']}; the mean of the last {smoothing_window(len(train)) // 2 + 1}: {tail_mean:.4f})"]
         with_val = [r for r in evals if "val_loss" in r]
         if with_val:
-            lines.append(f"- val loss: {with_val[0]['val_loss']:.4f} -> {with_val[-1]['val_loss']:.4f} (step "
-                         f"{with_val[0]['step']} -> {with_val[-1]['step']}; perplexity {with_val[0]['perplexity']:.1f} "
-                         f"-> {with_val[-1]['perplexity']:.1f})")
+            first, last = with_val[0], with_val[-1]
+            also = f"perplexity {first['perplexity']:.1f} -> {last['perplexity']:.1f}" if "perplexity" in last else \
+                f"preference accuracy {first['rewards/accuracies']:.3f} -> {last['rewards/accuracies']:.3f}"  # DPO
+            lines.append(f"- val loss: {first['val_loss']:.4f} -> {last['val_loss']:.4f} (step {first['step']} -> "
+                         f"{last['step']}; {also})")
         if evals:
             lines.append(f"- last completion: {evals[-1]['completion']!r}")
         if self.has_io:

@@ -66,18 +66,25 @@ def longrope_attention_factor(s, max_positions):
     return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old))
 
 
-def rope_tables(args, start, length, device, local=False):
-    """(cos, sin) of the positions start..start+length, each (length, rotary pairs), the factor on both."""
-    inv, scale = rope_frequencies(args, start + length, local)
-    angles = torch.outer(torch.arange(start, start + length).float(), inv).to(device)
+def rope_tables(args, start, length, device, local=False, positions=None):
+    """(cos, sin) of the positions start..start+length, each (length, rotary pairs), or of positions (rows,
+    length) each (rows, length, rotary pairs); the factor on both."""
+    total = start + length if positions is None else int(positions.max()) + 1
+    inv, scale = rope_frequencies(args, total, local)
+    at = torch.arange(start, start + length) if positions is None else positions
+    angles = (at.float()[..., None] * inv).to(device)
     return angles.cos() * scale, angles.sin() * scale
 
 
-def layer_ropes(args, start, length, device):
-    """{"full": tables, "sliding": tables} for the blocks of each kind (the same tables where the kinds share
-    their rope)."""
-    full = rope_tables(args, start, length, device)
-    return {"full": full, "sliding": rope_tables(args, start, length, device, True) if args.rope_local_theta else full}
+def layer_ropes(args, start, length, device, positions=None):
+    """{"full": tables, "sliding": tables, "examples": ...} of a pass over length positions from start: the
+    tables of the blocks of each kind (the same where the kinds share their rope); of packed rows, positions
+    (rows, length) restart at 0 where an example starts, and "examples" numbers each token's example in its row
+    (attention stays within one: model.attend). Without positions, "examples" is None."""
+    full = rope_tables(args, start, length, device, positions=positions)
+    sliding = rope_tables(args, start, length, device, True, positions) if args.rope_local_theta else full
+    examples = None if positions is None else (positions == 0).cumsum(1).to(device)
+    return {"full": full, "sliding": sliding, "examples": examples}
 
 
 def longrope_switches(args, before, after):
@@ -99,12 +106,12 @@ def apply_rope(x, cos, sin):
     if x.device.type == "mps":  # complex numbers are missing on some Macs' GPUs: the same in real numbers
         return rotate_pairs(x, cos, sin)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 def rotate_pairs(x, cos, sin):
     """apply_rope in real numbers: x * cos + (x with each pair swapped) * (-sin, sin)."""
-    cos2 = cos.repeat_interleave(2, -1)[:, None, :]  # (T, 1, head_dim) against (B, T, heads, head_dim)
-    sin2 = torch.stack((-sin, sin), -1).flatten(-2)[:, None, :]
+    cos2 = cos.repeat_interleave(2, -1).unsqueeze(-2)  # ([B,] T, 1, head_dim) against (B, T, heads, head_dim)
+    sin2 = torch.stack((-sin, sin), -1).flatten(-2).unsqueeze(-2)
     xf = x.float()
     return (xf * cos2 + xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin2).type_as(x)

@@ -58,7 +58,8 @@ class Optim:
 
 @dataclass(frozen=True)
 class Data:
-    """The training data and the rows of a step: grad_accum micro-batches of batch_size rows of seq_len tokens."""
+    """The training data and the rows of a step: grad_accum micro-batches of batch_size rows of seq_len tokens
+    (objective dpo: of batch_size pairs, two rows each)."""
     path: str
     prompt_template: str
     system_template: str
@@ -66,10 +67,19 @@ class Data:
     batch_size: int
     grad_accum: int
     val_fraction: float
+    pack: bool = True
+    objective: str = "sft"
 
     @property
     def micro_batch_tokens(self):
-        return self.batch_size * self.seq_len
+        return self.batch_size * self.seq_len * (2 if self.objective == "dpo" else 1)
+
+
+@dataclass(frozen=True)
+class Dpo:
+    """DPO's loss (dpo.py): beta, and the share of pairs taken as mislabelled."""
+    beta: float
+    label_smoothing: float
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class Settings:
     lora: Lora
     optim: Optim
     data: Data
+    dpo: Dpo
 
     def memory_budget_bytes(self, processes=None):
         return memory_budget_bytes(self.memory_budget, processes)
@@ -138,7 +149,7 @@ def parse(argv, defaults):
     """Settings of --name=value arguments over defaults ({name: value}, each typed like its value), checked."""
     s = typed_overrides(argv, defaults)
     for name, allowed in (("optimizer", ("sgd", "adamw")), ("mode", ("full", "lora")), ("base_copy", (-1, 0, 1)),
-                          ("base_quant", BASE_QUANTS)):
+                          ("base_quant", BASE_QUANTS), ("objective", ("sft", "dpo"))):
         if s[name] not in allowed:
             raise UserError(f"--{name}={s[name]}: use one of {', '.join(map(str, allowed))}")
     if s["base_quant"] != "none" and s["mode"] != "lora":
@@ -151,7 +162,7 @@ def parse(argv, defaults):
                  "router_aux_loss_coef"):
         if s[name] < 0:
             raise UserError(f"--{name}={s[name]}: must be at least 0")
-    for name in ("keep_activations", "lr_decay", "resume", "overwrite", "plan"):
+    for name in ("keep_activations", "lr_decay", "resume", "overwrite", "plan", "pack"):
         if s[name] not in (0, 1):
             raise UserError(f"--{name}={s[name]}: use 0 or 1")
     if s["memory_budget"] < 0 and s["memory_budget"] != -1:
@@ -159,8 +170,13 @@ def parse(argv, defaults):
     layout, _, gguf_type = s["out_format"].partition(":")
     if layout not in ("", *OUT_FORMATS) or gguf_type and (layout != "gguf" or gguf_type not in GGUF_TYPES):
         raise UserError(f"--out_format={s['out_format']}: use meta, hf or gguf (gguf:{', gguf:'.join(GGUF_TYPES)})")
+    if s["val_fraction"] == -1:
+        s["val_fraction"] = 0.1 if s["objective"] == "dpo" else 0.0
     if not 0 <= s["val_fraction"] < 1:
-        raise UserError(f"--val_fraction={s['val_fraction']}: must be in [0, 1)")
+        raise UserError(f"--val_fraction={s['val_fraction']}: must be in [0, 1), or -1")
+    if s["dpo_beta"] <= 0 or not 0 <= s["dpo_label_smoothing"] < 0.5:
+        raise UserError(f"--dpo_beta={s['dpo_beta']} --dpo_label_smoothing={s['dpo_label_smoothing']}: beta must be "
+                        "positive, label smoothing in [0, 0.5)")
     for name in ("dropout", "lora_dropout", "beta1", "beta2"):
         if not 0 <= s[name] < 1:
             raise UserError(f"--{name}={s[name]}: must be in [0, 1)")
@@ -184,4 +200,5 @@ def parse(argv, defaults):
                     grad_clip=s["grad_clip"]),
         data=Data(path=s["data_path"], prompt_template=s["prompt_template"], system_template=s["system_template"],
                   seq_len=s["seq_len"], batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-                  val_fraction=s["val_fraction"]))
+                  val_fraction=s["val_fraction"], pack=bool(s["pack"]), objective=s["objective"]),
+        dpo=Dpo(beta=s["dpo_beta"], label_smoothing=s["dpo_label_smoothing"]))

@@ -16,7 +16,7 @@ import chat
 import finetune
 import loader
 from chat import chat_format, encode_conversation, encode_rendered
-from data import encode_instructions, get_batch
+from data import encode_file, get_batch
 from default_model import LLAMA2_CHAT_TEMPLATE, default_model, make_model
 from helpers import META_FIRST, PATTERN, ROOT, TINY, refused, run, tokenizer_folder, write_json
 from tokenizer import load_tokenizer
@@ -401,10 +401,10 @@ def test_a_long_conversation_keeps_its_targets_on_every_window(llama2, tmp_path)
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"messages": messages}) + "\n")
     cfg = settings(seq_len=16, batch_size=256)
-    tokens, targets = encode_instructions(data.read_text(), data, cfg, llama2.tok, llama2.folder)
+    tokens, targets, _ = encode_file(data, cfg, llama2.tok, llama2.folder)
     _, want_ids, want_targets, _ = expect(llama2_segments(messages), llama2.encode, llama2.specials)
     assert tokens.tolist() == want_ids and targets.tolist() == want_targets and len(want_ids) > 8 * cfg.seq_len
-    x, y = get_batch((tokens, targets), cfg, torch.Generator().manual_seed(0))
+    x, y, _ = get_batch(encode_file(data, cfg, llama2.tok, llama2.folder), cfg, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (cfg.batch_size, cfg.seq_len)
     starts_inside = ends_inside = 0
     for row_x, row_y in zip(x.tolist(), y.tolist()):
@@ -421,7 +421,7 @@ def test_prompt_response_lines_use_the_models_template(fmt, tmp_path):
              {"system": "Be brief.", "prompt": "Does it quantize?", "response": "No."}]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tokens, targets = encode_instructions(data.read_text(), data, settings(), fmt.tok, fmt.folder)
+    tokens, targets, _ = encode_file(data, settings(), fmt.tok, fmt.folder)
     want_ids, want_targets = [], []
     for p in pairs:
         messages = ([system(p["system"])] if "system" in p else []) + [user(p["prompt"]), assistant(p["response"])]
@@ -434,7 +434,7 @@ def test_an_explicit_prompt_template_still_wins(llama2, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"system": "Be brief.", "prompt": "Does it quantize?", "response": "No, never."}) + "\n")
     cfg = settings(prompt_template="### Question: {prompt}\n### Answer:", system_template="({system}) ")
-    tokens, targets = encode_instructions(data.read_text(), data, cfg, llama2.tok, llama2.folder)
+    tokens, targets, _ = encode_file(data, cfg, llama2.tok, llama2.folder)
     prompt = [1] + llama2.encode("### Question: (Be brief.) Does it quantize?\n### Answer:")
     response = llama2.encode("No, never.") + [2]
     assert tokens.tolist() == prompt + response and targets.tolist() == [-1] * len(prompt) + response
@@ -446,7 +446,7 @@ def test_prompt_response_lines_without_a_chat_template_use_llama2s_inst(make, tm
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "Does it quantize?", "response": "No."}) + "\n")
-    tokens, targets = encode_instructions(data.read_text(), data, settings(), load_tokenizer(folder), folder)
+    tokens, targets, _ = encode_file(data, settings(), load_tokenizer(folder), folder)
     prompt, response = [1] + sp.encode("[INST] Does it quantize? [/INST]"), sp.encode("No.") + [2]
     assert tokens.tolist() == prompt + response and targets.tolist() == [-1] * len(prompt) + response
 
@@ -454,7 +454,7 @@ def test_prompt_response_lines_without_a_chat_template_use_llama2s_inst(make, tm
 def test_the_bundled_chat_data_learns_only_the_replies(llama2):
     path = ROOT / "test_data" / "chat.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    tokens, targets = encode_instructions(path.read_text(), path, settings(), llama2.tok, llama2.folder)
+    tokens, targets, _ = encode_file(path, settings(), llama2.tok, llama2.folder)
     replies = [m["content"] for line in lines for m in line["messages"] if m["role"] == "assistant"]
     assert int((targets != -1).sum()) == sum(len(llama2.encode(f" {r} ")) + 1 for r in replies)
     assert int((targets == 2).sum()) == len(replies) == int((tokens == 2).sum())
@@ -469,10 +469,12 @@ def shared_offload(tmp_path_factory):
 
 GOOD = json.dumps({"messages": [user("hi"), assistant("hello there")]})
 BAD_LINES = [
-    ("no messages", json.dumps({"text": "hello"}), "needs messages, or the text fields prompt and response"),
-    ("prompt without response", json.dumps({"prompt": "hello"}), "needs messages, or the text fields prompt"),
-    ("unknown role", json.dumps({"messages": [user("hi"), {"role": "tool", "content": "x"}]}),
-     "message 2 has role 'tool'"),
+    ("no messages", json.dumps({"text": "hello"}), "does not fit the format of the first row (conversations"),
+    ("prompt without response", json.dumps({"prompt": "hello"}), "does not fit the format of the first row"),
+    ("unknown role", json.dumps({"messages": [user("hi"), {"role": "robot", "content": "x"}]}),
+     "message 2 has role 'robot'"),
+    ("tool results the template drops", json.dumps({"messages": [user("hi"), {"role": "tool", "content": "42"}]}),
+     "does not render tool calls"),
     ("content not a string", json.dumps({"messages": [{"role": "user", "content": ["hi"]}]}), "message 1 needs a role"),
     ("content missing", json.dumps({"messages": [{"role": "user"}]}), "message 1 needs a role"),
     ("messages not a list", json.dumps({"messages": "hi"}), "messages must be a non-empty list"),

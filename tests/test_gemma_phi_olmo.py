@@ -277,7 +277,7 @@ def test_gemma_chat_learns_the_model_turns_and_their_end(hf_folder, hf_json, tmp
     from tokenizers import Tokenizer
 
     import finetune
-    from data import encode_instructions
+    from data import encode_file
     from tokenizer import load_tokenizer
     raw = Tokenizer.from_str(hf_json[True])
     raw.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])
@@ -292,7 +292,8 @@ def test_gemma_chat_learns_the_model_turns_and_their_end(hf_folder, hf_json, tmp
     assert end in tok.stop_ids
     line = json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                                     {"role": "assistant", "content": "the garden"}]})
-    tokens, targets = encode_instructions(line, "chat.jsonl", finetune.settings().data, tok, folder)
+    (tmp_path / "chat.jsonl").write_text(line)
+    tokens, targets, _ = encode_file(tmp_path / "chat.jsonl", finetune.settings().data, tok, folder)
     counted = [i for i, t in zip(tokens.tolist(), targets.tolist()) if t != -1]
     assert counted == raw.encode("the garden", add_special_tokens=False).ids + [end]
 

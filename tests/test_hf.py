@@ -10,7 +10,7 @@ import finetune
 import hf_format as hf
 import loader
 from adapters import add_lora
-from data import encode_instructions, get_batch
+from data import encode_file, get_batch
 from families import hf_rows_by_definition, save_as_hf
 from helpers import lora, make_batches, ours, refused, run
 from tokenizer import Tokenizer
@@ -85,13 +85,15 @@ def test_peft_loads_the_adapter(make, load, tmp_path):
         assert torch.allclose(theirs(tokens).logits, model.eval()(tokens), atol=1e-4)
 
 
-def test_instruction_data_counts_only_response_tokens(make):
+def test_instruction_data_counts_only_response_tokens(make, tmp_path):
     tokenizer = Tokenizer(make() / "tokenizer.model")
     examples = [{"prompt": "What is kept?", "response": "The input of each block."},
                 {"system": "Be brief.", "prompt": "And the random state?", "response": "It is saved too."}]
     text = "\n".join(json.dumps(e) for e in examples) + "\n\n"
     data = finetune.settings(prompt_template="[INST] {prompt} [/INST]").data  # and the default system_template
-    tokens, targets = encode_instructions(text, "data.jsonl", data, tokenizer)
+    (tmp_path / "data.jsonl").write_text(text)
+    stream = encode_file(tmp_path / "data.jsonl", data, tokenizer, None)
+    tokens, targets = stream.tokens, stream.targets
     sp = tokenizer.sp
     responses = [sp.encode(e["response"]) + [sp.eos_id()] for e in examples]
     prompts = [[sp.bos_id()] + sp.encode("[INST] What is kept? [/INST]"),
@@ -99,7 +101,7 @@ def test_instruction_data_counts_only_response_tokens(make):
     assert tokens.tolist() == prompts[0] + responses[0] + prompts[1] + responses[1]
     counted = targets[targets != -1].tolist()
     assert counted == responses[0] + responses[1]  # exactly the responses and their EOS, nothing of the prompts
-    x, y = get_batch((tokens, targets), finetune.settings(seq_len=len(tokens) - 1, batch_size=1).data,
+    x, y, _ = get_batch(stream, finetune.settings(seq_len=len(tokens) - 1, batch_size=1).data,
                      torch.Generator().manual_seed(0))
     assert torch.equal(x[0], tokens[:-1]) and torch.equal(y[0], targets[1:])
 
@@ -116,5 +118,5 @@ def test_finetune_on_the_bundled_instructions(tmp_path):
 def test_bad_instruction_lines_are_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": "no response"}\n')
     refused("finetune.py", f"--data_path={tmp_path}/bad.jsonl", f"--out_path={tmp_path}/out", f"--offload_path={tmp_path}/off",
-            messages=["line 2 needs messages, or the text fields prompt and response"])
+            messages=["line 2 does not fit the format of the first row (instructions (prompt, response))"])
     assert not (tmp_path / "out").exists()

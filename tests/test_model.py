@@ -7,6 +7,7 @@ import torch
 
 import model as bm
 import rope
+from memory_plan import graph_bytes_per_token
 from reference import Reference, read_meta_folder
 
 
@@ -108,12 +109,14 @@ def test_graph_bytes_per_token_bounds_what_a_block_keeps(family):
         def keep(t):
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.enable_grad():
-            bm.block_forward(box, x, args, rope.layer_ropes(args, 0, 48, "cpu"), 0, True)
-        kept.pop(x.untyped_storage().data_ptr(), None)  # the block's input is kept by the caller
-        per_token = sum(kept.values()) / 48
-        # an upper bound, and not far above (frozen norms keep less: LoRA's bound is looser)
-        assert per_token <= bm.graph_bytes_per_token(args, torch.float32, 48) <= (1.25 if trainable else 1.4) * per_token
+        for positions in (None, torch.arange(48).remainder(20)[None]):  # one example a row, or three packed
+            kept.clear()
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.enable_grad():
+                bm.block_forward(box, x, args, rope.layer_ropes(args, 0, 48, "cpu", positions), 0, True)
+            kept.pop(x.untyped_storage().data_ptr(), None)  # the block's input is kept by the caller
+            per_token = sum(kept.values()) / 48
+            # an upper bound, and not far above (frozen norms keep less: LoRA's bound is looser)
+            assert per_token <= graph_bytes_per_token(args, torch.float32, 48) <= (1.25 if trainable else 1.4) * per_token
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
