@@ -258,8 +258,7 @@ def train_figures(a, model, run_dir, group=None, between=None):
                                a.objective == "dpo" and ("in_pass" if in_pass else "given"))
         experts = ExpertReads(model) if model.args.n_experts and processes == 1 else None
         mine = lambda t: t if t is None else t[rank * rows:(rank + 1) * rows]  # this process's rows
-        times, io, seconds = run_steps(model, [tuple(map(mine, b)) for b in batches], 1e-4, between,
-                                       experts and experts.step)
+        times, io, seconds = run_steps(model, [tuple(map(mine, b)) for b in batches], 1e-4, between, experts and experts.step)
         return times, io, seconds, experts and experts.figures(io["file_read_bytes"])
     finally:
         model.close()  # no write into the run folder is left when it is removed
@@ -332,7 +331,8 @@ def run(a, source, offload_root, run_dir):
     """Convert, train and time; the figures, with the reference run's when asked."""
     args = shape_args(a.shape, a.layers)
     tokens = a.rows * a.seq_len
-    flops_per_param = (6 if a.mode == "full" else 4) + 2 * (a.objective == "dpo" and a.mode == "lora")  # DPO's ref.
+    in_pass = a.objective == "dpo" and a.mode == "lora" and not args.n_experts  # DPO's reference: a forward more
+    flops_per_param = (6 if a.mode == "full" else 4) + 2 * in_pass
     os.sync()  # the checkpoint's writes reach the disk before anything is timed (the OS's writeback takes CPU)
     disk = disk_speeds(default_model.CACHE, DISK_PROBE_BYTES)  # where the offload and the run folder are
     # the step's matmuls timed at their shapes, before the model takes its memory (not counted in its peak)

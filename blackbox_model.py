@@ -268,7 +268,6 @@ def forward_keeping_inputs(model, forward, xs, ropes):
     with the autograd graph while the memory plan has room for graphs, else None), and with DPO's reference in
     the pass, the last block's outputs of the model without adapters, else None). model.recomputed: the
     blocks' forward passes (one a block and micro-batch) the backward pass will compute again."""
-    graph_bytes = xs[0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, xs[0].shape[1])
     kept_bytes, saved, model.recomputed = 0, [], 0
     table = next(forward)
     hs = [embed(table, x, model.args.embed_scale) for x in xs]
@@ -285,6 +284,8 @@ def forward_keeping_inputs(model, forward, xs, ropes):
             if refs:  # (no dropout: the reference is the base model as it generates)
                 with torch.no_grad(), without_adapters(box):
                     refs[j] = block_forward(box, refs[j], model.args, ropes[j], i)
+            graph_bytes = x.numel() // x.shape[-1] * graph_bytes_per_token(
+                model.args, model.compute_dtype, x.shape[1], ropes[j]["examples"] is not None)
             keep = model.keep_activations and kept_bytes + graph_bytes <= model.memory.graph_budget
             kept_bytes += graph_bytes if keep else 0
             model.recomputed += not keep
@@ -317,7 +318,7 @@ def the_turn(model, forward, hs, ys, n, references):
         grads.append(h.grad)
         loss += batch_loss.item()
     next(forward, None)  # lets the output module go
-    graph_bytes = hs[0][..., 0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, hs[0].shape[1])
+    graph_bytes = max(h[..., 0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, h.shape[1]) for h in hs)
     if rss_bytes() + max(box.memory_bytes() for box in model.layers) + graph_bytes > model.memory.peak:
         release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free pages
         # (between kept activations, where the step's tensors are small) go back to the OS

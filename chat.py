@@ -105,7 +105,7 @@ def meta_llama3(messages, add_generation_prompt=False, tools=None):
     """Meta's Llama 3 format: each message as a header with its role, its text, then <|eot_id|> (tools: not
     rendered)."""
     text = "<|begin_of_text|>" + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
-                                         f"{m['content'].strip()}<|eot_id|>" for m in messages)
+                                         f"{(m['content'] or '').strip()}<|eot_id|>" for m in messages)
     return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
 
 
@@ -141,9 +141,12 @@ def called(call):
 def check_tools_rendered(messages, tools, text, where):
     """Tool results, calls and definitions must reach the rendered text: a template that drops them would train
     the model on conversations it never sees."""
-    seen = [m["content"] for m in messages if m["role"] == "tool"] + \
-        [called(c) for m in messages for c in m.get("tool_calls") or ()] + [called(t) or "" for t in tools or ()]
-    if any(s not in text for s in seen):
+    results = [m["content"] for m in messages if m["role"] == "tool"]
+    names = [called(c) for m in messages if m["role"] == "assistant" for c in m.get("tool_calls") or ()] + \
+        [called(t) if isinstance(t, dict) else None for t in tools or ()]
+    # (a result may be rendered as a JSON string, escaped: Llama 3.1's template)
+    if any(r not in text and json.dumps(r, ensure_ascii=False) not in text and json.dumps(r) not in text
+           for r in results) or any(not isinstance(n, str) or n not in text for n in names):
         raise UserError(f"{where}: the model's chat template does not render tool calls, their results or the tools "
                         "given; this conversation cannot be trained on with it")
 

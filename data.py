@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from chat import chat_format, encode_conversation
+from chat import chat_format, check_messages, encode_conversation
 from data_formats import FORMATS, example, read_rows, recognise
 from default_model import DEFAULT_TEXT
 from files import load_tensors
@@ -36,6 +36,8 @@ def load_data(data, tokenizer, model_dir, objective="sft", log=print):
     if objective != "dpo":
         return split(encoded, data, path)
     n_val = round(len(encoded) * data.val_fraction)
+    if n_val == len(encoded):
+        raise UserError(f"data_path={path}: {len(encoded)} pairs, all held out by val_fraction={data.val_fraction}")
     log(f"data_path={path}: {len(encoded) - n_val} pairs for training, {n_val} held out")
     return encoded[:len(encoded) - n_val], encoded[len(encoded) - n_val:]
 
@@ -45,6 +47,9 @@ def encode_file(path, data, tokenizer, model_dir, objective="sft", log=print):
     of its encoded preference pairs."""
     path = Path(path)
     if path.suffix == ".pt":
+        if objective == "dpo":
+            raise UserError(f"data_path={path}: token ids hold no preference pairs; --objective=dpo needs rows of "
+                            "prompt, chosen and rejected")
         return token_ids(path, tokenizer)
     kind, rows = read_rows(path)
     encode = encoder(data, tokenizer, model_dir)
@@ -53,7 +58,9 @@ def encode_file(path, data, tokenizer, model_dir, objective="sft", log=print):
         fmt = fmt or recognise(row, where)
         if (fmt == "preferences") != (objective == "dpo"):
             raise UserError(f"{where}: {FORMATS[fmt][1]} are for --objective={'dpo' if fmt == 'preferences' else 'sft'}")
-        examples.append(encode(example(fmt, row, where), where))
+        encoded = encode(example(fmt, row, where), where)
+        ids, targets = encoded if objective != "dpo" else (None, None)  # (a document's targets: its ids)
+        examples.append(encoded if objective == "dpo" else (torch.tensor(ids), None if targets is ids else targets))
     if not examples:
         raise UserError(f"data_path={path}: no examples")
     if objective == "dpo":
@@ -75,12 +82,16 @@ def token_ids(path, tokenizer):
 
 
 def pack(examples):
-    """The Stream of (ids, targets) examples one after another."""
+    """The Stream of (ids, targets) examples one after another (ids a tensor or list; targets a list, or None
+    where they are the ids: a document's; one document's tensor serves as both)."""
     lengths = torch.tensor([len(ids) for ids, _ in examples])
     starts = torch.cumsum(lengths, 0) - lengths
-    targets = torch.tensor([t for _, targets in examples for t in targets])
+    tokens = torch.cat([torch.as_tensor(ids, dtype=torch.long) for ids, _ in examples])
+    if len(examples) == 1 and examples[0][1] is None:
+        return Stream(tokens, tokens, starts)  # (its first target, at 0, is never read: no token comes before)
+    targets = torch.cat([torch.as_tensor(ids if t is None else t, dtype=torch.long) for ids, t in examples])
     targets[starts[starts < len(targets)]] = -1  # nothing before an example predicts its first token
-    return Stream(torch.tensor([t for ids, _ in examples for t in ids]), targets, starts)
+    return Stream(tokens, targets, starts)
 
 
 def split(stream, data, path):
@@ -120,6 +131,8 @@ def encoder(data, tokenizer, model_dir):
             return conversation(ex["messages"], where, ex["tools"])
         if "chosen" in ex:
             turns = [ex["prompt"], ex["chosen"], ex["rejected"]]
+            for answer in turns[1:]:
+                check_messages(turns[0] + answer, where)
             if (render is None or data.prompt_template) and all(len(t) == 1 for t in turns):  # as a prompt, response
                 return tuple(encode({"prompt": turns[0][0]["content"], "response": t[0]["content"]}, where)
                              for t in turns[1:])

@@ -13,6 +13,7 @@ A text file is one document unless it parses as JSON (an array of rows, or JSON 
 JSON is never trained on as prose. A row that does not fit the format of the first is one error naming it.
 """
 import json
+import re
 from pathlib import Path
 
 from utils import UserError
@@ -38,8 +39,10 @@ def read_rows(path):
                                                                               p.relative_to(path).parts))
         for suffix, kind in ((".parquet", "Parquet files"), (".jsonl", "JSON lines files"), (".json", "JSON files")):
             picked = [p for p in files if p.suffix == suffix]
+            train = [p for p in picked if p.name.startswith("train")]  # a dataset's training split, not its others
             if picked:
-                return kind, (item for p in picked for item in read_rows(p)[1])
+                names = ", ".join(str(p.relative_to(path)) for p in train or picked)
+                return f"{kind} ({names})", (item for p in train or picked for item in read_rows(p)[1])
         if not files:
             raise UserError(f"data_path={path}: the folder holds no files")
         return "a folder of text files", ((f"data_path={p}", {"text": read_text(p)}) for p in files)
@@ -61,15 +64,16 @@ def read_text(path):
 def json_rows(path, text):
     """(kind, rows) of a text that parses as a JSON array or object, or as JSON lines; else None. A file named
     .json or .jsonl that does not parse is one error line."""
-    stripped = text.strip()
-    if not stripped:
+    first_char = re.search(r"\S", text)
+    if first_char is None:
         raise UserError(f"data_path={path}: the file is empty")
-    lines = text.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.strip())
-    error = f"starts with {stripped[:20]!r}"
-    if stripped[0] in "[{":
+    start = first_char.start()
+    error = f"starts with {text[start:start + 20]!r}"
+    if text[start] in "[{":  # (prose is never copied or split into lines here)
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if line.strip())
         try:
-            whole = json.loads(stripped) if path.suffix != ".jsonl" else None
+            whole = json.loads(text) if path.suffix != ".jsonl" else None
         except json.JSONDecodeError:
             whole = None
         if isinstance(whole, list):
@@ -105,9 +109,16 @@ def parquet_rows(path):
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's errors have no common base but Exception
         raise UserError(f"data_path={path}: not a Parquet file ({e})")
-    number = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-        for row in batch.to_pylist():
+    number, batches = 0, table.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            rows = next(batches, None)
+            rows = None if rows is None else rows.to_pylist()
+        except Exception as e:  # a damaged row group: pyarrow's errors have no common base
+            raise UserError(f"data_path={path}: row {number + 1} on cannot be read ({e})")
+        if rows is None:
+            return
+        for row in rows:
             number += 1
             yield f"data_path={path}: row {number}", without_nulls(row)
 
@@ -173,7 +184,7 @@ def preference_pair(row, where):
     if "prompt" in row:
         prompt = as_turns(row["prompt"], "user", f"{where}: prompt")
     else:
-        shared = 0
+        shared = 0  # (each a list of messages: as_turns)
         while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
             shared += 1
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
@@ -193,7 +204,7 @@ def as_turns(value, role, where):
         return [{"role": role, "content": value}]
     if isinstance(value, dict):
         return [value]
-    if isinstance(value, list) and value:
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         return value
     raise UserError(f"{where} must be a text, a message or a list of messages")
 

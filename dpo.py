@@ -103,8 +103,9 @@ def truncated(pairs, seq_len):
     return sum(max(len(c[0]), len(r[0])) > seq_len + 1 for c, r in pairs)
 
 
-def fingerprint(pairs):
-    digest = hashlib.sha256()
+def fingerprint(pairs, seq_len):
+    """Of the pairs' tokens and targets, and of seq_len (where long pairs are cut)."""
+    digest = hashlib.sha256(str(seq_len).encode())
     for chosen, rejected in pairs:
         for ids, targets in (chosen, rejected):
             digest.update(torch.tensor([len(ids), *ids, *targets]).numpy().tobytes())
@@ -118,7 +119,7 @@ def reference_logps(model, pairs, data):
     """(pairs, 2): the summed log-probabilities of each pair's chosen and rejected answer by the model as it is
     now, without adapters (streamed forward passes of a step's pairs at a time)."""
     model.eval()
-    out, size = [torch.zeros(0, 2)], data.batch_size * data.grad_accum
+    out, size = [torch.zeros(0, 2)], data.batch_size  # (a micro-batch's rows: what the memory plan holds)
     with without_adapters(model):
         for start in range(0, len(pairs), size):
             x, y, _, _ = pair_rows(pairs, torch.arange(start, min(len(pairs), start + size)), data.seq_len)
@@ -132,7 +133,7 @@ def reference_for(model, parts, data, state, say=print):
     """The reference's log-probabilities of each list of pairs in parts (train, held-out), each computed in the
     batches an evaluation of it makes (the same rows, the same numbers), or those of a resumed run's checkpoint
     state. Returns ([tensor of each part], what a checkpoint keeps of them)."""
-    key = fingerprint([pair for part in parts for pair in part])
+    key = fingerprint([pair for part in parts for pair in part], data.seq_len)
     if state is not None and "reference_logps" in state:
         if state.get("reference_data") != key:
             raise UserError("the run's data changed since it started: its reference log-probabilities are of other "
@@ -140,7 +141,7 @@ def reference_for(model, parts, data, state, say=print):
         logps = state["reference_logps"]
     else:
         say(f"the reference's log-probabilities of {sum(map(len, parts))} pairs: streamed forward passes of "
-            f"{data.batch_size * data.grad_accum} pairs")
+            f"{data.batch_size} pairs")
         logps = torch.cat([reference_logps(model, part, data) for part in parts])
     cuts = torch.tensor([0, *map(len, parts)]).cumsum(0).tolist()
     return [logps[a:b] for a, b in zip(cuts, cuts[1:])], {"reference_logps": logps, "reference_data": key}
@@ -150,7 +151,7 @@ def reference_for(model, parts, data, state, say=print):
 def evaluate(model, objective, pairs, data, reference=None):
     """The metrics of held-out pairs (reference: their log-probabilities, else the model without adapters)."""
     objective.reset()
-    size = data.batch_size * data.grad_accum
+    size = data.batch_size
     for start in range(0, len(pairs), size):
         indices = torch.arange(start, min(len(pairs), start + size))
         x, y, _, ref = pair_rows(pairs, indices, data.seq_len, reference)

@@ -11,18 +11,18 @@ PROCESS_BYTES = 340 << 20  # Python, torch and its thread pools' buffers, with r
 # up to (bench.py's peaks against its plans check it)
 
 
-def graph_bytes_per_token(args, dtype, row_tokens=0):
+def graph_bytes_per_token(args, dtype, row_tokens=0, packed=True):
     """What autograd keeps of one block per token: the residual stream and the norms' inputs in fp32 (two
     norms more in Gemma's sandwich, q and k norms'), the inputs to matmuls, attention and the gated MLP in the
     compute dtype, and a tenth more for what allocations round up to (tests/test_model.py holds it against
     what autograd saves of a block of each family). Of rows of row_tokens: the mask of a sliding window or of
-    packed examples, and attention with capped logits (Gemma 2), computed whole: three (heads x row_tokens)
-    matrices a token."""
+    packed examples (packed: where rows may hold several), and attention with capped logits (Gemma 2),
+    computed whole: three (heads x row_tokens) matrices a token."""
     attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
     norms = (5 + 4 * (args.norms == "sandwich")) * args.dim + 2 * (args.n_heads + args.kv_heads) * args.head_dim * \
         bool(args.qk_norm)  # the q and k norms' inputs and outputs, in fp32
     capped = 3 * args.n_heads * row_tokens if args.attn_softcap else 0
-    mask = row_tokens  # a sliding window's or packed examples' mask, in fp32
+    mask = row_tokens if packed or args.sliding_window else 0  # a mask, in fp32
     return ((norms + mask) * 4 + (attention + 3 * args.hidden_dim + capped) * torch.finfo(dtype).bits // 8) * 11 // 10
 
 

@@ -364,34 +364,32 @@ def head(norm, output, h, args, training=False):
 
 def loss_sum(logits, targets):
     """The cross-entropy of logits (..., vocab) against targets (-1: no target), summed."""
-    return loss_rows(logits, targets).sum()
+    return CrossEntropy.apply(logits, targets).sum()
 
 
 def loss_rows(logits, targets):
     """The cross-entropy of logits (rows, tokens, vocab) against targets (-1: no target), summed in each row."""
-    return CrossEntropyRows.apply(logits, targets)
+    return CrossEntropy.apply(logits, targets).view(targets.shape).sum(-1)
 
 
-class CrossEntropyRows(torch.autograd.Function):
-    """loss_rows whose backward turns the kept log-probabilities into the gradient in place (softmax minus
-    one-hot, times the row's gradient): two (tokens x vocab) buffers live at most, where autograd's cross-entropy
-    keeps the log-probabilities and makes a one-hot gradient and the logits' gradient beside them."""
+class CrossEntropy(torch.autograd.Function):
+    """Each token's cross-entropy (0 where its target is -1), whose backward turns the kept log-probabilities into
+    the gradient in place (softmax minus one-hot, times the token's gradient): two (tokens x vocab) buffers live
+    at most, where autograd's cross-entropy keeps the log-probabilities and makes a one-hot gradient and the
+    logits' gradient beside them."""
 
     @staticmethod
     def forward(ctx, logits, targets):
         logp = torch.log_softmax(logits.flatten(0, -2), -1, dtype=torch.float32)
         targets = targets.flatten()
-        rows = (targets != -1).nonzero().squeeze(1)
-        ctx.save_for_backward(logp, targets, rows)
+        counted = targets != -1
+        ctx.save_for_backward(logp, targets, counted)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        n_rows = targets.numel() // logits.shape[-2]
-        return torch.zeros(n_rows, device=logp.device).index_add_(0, rows // logits.shape[-2], -logp[rows, targets[rows]])
+        return -logp.gather(1, targets.clamp(min=0)[:, None])[:, 0] * counted
 
     @staticmethod
     def backward(ctx, g):
-        logp, targets, rows = ctx.saved_tensors
+        logp, targets, counted = ctx.saved_tensors
         grad = logp.exp_()  # softmax, in the log-probabilities' memory (this graph is not run twice)
-        grad[targets == -1] = 0.0
-        grad[rows, targets[rows]] -= 1.0
-        per_token = g.repeat_interleave(ctx.shape[-2])[:, None]
-        return grad.mul_(per_token).view(ctx.shape).to(ctx.dtype), None
+        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(g)[:, None])
+        return grad.mul_((g * counted)[:, None]).view(ctx.shape).to(ctx.dtype), None

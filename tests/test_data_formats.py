@@ -154,11 +154,26 @@ def test_json_is_never_trained_on_as_prose(llama2, tmp_path):
     ("odd.jsonl", json.dumps({"question": "a", "answer": "b"}) + "\n", "line 1 has the keys answer, question"),
     ("pairs.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n",
      "preference pairs (prompt, chosen, rejected) are for --objective=dpo"),
-], ids=["alpaca row", "alpaca field", "sharegpt role", "broken json", "unknown keys", "pairs for sft"])
+    ("dpo:chat.jsonl", json.dumps({"messages": [user("a"), assistant("b")]}) + "\n",
+     "conversations (messages) are for --objective=sft"),
+    ("dpo:odd.jsonl", json.dumps({"prompt": ["hi"], "chosen": "b", "rejected": "c"}) + "\n",
+     "line 1: prompt must be a text, a message or a list of messages"),
+    ("dpo:roles.jsonl", json.dumps({"prompt": "a", "chosen": [user("b")], "rejected": "c"}) + "\n",
+     "line 1: chosen must hold the assistant's answer only"),
+    ("dpo:ids.pt", None, "token ids hold no preference pairs"),
+    ("dpo:few.jsonl", json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n",
+     "1 pairs, all held out by val_fraction=0.9"),
+], ids=["alpaca row", "alpaca field", "sharegpt role", "broken json", "unknown keys", "pairs for sft",
+        "conversations for dpo", "prompt not messages", "answer of the user", "token ids for dpo", "all held out"])
 def test_a_row_that_does_not_fit_is_one_line_naming_it(tmp_path, name, text, message):
-    (tmp_path / name).write_text(text)
-    refused("finetune.py", f"--data_path={tmp_path / name}", f"--out_path={tmp_path}/out",
-            f"--offload_path={tmp_path}/off", messages=[f"data_path={tmp_path / name}", message])
+    objective, _, name = name.rpartition(":")
+    if text is None:
+        torch.save(torch.arange(100), tmp_path / name)
+    else:
+        (tmp_path / name).write_text(text)
+    refused("finetune.py", f"--data_path={tmp_path / name}", f"--out_path={tmp_path}/out", f"--objective={objective or 'sft'}",
+            f"--offload_path={tmp_path}/off", "--val_fraction=0.9" if name == "few.jsonl" else "--val_fraction=-1",
+            messages=[f"data_path={tmp_path / name}", message])
     assert not (tmp_path / "out").exists()
 
 
@@ -192,3 +207,37 @@ def test_text_pairs_for_a_model_without_a_chat_template_use_the_prompt_template(
     prompt = [1] + sp.encode("[INST] Is it kept? [/INST]")
     for (ids, targets), answer in ((chosen, "Yes."), (rejected, "No.")):
         assert ids == prompt + sp.encode(answer) + [2] and targets == [-1] * len(prompt) + sp.encode(answer) + [2]
+
+
+def test_a_dataset_folder_trains_on_its_train_split(llama2, tmp_path):
+    """A dataset repository's data/ folder: the train-* files, said in the format line; not test-*."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [json.loads(line) for line in (DATA / "chat.jsonl").read_text().splitlines() if line]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:4]), tmp_path / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:]), tmp_path / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "data" / "test-00000-of-00001.parquet")
+    (tmp_path / "README.md").write_text("# a dataset card\n")
+    stream, lines = encoded(tmp_path, llama2)
+    want = encoded(DATA / "chat.jsonl", llama2)[0]
+    assert all(torch.equal(a, b) for a, b in zip(stream, want))
+    assert "train-00000-of-00002.parquet, data/train-00001-of-00002.parquet" in lines[0], lines
+
+
+LLAMA31_TOOL_RESULT = ("{% for m in messages %}{% if m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>"
+                       "\n\n{% if m.content is mapping or m.content is iterable %}{{ m.content | tojson }}"
+                       "{% else %}{{ m.content }}{% endif %}<|eot_id|>{% else %}<|start_header_id|>{{ m.role }}"
+                       "<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endif %}{% endfor %}")
+
+
+def test_a_tool_result_rendered_as_a_json_string_is_rendered(chatml):
+    """Llama 3.1's template writes a tool's result through tojson (a string is iterable): escaped, it is still the
+    result, and the conversation trains."""
+    from chat import check_tools_rendered, compile_template
+    messages = [user("room?"), {"role": "tool", "content": '{"free_gb": 120}\nok'}, assistant("Yes.")]
+    text = compile_template(LLAMA31_TOOL_RESULT).render(messages=messages)
+    assert '{"free_gb": 120}' not in text  # escaped
+    check_tools_rendered(messages, None, text, "here")
+    with pytest.raises(Exception, match="does not render tool calls"):
+        check_tools_rendered(messages, None, text.replace("free_gb", "x"), "here")

@@ -93,7 +93,7 @@ def test_a_dpo_step_equals_autograd_on_the_loss_written_out(make, load, tmp_path
         got = {f"{m}.{k}": t.float() for m in model.boxes for k, t in model.read_weights(m).items()}
     assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(losses, want_losses)), (losses, want_losses)
     if not adapters:
-        assert abs(losses[0] - math.log(2)) <= 1e-6
+        assert abs(losses[0] - math.log(2)) <= 1e-5  # (log-probabilities near -30 in fp32 from two programs)
     assert not mismatched_updates(got, want, initial, marks, rtol=1e-4, bound=3 * lr * 2)
     assert abs(model.objective.metrics()["loss"] - want_losses[1]) <= 1e-5  # (the last step's pairs)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import finetune
-from data import Stream, get_batch, pack, windows
+from data import encode_file, get_batch, pack, windows
 from model import loss_sum
 
 LENGTHS = (5, 9, 7)  # three examples of a 21-token window: the second is longer than the gemma3 window (4)
@@ -101,11 +101,18 @@ def test_unpacked_rows_are_one_example_each_padded(make, load):
     assert abs(padded.item() - alone.item()) <= 1e-5 * alone.item()
 
 
-def test_text_rows_are_as_before_packing(make):
-    """A text file is one document: its windows have no positions (the fused causal path), as before packing."""
-    stream = Stream(torch.arange(100), torch.arange(100), torch.zeros(1, dtype=torch.long))
+def test_text_rows_are_as_before_packing(tmp_path):
+    """A text file is one document: one tensor of its ids serves as tokens and targets, and its windows have no
+    positions (the fused causal path): the rows of before packing."""
+    from tokenizer import load_tokenizer
+    from default_model import DEFAULT_TEXT, default_model
+    tok = load_tokenizer(default_model())
     data = finetune.settings(seq_len=16, batch_size=8).data
+    stream = encode_file(DEFAULT_TEXT, data, tok, None, log=lambda *a: None)
+    ids = tok.encode(DEFAULT_TEXT.read_text(), bos=True, eos=True)
+    assert stream.tokens.tolist() == ids and stream.targets is stream.tokens and stream.starts.tolist() == [0]
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     x, y, positions = get_batch(stream, data, g1)
-    starts = torch.randint(0, 100 - 16, (8,), generator=g2)
-    assert positions is None and torch.equal(x[:, 0], starts) and torch.equal(y[:, 0], starts + 1)
+    starts = torch.randint(0, len(ids) - 16, (8,), generator=g2)
+    assert positions is None
+    assert all(x[i].tolist() == ids[s:s + 16] and y[i].tolist() == ids[s + 1:s + 17] for i, s in enumerate(starts.tolist()))
