@@ -83,6 +83,7 @@ from memory_plan import graph_bytes_per_token
 from loader import check_export, load_model, log_line, save_model
 from chat import chat_format
 from report import RunLog, command
+from rope import check_positions
 from run_folder import RunFolder
 from utils import UserError, check_disk, gb, get_rng_state, main_guard, mount_point, set_rng_state
 
@@ -242,6 +243,7 @@ def train(s, group, device):
                        dropout=s.dropout, log=log_line if group.local_rank == 0 else lambda *_: None,
                        base_quant=s.base_quant)
     check_export(model, *s.export, output_adapter=s.mode == "lora" and "output" in s.lora.targets)  # before training
+    check_positions(model.args, s.data.seq_len, model.manifest["source"])
     if s.router_aux_loss_coef and not model.args.n_experts:
         raise UserError(f"--router_aux_loss_coef={s.router_aux_loss_coef}: {model.manifest['source']} is not a mixture "
                         "of experts (it has no router)")

@@ -53,6 +53,7 @@ from model import module_names, module_shapes
 from loader import (FORMAT, check_base_quant, fingerprint, layout_of, offload_bytes, offload_dir_for, read_manifest,
                     source_files, source_path)
 from meta_format import model_args, read_source
+from rope import check_positions
 from run_folder import RunFolder
 from utils import (check_device, choose_compute_dtype, dtype_name, duration, existing_folder, gb, matmul_rate,
                    parse_dtype)
@@ -90,6 +91,7 @@ def planning_model(s, log=lambda *a: None):
                 for name in module_names(args) for key in module_shapes(args, name)]
     storage = quant.float_dtype(dict(keys)["tok_embeddings.weight"])
     manifest = {"source": str(source), "fingerprint": fp, "keys": keys}
+    check_positions(args, s.data.seq_len, source)
     model = Transformer(args, folder, manifest, None, storage, device, compute_dtype, s.memory_budget_bytes(),
                         s.dropout)
     model.source_bytes = 0 if converted else offload_bytes(source, s.base_quant)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from utils import UserError
+
 
 def rope_frequencies(args, total=0, local=False):
     """(the angle per position of each feature pair, a factor on cos and sin): 1 / theta^(2i / rotary_dim),
@@ -85,6 +87,19 @@ def layer_ropes(args, start, length, device, positions=None):
     sliding = rope_tables(args, start, length, device, True, positions) if args.rope_local_theta else full
     examples = None if positions is None else (positions == 0).cumsum(1).to(device)
     return {"full": full, "sliding": sliding, "examples": examples}
+
+
+def check_positions(args, seq_len, source):
+    """Rows of seq_len tokens must lie within the positions the model was trained to read: max_position_embeddings,
+    or the original context times the rope scaling's factor where that is more (Qwen's yarn is enabled without
+    changing max_position_embeddings). Models that do not say (Meta's params.json) are not checked."""
+    s = args.rope_scaling or {}
+    scaled = int(s.get("factor") or 1.0) * s["original_max_position_embeddings"] if \
+        s.get("original_max_position_embeddings") else 0
+    limit = max(args.max_seq_len or 0, scaled)
+    if limit and seq_len > limit:
+        raise UserError(f"--seq_len={seq_len}: {source} reads at most {limit} positions (its max_position_embeddings"
+                        f"{' and rope scaling' if scaled else ''}); lower seq_len")
 
 
 def longrope_switches(args, before, after):

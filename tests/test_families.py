@@ -459,3 +459,24 @@ def test_logits_equal_transformers(hf_folder, load, family):
     assert torch.allclose(load(folder).eval()(tokens), want, atol=1e-4, rtol=1e-4)
     config, t = read_folder(folder)
     assert torch.allclose(hf_forward(config, t, tokens), want, atol=1e-4, rtol=1e-4)  # this file's definition too
+
+
+@pytest.mark.parametrize("family,changes,limit", [
+    ("qwen2", {}, 2048),  # max_position_embeddings
+    ("yarn", {"max_position_embeddings": 16}, 32),  # yarn enabled as Qwen's cards say: 4 x the original 8
+    ("phi3-longrope", {}, 32),  # longrope: max_position_embeddings, past the original 8
+])
+def test_rows_longer_than_the_model_reads_are_refused(hf_folder, tmp_path, family, changes, limit):
+    """seq_len up to the positions the model reads (after its rope scaling) runs; one more is one line, in the
+    run and in --plan=1."""
+    from helpers import refused, run_main
+    folder = hf_folder(family, **changes)
+    common = [f"--model_path={folder}", f"--offload_path={tmp_path}/off", "--iters=1", "--eval_period=0",
+              "--batch_size=1", "--data_path=test_data/instructions.jsonl" if limit < 2048 else "--data_path="]
+    if limit < 2048:
+        code, _, err = run_main("finetune.py", *common, f"--seq_len={limit}", f"--out_path={tmp_path}/ok")
+        assert code == 0, err
+    for plan in ("0", "1"):
+        refused("finetune.py", *common, f"--seq_len={limit + 1}", f"--plan={plan}", f"--out_path={tmp_path}/no",
+                messages=[f"--seq_len={limit + 1}", f"reads at most {limit} positions"])
+    assert not (tmp_path / "no").exists()
