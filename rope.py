@@ -94,7 +94,7 @@ def check_positions(args, seq_len, source):
     or the original context times the rope scaling's factor where that is more (Qwen's yarn is enabled without
     changing max_position_embeddings). Models that do not say (Meta's params.json) are not checked."""
     s = args.rope_scaling or {}
-    scaled = int(s.get("factor") or 1.0) * s["original_max_position_embeddings"] if \
+    scaled = int((s.get("factor") or 1.0) * s["original_max_position_embeddings"]) if \
         s.get("original_max_position_embeddings") else 0
     limit = max(args.max_seq_len or 0, scaled)
     if limit and seq_len > limit:
