@@ -38,7 +38,7 @@ def load_data(data, tokenizer, model_dir, objective="sft", log=print):
     n_val = round(len(encoded) * data.val_fraction)
     if n_val == len(encoded):
         raise UserError(f"data_path={path}: {len(encoded)} pairs, all held out by val_fraction={data.val_fraction}")
-    log(f"data_path={path}: {len(encoded) - n_val} pairs for training, {n_val} held out")
+    log(f"{len(encoded) - n_val} pairs for training, {n_val} held out")
     return encoded[:len(encoded) - n_val], encoded[len(encoded) - n_val:]
 
 
@@ -59,8 +59,10 @@ def encode_file(path, data, tokenizer, model_dir, objective="sft", log=print):
         if (fmt == "preferences") != (objective == "dpo"):
             raise UserError(f"{where}: {FORMATS[fmt][1]} are for --objective={'dpo' if fmt == 'preferences' else 'sft'}")
         encoded = encode(example(fmt, row, where), where)
-        ids, targets = encoded if objective != "dpo" else (None, None)  # (a document's targets: its ids)
-        examples.append(encoded if objective == "dpo" else (torch.tensor(ids), None if targets is ids else targets))
+        if objective != "dpo":  # ids as a tensor; a document's targets (its ids themselves) as None
+            ids, targets = encoded
+            encoded = torch.tensor(ids), None if targets is ids else targets
+        examples.append(encoded)
     if not examples:
         raise UserError(f"data_path={path}: no examples")
     if objective == "dpo":
@@ -161,15 +163,21 @@ def get_batch(stream, data, generator, part=(0, 1)):
     n x batch_size rows are drawn (the same on every process of a parallel run), process i takes the i-th
     batch_size of them. Packed: random windows of the stream; else random examples (a random window of a
     longer one), padded."""
-    i, n, rows, length = *part, data.batch_size, data.seq_len
+    length = data.seq_len
     if data.pack:
-        starts = torch.randint(0, len(stream.tokens) - length, (n * rows,), generator=generator).tolist()
-        return windows(stream, starts[i * rows:(i + 1) * rows], length)
-    picked = torch.randint(0, len(stream.starts), (n * rows,), generator=generator)
+        return windows(stream, draw(len(stream.tokens) - length, data, generator, part).tolist(), length)
+    picked = torch.randint(0, len(stream.starts), (part[1] * data.batch_size,), generator=generator)
     spans = [example_span(stream, e) for e in picked.tolist()]
     offsets = [int(torch.randint(0, max(1, b - a - length), (1,), generator=generator)) for a, b in spans]
     spans = [(a + o, min(b, a + o + length + 1)) for (a, b), o in zip(spans, offsets)]
-    return padded_rows(stream, spans[i * rows:(i + 1) * rows], length)
+    return padded_rows(stream, spans[part[0] * data.batch_size:(part[0] + 1) * data.batch_size], length)
+
+
+def draw(high, data, generator, part=(0, 1)):
+    """This process's batch_size of n x batch_size random integers in [0, high) (part=(i, n): the same draw on
+    every process of a parallel run, process i takes the i-th batch_size)."""
+    i, n, rows = *part, data.batch_size
+    return torch.randint(0, high, (n * rows,), generator=generator)[i * rows:(i + 1) * rows]
 
 
 def example_span(stream, e):
@@ -188,14 +196,19 @@ def windows(stream, starts, length):
 
 
 def padded_rows(stream, spans, length):
-    """(x, y, None) of one span of the stream a row, each shorter one padded at its end (targets -1): causal
-    attention keeps the padding out of every real token's view."""
-    x = torch.zeros(len(spans), length, dtype=torch.long)
-    y = torch.full((len(spans), length), -1, dtype=torch.long)
-    for row, (a, b) in enumerate(spans):
-        x[row, :b - a - 1] = stream.tokens[a:b - 1]
-        y[row, :b - a - 1] = stream.targets[a + 1:b]
-    return x, y, None
+    """(x, y, None) of one span (a, b) of the stream a row (padded)."""
+    return (*padded([(stream.tokens[a:b], stream.targets[a:b]) for a, b in spans], length), None)
+
+
+def padded(rows, length):
+    """(x, y) of rows of (ids, targets), each x its ids but the last and y its targets but the first, padded at
+    the end to length (targets -1): causal attention keeps the padding out of every real token's view."""
+    x = torch.zeros(len(rows), length, dtype=torch.long)
+    y = torch.full((len(rows), length), -1, dtype=torch.long)
+    for row, (ids, targets) in enumerate(rows):
+        x[row, :len(ids) - 1] = torch.as_tensor(ids[:-1])
+        y[row, :len(ids) - 1] = torch.as_tensor(targets[1:])
+    return x, y
 
 
 def eval_rows(stream, data, limit):

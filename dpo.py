@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters import without_adapters
+from data import draw, padded
 from model import loss_rows
 from utils import UserError
 
@@ -81,21 +82,14 @@ def pair_rows(pairs, indices, seq_len, reference=None):
     the longest row."""
     rows = [pairs[i][0] for i in indices] + [pairs[i][1] for i in indices]
     rows = [(ids[-seq_len - 1:], targets[-seq_len - 1:]) for ids, targets in rows]
-    length = max(len(ids) for ids, _ in rows) - 1
-    x = torch.zeros(len(rows), length, dtype=torch.long)
-    y = torch.full((len(rows), length), -1, dtype=torch.long)
-    for r, (ids, targets) in enumerate(rows):
-        x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-        y[r, :len(ids) - 1] = torch.tensor(targets[1:])
+    x, y = padded(rows, max(len(ids) for ids, _ in rows) - 1)
     ref = None if reference is None else torch.cat([reference[indices, 0], reference[indices, 1]])
     return x, y, None, ref
 
 
 def get_pairs(pairs, data, generator, part=(0, 1), reference=None):
     """data.batch_size random pairs' rows (pair_rows); part as data.get_batch's."""
-    i, n, rows = *part, data.batch_size
-    picked = torch.randint(0, len(pairs), (n * rows,), generator=generator)[i * rows:(i + 1) * rows]
-    return pair_rows(pairs, picked, data.seq_len, reference)
+    return pair_rows(pairs, draw(len(pairs), data, generator, part), data.seq_len, reference)
 
 
 def truncated(pairs, seq_len):
