@@ -4,7 +4,7 @@ Phi-4, Qwen3-30B-A3B, Mixtral 8x7B; random weights, Meta's format).
 python bench.py --shape 7b --layers 8 [--mode full|lora] [--optimizer sgd|adamw] [--compute_dtype fp32|bf16]
                 [--batch_size 2] [--seq_len 128] [--steps 3] [--memory_budget GB] [--cold] [--reference]
                 [--keep_cache [--reuse_offload]] [--nproc N] [--base_copy 0|1] [--generate N]
-                [--objective sft|dpo] [--examples_per_row N]
+                [--objective sft|dpo] [--examples_per_row N] [--warmup 1]
 Checks the disk, makes the checkpoint in bench_cache/, converts it (timed), runs a warm-up and --steps timed
 steps, prints a table and, last, JSON; what it made is removed at the end unless --keep_cache (then
 --reuse_offload skips the conversion next time). --nproc N: N processes under torchrun (gloo), batch_size/N rows
@@ -40,7 +40,7 @@ from bench_reference import ReferenceRun, reference_child
 from dpo import Objective
 import default_model
 from default_model import SHAPES, checkpoint, n_params, remove, shape_args
-from plan import arithmetic_seconds, disk_speeds, matmul_params
+from plan import arithmetic_seconds, attention_flops, disk_speeds, matmul_params
 from run_folder import RunFolder
 from utils import (UserError, check_disk, cpu_has_bf16, cpu_name, main_guard, memory_budget_bytes,
                    parse_dtype, peak_rss_mb, proc_io)
@@ -56,8 +56,7 @@ def make_batches(vocab, rows, seq_len, n, examples=1, dpo_reference=None):
     g = torch.Generator().manual_seed(0)
     positions = None if examples == 1 else (torch.arange(seq_len) % -(-seq_len // examples)).expand(rows, -1)
     batches = []
-    for _ in range(n):
-        window = torch.randint(0, vocab, (rows, seq_len + 1), generator=g)
+    for window in (torch.randint(0, vocab, (rows, seq_len + 1), generator=g) for _ in range(n)):
         y = window[:, 1:].clone()
         y[:, :seq_len // 2] = -1 if dpo_reference else y[:, :seq_len // 2]
         reference = -10 * seq_len * torch.rand(rows, generator=g) if dpo_reference == "given" else None
@@ -98,14 +97,14 @@ def floors(io, compute_s, disk, step_s):
             "disk_floor_s": round(disk_s, 2), "efficiency": round(max(compute_s, disk_s) / step_s, 3)}
 
 
-def run_steps(model, batches, lr, between=None, after=None):
+def run_steps(model, batches, lr, between=None, after=None, warmup=1):
     """Step times, {IO_KEYS: bytes or faults} per timed step and {Offload.seconds, collective_wait,
     user_cpu, kernel_cpu: s} per timed step (collective_wait: in a parallel run, waiting for the other
-    processes). between(): after each step, untimed (the reference's step); after(i): after step i (0: the
-    warm-up)."""
+    processes), the first warmup steps untimed. between(): after each step, untimed (the reference's step);
+    after(i): after step i (0: the warm-up)."""
     times = []
     for i, batch in enumerate(batches):
-        if i == 1:  # after the warm-up
+        if i == warmup:
             model.offload.wait()
             before, seconds = io_counters(model), seconds_so_far(model)
         start = time.perf_counter()
@@ -117,8 +116,8 @@ def run_steps(model, batches, lr, between=None, after=None):
             model.offload.wait()
             between()
     model.offload.wait()  # the last step's writes are done
-    after, n = io_counters(model), len(batches) - 1
-    return times[1:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
+    after, n = io_counters(model), len(batches) - warmup
+    return times[warmup:], {key: (b - a) // n for key, a, b in zip(IO_KEYS, before, after)}, \
         {key: round((seconds_so_far(model)[key] - s) / n, 2) for key, s in seconds.items()}
 
 
@@ -139,12 +138,10 @@ def main():
     p.add_argument("--mode", default="full", choices=("full", "lora"))
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     p.add_argument("--compute_dtype", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3)
+    for name, default in (("batch_size", 2), ("seq_len", 128), ("steps", 3), ("keep_activations", 1), ("prefetch", 1),
+                          ("warmup", 1)):  # (warmup: untimed steps first; 0 for long rows, one step timed)
+        p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--memory_budget", type=float, default=None, help="GB (default: finetune.py's default)")
-    p.add_argument("--keep_activations", type=int, default=1)
-    p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--base_quant", default="none", choices=("none", "q8_0", "q4_0"),
                    help="LoRA: the frozen base quantized at conversion (finetune.py's base_quant)")
     p.add_argument("--base_copy", type=int, default=-1, help="LoRA in fp32: finetune.py's base_copy (-1: when it fits)")
@@ -194,8 +191,7 @@ def main():
             remove(made)
             print(f"removed {', '.join(os.path.relpath(path, HERE) for path in made)} (--keep_cache keeps them)",
                   file=sys.stderr)
-    for key, value in result.items():
-        print(f"{key:26} {value}")
+    print("\n".join(f"{key:26} {value}" for key, value in result.items()))
     print(json.dumps(result))
 
 
@@ -249,16 +245,18 @@ def train_figures(a, model, run_dir, group=None, between=None):
         if a.mode == "lora":
             add_lora(model, s.lora)
         in_pass = a.mode == "lora" and not model.args.n_experts
-        model.objective = Objective(0.1, 0.0, in_pass) if a.objective == "dpo" else None
+        model.objective, model.packed_rows = Objective(0.1, 0.0, in_pass) if a.objective == "dpo" else None, \
+            a.examples_per_row > 1
         model.setup_training(RunFolder(run_dir.parent, group), a.mode, s.optim, rows * a.seq_len,
                              keep_activations=bool(a.keep_activations), base_copy=a.base_copy,
                              log=lambda line: print(line, file=sys.stderr))
         model.train()
-        batches = make_batches(model.args.vocab_size, a.rows, a.seq_len, a.steps + 1, a.examples_per_row,
+        batches = make_batches(model.args.vocab_size, a.rows, a.seq_len, a.steps + a.warmup, a.examples_per_row,
                                a.objective == "dpo" and ("in_pass" if in_pass else "given"))
         experts = ExpertReads(model) if model.args.n_experts and processes == 1 else None
         mine = lambda t: t if t is None else t[rank * rows:(rank + 1) * rows]  # this process's rows
-        times, io, seconds = run_steps(model, [tuple(map(mine, b)) for b in batches], 1e-4, between, experts and experts.step)
+        times, io, seconds = run_steps(model, [tuple(map(mine, b)) for b in batches], 1e-4, between,
+                                       experts and experts.step, a.warmup)
         return times, io, seconds, experts and experts.figures(io["file_read_bytes"])
     finally:
         model.close()  # no write into the run folder is left when it is removed
@@ -299,9 +297,8 @@ def parallel_steps(a):
 def generation_figures(a, model, disk):
     """--generate: the bytes a generated token reads (module files; from the disk, the page cache aside) against
     the bytes of the parameters it uses (a block's attention, norms, router and top_k experts or its MLP, the
-    output, a row of the embeddings), in the storage dtype; tokens per second, against the disk's floor (the
-    bytes a token read from the disk at the disk's read rate). The prompt's pass is left out: the difference
-    of generating 1 and 1 + N tokens after it."""
+    output, a row of the embeddings), in the storage dtype; tokens per second, against the disk's floor (the bytes
+    a token read from the disk at its read rate), the prompt's pass left out (generating 1 and 1 + N tokens)."""
     model.eval()
     prompt = make_batches(model.args.vocab_size, 1, a.seq_len, 1)[0][0][0].tolist()
     counts = []
@@ -318,12 +315,13 @@ def generation_figures(a, model, disk):
     active = sum(box.numel() + args.top_k * expert * bool(box.experts) for box in model.layers) + \
         model.norm.numel() + model.output.numel() * (not args.tied) + args.dim * (1 + args.tied * (args.vocab_size - 1))
     tokens_per_s, floor = a.generate / (more_s - one_s), disk["disk_read"] / max(1, per_token["disk_read_bytes"])
+    model_bytes = sum(box.numel() for box in model.boxes.values())
     return {"prompt_tokens": a.seq_len, "generated": a.generate, "tokens_per_s": round(tokens_per_s, 3),
             "disk_read_gbps": round(disk["disk_read"] / 1e9, 2), "disk_floor_tokens_per_s": round(floor, 3),
             "efficiency": round(tokens_per_s / floor, 3),
-            "file_read_bytes_per_token": per_token["file_read_bytes"],
-            "disk_read_bytes_per_token": per_token["disk_read_bytes"], "active_bytes_per_token": active * unit,
-            "model_bytes": sum(box.numel() for box in model.boxes.values()) * unit,
+            "file_read_bytes_per_token": per_token["file_read_bytes"], "peak_rss_mb": round(peak_rss_mb()),
+            "planned_peak_mb": round(model.memory.peak / 2**20), "active_bytes_per_token": active * unit,
+            "disk_read_bytes_per_token": per_token["disk_read_bytes"], "model_bytes": model_bytes * unit,
             "disk_read_vs_active": round(per_token["disk_read_bytes"] / (active * unit), 3)}
 
 
@@ -351,14 +349,13 @@ def run(a, source, offload_root, run_dir):
     if a.nproc > 1:
         times, io, seconds, figures = parallel_steps(a)
         peak_mb, planned_mb = max(f["peak_rss_mb"] for f in figures), max(f["planned_peak_mb"] for f in figures)
-        for _ in range(a.steps + 1 if reference else 0):  # after the parallel run's steps, not between them
+        for _ in range(a.steps + a.warmup if reference else 0):  # after the parallel run's steps, not between them
             reference.step()
     else:
         times, io, seconds, experts = train_figures(a, model, run_dir, between=reference and reference.step)
         peak_mb, planned_mb = peak_rss_mb(), model.memory.peak / 2**20
     recomputed = figures[0]["recomputed"] if a.nproc > 1 else model.recomputed
-    matmul_s, rates = min((matmul_s, rates), probe())  # the machine's speed drifts: the faster probe, before or
-    # after the steps, is the floor
+    matmul_s, rates = min((matmul_s, rates), probe())  # (the speed drifts: the faster probe is the floor)
     step_s = statistics.median(times)
     n = matmul_params(model.args)
     n_all = sum(box.numel() for box in model.boxes.values())
@@ -367,6 +364,7 @@ def run(a, source, offload_root, run_dir):
     base_flops = flops_per_param * n * tokens
     flops = base_flops + 2 * (n - args.vocab_size * args.dim) // args.n_layers * tokens * recomputed
     compute_s = matmul_s * flops / base_flops
+    attention = attention_flops(args, tokens, a.seq_len)  # of a forward pass, not in flops (matmuls of weights)
     min_bytes = 2 * n_all * (4 if a.optimizer == "sgd" else 12) if a.mode == "full" else n_all * 2
     result = {"cpu": cpu_name(), "bf16_native": cpu_has_bf16(),
               "shape": a.shape, "layers": a.layers, "mode": a.mode, "optimizer": a.optimizer, "base_quant": a.base_quant,
@@ -380,6 +378,8 @@ def run(a, source, offload_root, run_dir):
               "flops_per_step": flops, "achieved_gflops": round(flops / step_s / 1e9, 1),
               "gemm_gflops": round(rates[0] / 1e9, 1),
               "recomputed_blocks": recomputed, "matmul_share": round(compute_s / step_s, 2),
+              "attention_share_of_forward": round(attention / (attention + base_flops * 2 / flops_per_param), 3),
+              "inputs_kept_in_memory": model.memory.kept_inputs,
               **floors(io, compute_s, disk, step_s),
               "cold": a.cold, "step_s_all": [round(t, 3) for t in times]}
     if a.nproc > 1:  # peaks per process (shared mapped pages count in each), and the time waited for the others

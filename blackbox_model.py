@@ -15,13 +15,15 @@ import torch
 from adapters import copy_base, without_adapters
 from files import direct_io_works, read_tensors
 import quant
-from model import block_forward, embed, experts_of, head, loss_rows, loss_sum, module_names, module_of, module_shapes
+from head import head, target_logps
+from model import block_forward, embed, experts_of, module_names, module_of, module_shapes
 from rope import layer_ropes, longrope_switches
 from moe import Experts, Router
 from memory_plan import graph_bytes_per_token, plan_memory
 from offload import Blackbox, Offload
 from optim import Optimizer
 from parallel import Group
+from spill import Spilled, read_back, spill, unspilled
 from utils import (get_rng_state, mem_available_bytes, release_heap_holes, return_freed_memory_to_os, rss_bytes,
                    set_rng_state)
 
@@ -59,6 +61,7 @@ class Transformer:
         self.recomputed = 0  # of the last training step (forward_keeping_inputs)
         self.keep_activations, self.plan, self.router_loss = True, None, None
         self.objective = None  # the loss of a training step: None, the cross-entropy; a dpo.Objective
+        self.packed_rows = True  # whether rows may hold several examples (a mask in attention: the plan counts it)
         self.base_files = {}  # box -> its offload file, while LoRA reads it from an fp32 copy (adapters.copy_base)
 
     def train(self, on=True):
@@ -81,7 +84,7 @@ class Transformer:
             self.make_plan(0)
         return self.plan
 
-    def make_plan(self, tokens_per_micro_batch, micro_batches=1):
+    def make_plan(self, tokens_per_micro_batch, micro_batches=1, cache_tokens=0):
         """The memory plan, and whether the streamed modules are read past the page cache (Offload.direct): where
         the page cache cannot hold them all (in what the plan leaves of the RAM available now), or a cold-disk
         benchmark says so, and the disks of their folders allow it (Offload._read). All of them: keeping the
@@ -90,7 +93,7 @@ class Transformer:
         plan = lambda reads_from_disk: plan_memory(
             self.args, self.embeddings, self.layers, self.norm, self.output, self.memory_budget, tokens_per_micro_batch,
             micro_batches, bool(opt and opt.whole_grads) or self.args.tied, self.keep_activations, reads_from_disk,
-            bool(self.objective and self.objective.reference_in_pass))
+            bool(self.objective and self.objective.reference_in_pass), cache_tokens, self.packed_rows)
         self.plan = plan(False)
         streamed = sum(self.file_bytes(box) if box.quant else box.memory_bytes() for box in self.boxes.values()
                        if box.name not in self.plan.resident)  # (a quantized module's file: its blocks)
@@ -122,9 +125,10 @@ class Transformer:
     # --- inference ---
 
     @torch.no_grad()
-    def forward(self, tokens, targets=None, caches=None, start=0, positions=None):
-        """Logits for a batch of token ids (and the mean loss over targets != -1 when given); positions: of packed
-        rows (data.get_batch)."""
+    def forward(self, tokens, targets=None, caches=None, start=0, positions=None, last=False):
+        """Logits for a batch of token ids (last: of the last token only), or with targets, each token's
+        log-probability of its target (0 where the target is -1: head.target_logps, without the whole logits);
+        positions: of packed rows (data.get_batch)."""
         if self.plan is None:  # the plan decides what stays in memory
             self.make_plan(0)
         tokens = tokens.to(self.device)
@@ -134,14 +138,12 @@ class Transformer:
             if i == 0:
                 h = embed(box, tokens, self.args.embed_scale)
             elif i == len(modules) - 1:
-                logits = head(self.norm.load(), box, h, self.args, self.training)
+                if targets is not None:
+                    return target_logps(self.norm.load(), box, h, targets.to(self.device), self.args, self.training)
+                return head(self.norm.load(), box, h[:, -1:] if last else h, self.args, self.training)
             else:
                 h = block_forward(box, h, self.args, rope, i - 1, self.training, self.dropout,
                                   caches[i - 1] if caches else None, start)
-        if targets is None:
-            return logits
-        targets = targets.to(self.device)
-        return logits, loss_sum(logits, targets) / max(1, int((targets != -1).sum()))
 
     __call__ = forward
 
@@ -152,6 +154,8 @@ class Transformer:
         tokens = list(prompt)
         caches, start = None, 0
         if use_cache:
+            if self.optimizer is None:  # (a training run's plan holds an evaluation's short prompt)
+                self.make_plan(0, cache_tokens=len(prompt) + max_new)
             shape = (1, len(prompt) + max_new, self.args.kv_heads, self.args.head_dim)
             caches = [(torch.zeros(shape, dtype=self.compute_dtype, device=self.device),
                        torch.zeros(shape, dtype=self.compute_dtype, device=self.device)) for _ in self.layers]
@@ -159,7 +163,7 @@ class Transformer:
             if use_cache and longrope_switches(self.args, start, len(tokens)):
                 start = 0  # the cached keys were turned with the other longrope factors: all again
             feed = tokens[start:] if use_cache else tokens
-            logits = self.forward(torch.tensor([feed]), caches=caches, start=start)[0, -1]
+            logits = self.forward(torch.tensor([feed]), caches=caches, start=start, last=True)[0, -1]
             start = len(tokens) if use_cache else 0
             token = sample(logits, temperature, top_p, generator)
             tokens.append(token)
@@ -284,11 +288,14 @@ def forward_keeping_inputs(model, forward, xs, ropes):
             if refs:  # (no dropout: the reference is the base model as it generates)
                 with torch.no_grad(), without_adapters(box):
                     refs[j] = block_forward(box, refs[j], model.args, ropes[j], i)
-            graph_bytes = x.numel() // x.shape[-1] * graph_bytes_per_token(
-                model.args, model.compute_dtype, x.shape[1], ropes[j]["examples"] is not None)
+            tokens = x[..., 0].numel()
+            graph_bytes = tokens * graph_bytes_per_token(model.args, model.compute_dtype, x.shape[1],
+                                                         ropes[j]["examples"] is not None, tokens)
             keep = model.keep_activations and kept_bytes + graph_bytes <= model.memory.graph_budget
             kept_bytes += graph_bytes if keep else 0
             model.recomputed += not keep
+            if not keep and i < len(model.layers) - model.memory.kept_inputs:  # the first blocks' wait on disk
+                x = spill(model.offload, model.run.dir, f"spilled-input.{model.group.rank}.{i}.{j}", x)
             saved[i].append((x, rng, y if keep else None))
             hs[j] = y.detach()
     model.router.recording = False
@@ -308,17 +315,18 @@ def the_turn(model, forward, hs, ys, n, references):
         h.requires_grad_()
         if reference is not None and reference.dim() == 3:
             with torch.no_grad(), without_adapters(model.norm, model.output):
-                reference = -loss_rows(head(model.norm.load(), model.output, reference, model.args), y)
+                reference = target_logps(model.norm.load(), model.output, reference, y, model.args).sum(-1)
         with torch.enable_grad():
-            logits = head(model.norm.load(), model.output, h, model.args, model.training)
-            batch_loss = model.objective.loss(logits, y, reference, n) if model.objective else loss_sum(logits, y) / n
+            logps = target_logps(model.norm.load(), model.output, h, y, model.args, model.training)
+            batch_loss = model.objective.loss(logps.sum(-1), reference, n) if model.objective else -logps.sum() / n
         if not torch.isfinite(batch_loss) and model.group.world == 1:  # else every process finds the summed
             raise FloatingPointError(f"the loss is {batch_loss.item()}")  # gradients non-finite
         batch_loss.backward()
         grads.append(h.grad)
         loss += batch_loss.item()
     next(forward, None)  # lets the output module go
-    graph_bytes = max(h[..., 0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, h.shape[1]) for h in hs)
+    graph_bytes = max(h[..., 0].numel() * graph_bytes_per_token(model.args, model.compute_dtype, h.shape[1],
+                                                                tokens=h[..., 0].numel()) for h in hs)
     if rss_bytes() + max(box.memory_bytes() for box in model.layers) + graph_bytes > model.memory.peak:
         release_heap_holes()  # the backward's first blocks would cross the plan: the heap's free pages
         # (between kept activations, where the step's tensors are small) go back to the OS
@@ -334,9 +342,15 @@ def backward_through_blocks(model, saved, grads, ropes):
     rng_after_forward = get_rng_state(model.device)
     full = model.mode == "full"
     backward = model.offload.stream(model.layers[::-1] + [model.embeddings] * full, keep=[model.embeddings])
+    reading = set()
     for i, box in zip(reversed(range(len(model.layers))), backward):
+        for k in {i, max(0, i - 1)} - reading:  # spilled inputs read back: this block's, the next one's ahead
+            saved[k] = [(read_back(model.offload, x) if isinstance(x, Spilled) else x, *rest) for x, *rest in saved[k]]
+            reading.add(k)
         for j, (x, rng, y) in enumerate(saved[i]):
             model.router.batch = j
+            if isinstance(x, Spilled):
+                x = unspilled(x)
             if y is None:
                 set_rng_state(rng, model.device)
                 model.router.recomputing = True

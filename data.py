@@ -42,6 +42,14 @@ def load_data(data, tokenizer, model_dir, objective="sft", log=print):
     return encoded[:len(encoded) - n_val], encoded[len(encoded) - n_val:]
 
 
+def packs_examples(data):
+    """Whether rows of data (settings.Data) may hold several examples (attention then keeps them apart, with a
+    mask): packed rows of anything but one document (a text file, token ids), not DPO's pairs."""
+    path = Path(data.path or DEFAULT_TEXT)
+    return data.objective != "dpo" and data.pack and (path.is_dir() or path.suffix != ".pt" and
+                                                      read_rows(path)[0] != "text")
+
+
 def encode_file(path, data, tokenizer, model_dir, objective="sft", log=print):
     """The Stream of the examples in path (a file or folder; data_formats.py), or with objective "dpo" the list
     of its encoded preference pairs."""

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from adapters import without_adapters
 from data import draw, padded
-from model import loss_rows
 from utils import UserError
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -46,9 +45,9 @@ class Objective:
     def reset(self):
         self.sums, self.pairs = dict.fromkeys(("loss",) + METRICS, 0.0), 0
 
-    def loss(self, logits, targets, reference, pairs):
-        """The sum of the micro-batch's pair losses over pairs (the step's number of pairs), with its graph."""
-        policy = -loss_rows(logits, targets)
+    def loss(self, policy, reference, pairs):
+        """The sum of the micro-batch's pair losses over pairs (the step's number of pairs), with its graph; policy:
+        each row's summed log-probabilities of its targets (the chosen rows first)."""
         losses, chosen, rejected = loss_terms(policy, reference.to(policy.device), self.beta, self.label_smoothing)
         half = len(policy) // 2
         for key, values in (("loss", losses.detach()), ("rewards/chosen", chosen), ("rewards/rejected", rejected),
@@ -117,7 +116,7 @@ def reference_logps(model, pairs, data):
     with without_adapters(model):
         for start in range(0, len(pairs), size):
             x, y, _, _ = pair_rows(pairs, torch.arange(start, min(len(pairs), start + size)), data.seq_len)
-            logps = -loss_rows(model(x), y.to(model.device)).float().cpu()
+            logps = model(x, y).sum(-1).float().cpu()
             out.append(logps.view(2, -1).t())
     model.train()
     return torch.cat(out)
@@ -152,8 +151,8 @@ def evaluate(model, objective, pairs, data, reference=None):
         y = y.to(model.device)
         if ref is None:
             with without_adapters(model):
-                ref = -loss_rows(model(x), y).float()
-        objective.loss(model(x), y, ref, len(pairs))
+                ref = model(x, y).sum(-1)
+        objective.loss(model(x, y).sum(-1), ref, len(pairs))
     result = objective.metrics()
     objective.reset()
     return result

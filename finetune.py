@@ -77,7 +77,7 @@ import parallel
 import settings as settings_module
 from adapters import add_lora, adapted_params, adapter_state, drop_base_copy, read_adapter
 import dpo
-from data import eval_rows, get_batch, load_data
+from data import eval_rows, get_batch, load_data, packs_examples
 from files import load_tensors, save_tensors, write_text
 from memory_plan import graph_bytes_per_token
 from loader import check_export, load_model, log_line, save_model
@@ -122,7 +122,9 @@ def evaluate(model, s, val, step, say=print, reference=None):
                      f"margin {result['rewards/margins']:.3f}")
     elif s.data.objective != "dpo" and len(val.tokens) > 1:
         x, y, positions = eval_rows(val, s.data, 8 * s.data.batch_size)
-        _, loss = model(x, y, positions=positions)
+        size = s.data.batch_size  # rows of a micro-batch: what the memory plan holds
+        loss = sum(model(x[r:r + size], y[r:r + size], positions=None if positions is None else positions[r:r + size])
+                   .sum() for r in range(0, len(x), size)) / -max(1, int((y != -1).sum()))
         result.update(val_loss=loss.item(), perplexity=math.exp(min(loss.item(), 700)))
         parts.append(f"val loss {loss.item():.4f}")
     prompt_ids = model.tokenizer.encode(s.prompt)
@@ -250,6 +252,7 @@ def train(s, group, device):
     model.router.coef = s.router_aux_loss_coef
     train_data, val_data = load_data(s.data, model.tokenizer, model.offload_dir, s.data.objective,
                                      log_line if first else lambda *_: None)
+    model.packed_rows = packs_examples(s.data)
     if s.data.objective == "dpo":
         model.objective = dpo.objective_for(s, model)
         cut = dpo.truncated(train_data + val_data, s.data.seq_len)
@@ -268,10 +271,13 @@ def train(s, group, device):
                                             log_line if first else lambda *_: None)
     if first:
         plan = model.memory
-        graph = s.data.micro_batch_tokens * graph_bytes_per_token(model.args, model.compute_dtype, s.data.seq_len)
+        tokens = s.data.micro_batch_tokens
+        graph = tokens * graph_bytes_per_token(model.args, model.compute_dtype, s.data.seq_len, tokens=tokens)
+        spilled = model.args.n_layers - plan.kept_inputs
         log_line(f"RAM: about {gb(plan.peak)} at peak{' per process' if group.local_world > 1 else ''} "
                  f"({len(plan.resident)} of {len(model.boxes)} modules resident, activations of "
-                 f"{min(model.args.n_layers, plan.graph_budget // (graph * s.data.grad_accum))} blocks kept)")
+                 f"{min(model.args.n_layers, plan.graph_budget // (graph * s.data.grad_accum))} blocks kept"
+                 f"{f', inputs of {spilled} blocks on disk through a step' if spilled else ''})")
         if group.world > 1:
             log_line(f"{group.world} processes, {group.local_world} on this machine: {group.world * s.data.batch_size} "
                      f"rows a micro-batch")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import chunked
 from rope import apply_rope
 
 
@@ -270,7 +271,9 @@ def rms_norm(box, key, x, args):
 
 # --- the model, module by module ---
 
-def attention(box, x, args, rope, layer, training, cache, start):
+def qkv(box, x, args, rope, layer, training):
+    """Attention's queries, keys and values of x (B, T, dim): (B, T, heads, head_dim) each, normed and turned
+    by the rope as the family does."""
     B, T, _ = x.shape
     q = linear(box, "attention.wq.weight", x, training)
     k = linear(box, "attention.wk.weight", x, training)
@@ -282,15 +285,25 @@ def attention(box, x, args, rope, layer, training, cache, start):
     if args.qk_norm == "head":  # Qwen 3, Gemma 3: over each head
         q = rms_norm(box, "attention.q_norm.weight", q, args).to(q.dtype)
         k = rms_norm(box, "attention.k_norm.weight", k, args).to(k.dtype)
-    window = args.window(layer)
-    cos, sin = rope["sliding" if window else "full"]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cos, sin = rope["sliding" if args.window(layer) else "full"]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention(box, x, args, rope, layer, training, cache, start):
+    q, k, v = qkv(box, x, args, rope, layer, training)
     if cache is not None:
         cache_k, cache_v = cache
+        B, T = x.shape[:2]
         cache_k[:B, start:start + T], cache_v[:B, start:start + T] = k, v
         k, v = cache_k[:B, :start + T], cache_v[:B, :start + T]
-    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), args, window, start, rope["examples"])
-    return linear(box, "attention.wo.weight", out.transpose(1, 2).reshape(B, T, -1), training)
+    return linear(box, "attention.wo.weight", attend_rows(q, k, v, args, layer, start, rope), training)
+
+
+def attend_rows(q, k, v, args, layer, start, rope):
+    """attend over rows (B, T, heads, head_dim): (B, T, heads * head_dim)."""
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), args, args.window(layer), start,
+                 rope["examples"])
+    return out.transpose(1, 2).flatten(2)
 
 
 def visible(T, start, window, device):
@@ -332,14 +345,26 @@ def mlp(box, x, args, training, prefix="feed_forward."):
 def block_forward(box, x, args, rope, layer, training=False, p=0.0, cache=None, start=0):
     """Block layer on the fp32 residual stream x; matmuls in the box's compute dtype; dropout p on the
     outputs of attention and the MLP while training. rope: rope.layer_ropes. The norms before the
-    sublayers, before and after them (sandwich) or after them (post), as the family has them."""
-    cdt = box.compute_dtype
+    sublayers, before and after them (sandwich) or after them (post), as the family has them. A long
+    micro-batch of a dense block runs in chunks of tokens (chunked.py)."""
+    if chunked.runs_in_chunks(x, args, layer, box.compute_dtype):
+        return chunked.block_forward(box, x, args, rope, layer, training, p, cache, start)
+    a = attention(box, attention_input(box, x, args), args, rope, layer, training, cache, start)
+    return after_attention(box, x, a, args, layer, training, p)
+
+
+def attention_input(box, x, args):
     pre = args.norms != "post"
-    a = rms_norm(box, "attention_norm.weight", x, args).to(cdt) if pre else x.to(cdt)
-    a = attention(box, a, args, rope, layer, training, cache, start)
+    return rms_norm(box, "attention_norm.weight", x, args).to(box.compute_dtype) if pre else x.to(box.compute_dtype)
+
+
+def after_attention(box, x, a, args, layer, training, p):
+    """The rest of the block from attention's output a: the residual, the MLP (a mixture's experts) and its
+    norms."""
     if args.norms != "pre":
         a = rms_norm(box, "post_attention_norm.weight", a, args)
     h = x + dropout(a, p, training).to(x.dtype)
+    pre, cdt = args.norms != "post", box.compute_dtype
     f = rms_norm(box, "ffn_norm.weight", h, args).to(cdt) if pre else h.to(cdt)
     if args.sparse(layer):  # the router's logits; box.experts (moe.Experts) routes and runs the chosen experts
         f = box.experts(f, linear(box, "feed_forward.gate.weight", f, training), training)
@@ -353,43 +378,3 @@ def block_forward(box, x, args, rope, layer, training=False, p=0.0, cache=None, 
 def embed(box, tokens, scale=1.0):
     h = F.embedding(tokens, box.compute["weight"]).float()
     return h * scale if scale != 1.0 else h
-
-
-def head(norm, output, h, args, training=False):
-    logits = linear(output, "weight", rms_norm(norm, "weight", h, args).to(output.compute_dtype), training).float()
-    if args.final_softcap:  # Gemma 2
-        logits = torch.tanh(logits / args.final_softcap) * args.final_softcap
-    return logits
-
-
-def loss_sum(logits, targets):
-    """The cross-entropy of logits (..., vocab) against targets (-1: no target), summed."""
-    return CrossEntropy.apply(logits, targets).sum()
-
-
-def loss_rows(logits, targets):
-    """The cross-entropy of logits (rows, tokens, vocab) against targets (-1: no target), summed in each row."""
-    return CrossEntropy.apply(logits, targets).view(targets.shape).sum(-1)
-
-
-class CrossEntropy(torch.autograd.Function):
-    """Each token's cross-entropy (0 where its target is -1), whose backward turns the kept log-probabilities into
-    the gradient in place (softmax minus one-hot, times the token's gradient): two (tokens x vocab) buffers live
-    at most, where autograd's cross-entropy keeps the log-probabilities and makes a one-hot gradient and the
-    logits' gradient beside them."""
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        logp = torch.log_softmax(logits.flatten(0, -2), -1, dtype=torch.float32)
-        targets = targets.flatten()
-        counted = targets != -1
-        ctx.save_for_backward(logp, targets, counted)
-        ctx.shape, ctx.dtype = logits.shape, logits.dtype
-        return -logp.gather(1, targets.clamp(min=0)[:, None])[:, 0] * counted
-
-    @staticmethod
-    def backward(ctx, g):
-        logp, targets, counted = ctx.saved_tensors
-        grad = logp.exp_()  # softmax, in the log-probabilities' memory (this graph is not run twice)
-        grad.scatter_add_(1, targets.clamp(min=0)[:, None], -torch.ones_like(g)[:, None])
-        return grad.mul_((g * counted)[:, None]).view(ctx.shape).to(ctx.dtype), None

@@ -1,32 +1,28 @@
 """python finetune.py --plan=1 [settings]: what a run will cost on this machine, before anything is written.
 
-Measures this machine for a few seconds (the disk where the step's files live: a temporary file of
---plan_mb MB written with fsync, read back from the page cache and, after evicting it, from the disk,
-overwritten with O_DIRECT, then deleted; the device's matmul rate at the model's block shapes) and
-prints, for the model and the settings given: seconds per step, the memory plan, the time for the run,
-the disk space and the bytes the run will write. Then it exits.
+Measures this machine for a few seconds (the disk where the step's files live: a temporary file of --plan_mb MB
+written with fsync, read back from the page cache and, after evicting it, from the disk, overwritten with O_DIRECT,
+then deleted; the device's matmul rate at the model's block shapes) and prints, for the model and the settings
+given: seconds per step, the memory plan, the time for the run, the disk space and the bytes the run will write.
+Writes nothing (but the built-in model, made in models/ on first use as by every command): the shapes come from the
+offload folder when converted, else from the source (params.json, config.json or the GGUF's metadata, the tensor
+headers, memory-mapped). The memory plan is training's (model.setup_training, in a temporary folder, removed).
 
-Writes nothing: not out_path, not the offload folder. The model's shapes come from the offload folder
-when the model is already converted, else straight from the source (params.json, config.json or the GGUF's
-metadata, and the tensor headers, memory-mapped): the plan never converts. The memory plan is the one
-training makes (model.setup_training, in a temporary folder that is removed). The built-in default model is
-the only exception: it is made in models/ on first use, as every command does.
+The model of a step: full fine-tuning keeps each module's fp32 working copy (with AdamW, weights and two moments)
+in out_path/run; a step reads each module that is not resident about twice (the forward pass, then the backward
+pass; the last block and the embeddings once) and writes it once. LoRA reads the frozen base (the offload's files:
+the source's dtype, or base_quant's blocks) about twice and writes nothing. Arithmetic: 6 FLOPs per matmul
+parameter per token, 2 in the forward pass and 4 in the backward (LoRA: 4, 2 and 2: no weight gradients), and
+attention's quadratic share at the same rate. Reading ahead and writing behind overlap with the arithmetic, so each
+pass takes the slower of its arithmetic and its disk traffic (step_seconds); the forward pass, with a third of the
+arithmetic and half of the reads, is the first to wait for the disk. On the CPU the I/O's memory copies (page cache
+to module buffers and back) take their time from the arithmetic: they are counted with it.
 
-The model of a step: full fine-tuning keeps each module's fp32 working copy (with AdamW, weights and two
-moments) in out_path/run; a step reads each module that is not resident about twice (the forward pass, then
-the backward pass; the last block and the embeddings once) and writes it once. LoRA reads the frozen base (the
-offload's files: the source's dtype, or base_quant's blocks) about twice and writes nothing. Arithmetic: 6
-FLOPs per matmul parameter per token, 2 in the forward pass and 4 in the backward (LoRA: 4, 2 and 2: no
-weight gradients). Reading ahead and writing behind overlap with the arithmetic, so each pass takes the
-slower of its arithmetic and its disk traffic (step_seconds); the forward pass, with a third of the
-arithmetic and half of the reads, is the first to wait for the disk. On the CPU the I/O's memory copies
-(page cache to module buffers and back) take their time from the arithmetic: they are counted with it.
-
-Warm or cold: the files a step reads were written (or read) one step before. When they fit in the page cache
-(the RAM the run leaves free: MemAvailable now minus the run's planned peak), the reads come from memory and
-the writes drain to the disk in the background at the streaming write speed: "warm". When they do not, the
-run reads and writes its modules past the page cache (O_DIRECT), every read from the disk: "cold" (as
-bench.py --cold). The plan prints both and counts the run at the one that applies.
+Warm or cold: the files a step reads were written (or read) one step before. When they fit in the page cache (the
+RAM the run leaves free: MemAvailable now minus the run's planned peak), the reads come from memory and the writes
+drain to the disk in the background at the streaming write speed: "warm". When they do not, the run reads and writes
+its modules past the page cache (O_DIRECT), every read from the disk: "cold" (as bench.py --cold). The plan prints
+both and counts the run at the one that applies.
 
 How close the plan comes to bench.py's measured steps is in docs/performance.md.
 """
@@ -46,6 +42,7 @@ import quant
 from adapters import add_lora, base_copy_bytes
 from architectures import read_config
 from blackbox_model import Transformer
+from data import packs_examples
 from dpo import objective_for
 from default_model import default_model
 from files import direct_read_speed, evict_from_page_cache
@@ -102,7 +99,7 @@ def plan_memory(model, s):
     """The memory plan training makes (setup_training), in a temporary run folder that is removed."""
     if s.mode == "lora":
         add_lora(model, s.lora, s.seed)
-    model.objective = objective_for(s, model)
+    model.objective, model.packed_rows = objective_for(s, model), packs_examples(s.data)
     with tempfile.TemporaryDirectory(prefix="slowllama-plan-") as tmp:
         model.setup_training(RunFolder(tmp), s.mode, s.optim, s.data.micro_batch_tokens, s.data.grad_accum,
                              s.keep_activations, base_copy=0)
@@ -183,6 +180,13 @@ def matmul_parts(args, tokens):
         n = args.top_k * sum(map(math.prod, expert)) * sum(map(args.sparse, range(args.n_layers)))
         parts.append((n, expert, max(1, tokens * args.top_k // args.n_experts)))
     return parts
+
+
+def attention_flops(args, tokens, row_tokens):
+    """FLOPs of attention's scores and weighted values in one forward pass of tokens in rows of row_tokens: each
+    query against the keys before it (within a sliding window where a block has one), in every block."""
+    keys = lambda window: sum(min(t + 1, window or t + 1) for t in range(row_tokens)) / max(1, row_tokens)
+    return sum(4 * tokens * keys(args.window(i)) * args.n_heads * args.head_dim for i in range(args.n_layers))
 
 
 def arithmetic_seconds(args, tokens, flops_per_param, dtype, device, probe_s):
@@ -286,6 +290,9 @@ def plan(s, disk_needs, out=print):
                                           MATMUL_PROBE_S)
     compute_s *= s.data.grad_accum
     rate = flops / compute_s
+    # attention's quadratic share at the matmuls' rate: a forward pass, the backward's two (and a recomputed one)
+    attention = attention_flops(model.args, tokens_per_step, s.data.seq_len) * per_param / 2
+    flops, compute_s = flops + attention, compute_s + attention / rate
     reads_forward, reads_backward, writes = step_traffic(model, s, base_copy)
     reads, working_set = reads_forward + reads_backward, reads_forward
     peak = model.memory.peak
@@ -310,7 +317,7 @@ def plan(s, disk_needs, out=print):
     resident_writes = sum(box.numel() * 4 * (1 + model.optimizer.states) for box in model.boxes.values()
                           if box.resident) if full else 0
     run_writes = steps * writes + n_commits * resident_writes + sum(n for what, _, n in needs if what != "run folder")
-    n_resident = sum(box.resident for box in model.boxes.values())
+    n_resident, spilled = sum(box.resident for box in model.boxes.values()), model.args.n_layers - model.memory.kept_inputs
     n_params = sum(box.numel() for box in model.boxes.values())
 
     figures = {"params": n_params, "mode": s.mode, "optimizer": model.optimizer.kind,
@@ -319,16 +326,14 @@ def plan(s, disk_needs, out=print):
                "write_bps": speeds["write"], "stream_write_bps": speeds["stream_write"],
                "disk_read_bps": speeds["disk_read"], "copies_share_cpu": copies_share_cpu,
                "cache_read_bps": speeds["cache_read"], "matmul_flops": rate, "matmul_params": matmul_params(model.args),
-               "flops_per_step": flops,
-               "compute_s": compute_s, "forward_share": forward_share, "read_bytes_per_step": reads,
+               "flops_per_step": flops, "compute_s": compute_s, "forward_share": forward_share, "read_bytes_per_step": reads,
                "forward_read_bytes": reads_forward, "backward_read_bytes": reads_backward,
                "write_bytes_per_step": writes, "working_set_bytes": working_set, "cache_room_bytes": cache_room,
                "warm": warm, "warm_step_s": t["warm_step_s"], "cold_step_s": t["cold_step_s"], "step_s": step_s,
-               "evaluations": n_evals,
-               "eval_s": eval_s, "total_s": total_s, "peak_ram_bytes": peak,
+               "evaluations": n_evals, "eval_s": eval_s, "total_s": total_s, "peak_ram_bytes": peak,
+               "inputs_kept_in_memory": model.memory.kept_inputs,
                "resident_modules": n_resident, "modules": len(model.boxes), "converted": converted,
-               "disk_space_bytes": sum(n for _, _, n in needs), "run_write_bytes": run_writes,
-               "base_copy_bytes": base_copy}
+               "disk_space_bytes": sum(n for _, _, n in needs), "run_write_bytes": run_writes, "base_copy_bytes": base_copy}
 
     source = Path(model.manifest["source"])
     count = f"{n_params / 1e9:.2f} B" if n_params >= 1e9 else f"{n_params / 1e6:.1f} M"
@@ -353,7 +358,8 @@ def plan(s, disk_needs, out=print):
             f"arithmetic {model.args.top_k} experts a token")
     out(f"memory: about {gb(peak)} of RAM at peak (memory_budget {model.memory_budget / 2**30:.1f} GiB); "
         f"{n_resident} of {len(model.boxes)} modules stay in memory"
-        + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed"))
+        + (f", the others are streamed from {streamed}" if n_resident < len(model.boxes) else ": nothing is streamed")
+        + (f"; the inputs of {spilled} blocks wait on disk through a step" if spilled else ""))
     out(f"per step: {flops / 1e12:.2f} TFLOP ({per_param} per matmul parameter per token) = {compute_s:.1f} s "
         f"of arithmetic ({forward_share * compute_s:.1f} s forward, {(1 - forward_share) * compute_s:.1f} s backward); "
         f"reads {gb(reads_forward)} forward + {gb(reads_backward)} backward = {gb(reads)}, writes {gb(writes)}")

@@ -134,10 +134,10 @@ def bf16_is_native(device):
 
 def matmul_rate(shapes, tokens, dtype, device, seconds=2.0):
     """FLOP/s of a training step's three matmul kinds (y = x W^T, dx = dy W, dW = dy^T x) for weights of the
-    given (out, in) shapes and micro-batches of tokens, in dtype: rounds over the shapes for about seconds of
-    matmuls (at most twice that in all), into memory kept from the first round as a step's results go into
-    recycled memory (fresh memory, as big as a weight for its gradient, would time the OS's page faults)."""
-    flops, spent, begin, outs = 0, 0.0, time.perf_counter(), {}
+    given (out, in) shapes and micro-batches of tokens (timed at 4096 at most: past a few thousand rows the rate
+    is flat), in dtype: rounds over the shapes for about seconds of matmuls (at most twice that in all), into
+    memory kept from the first round (fresh memory, as big as a weight for its gradient, would time page faults)."""
+    flops, spent, begin, outs, tokens = 0, 0.0, time.perf_counter(), {}, min(tokens, 4096)
     while not spent or spent < seconds and time.perf_counter() - begin < 2 * seconds:
         for n_out, n_in in shapes:
             w = torch.randn(n_out, n_in, device=device).to(dtype)

@@ -109,7 +109,7 @@ def test_the_metrics_are_trls():
     reference = policy + 0.5 * torch.randn(8, generator=g)
     reference[3], reference[7] = policy[3], policy[7]  # pair 3: both rewards 0
     objective = dpo.Objective(0.2, 0.0, False)
-    loss = objective.loss(logits, y, reference, 4)
+    loss = objective.loss(policy, reference, 4)
     m = objective.metrics()
     chosen, rejected = 0.2 * (policy[:4] - reference[:4]), 0.2 * (policy[4:] - reference[4:])
     want = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),

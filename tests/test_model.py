@@ -62,7 +62,8 @@ def test_loss_is_mean_cross_entropy_over_targets(make, load):
     x = torch.randint(0, 200, (2, 9))
     y = torch.randint(0, 200, (2, 9))
     y[0, :4] = -1
-    logits, loss = model(x, y)
+    logits, logps = model(x), model(x, y)
+    loss = -logps.sum() / int((y != -1).sum())
     logp = logits.log_softmax(-1)
     picked = [-logp[b, t, y[b, t]] for b in range(2) for t in range(9) if y[b, t] != -1]
     assert math.isclose(loss.item(), (sum(picked) / len(picked)).item(), rel_tol=1e-5)
@@ -117,22 +118,6 @@ def test_graph_bytes_per_token_bounds_what_a_block_keeps(family):
             per_token = sum(kept.values()) / 48
             # an upper bound, and not far above (frozen norms keep less: LoRA's bound is looser)
             assert per_token <= graph_bytes_per_token(args, torch.float32, 48) <= (1.25 if trainable else 1.4) * per_token
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_summed_cross_entropy_and_its_gradient_match_autograd(dtype):
-    logits = (torch.randn(2, 9, 50) * 3).to(dtype)
-    y = torch.randint(0, 50, (2, 9))
-    y[1, 2:6] = -1  # positions without a target: no loss, no gradient
-    got_x, want_x = (logits.clone().requires_grad_() for _ in range(2))
-    got = bm.loss_sum(got_x, y) / 7
-    want = torch.nn.functional.cross_entropy(want_x.float().flatten(0, 1), y.flatten(), ignore_index=-1,
-                                             reduction="sum") / 7
-    got.backward()
-    want.backward()
-    assert torch.allclose(got, want, rtol=1e-6)
-    assert got_x.grad.dtype == dtype and not got_x.grad[1, 2:6].any()
-    assert torch.allclose(got_x.grad.float(), want_x.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_cached_generation_equals_uncached(make, load):

@@ -186,9 +186,16 @@ def test_plan_writes_nothing_and_adds_up(tmp_path):
     # 448x128), vocabulary 512: its matmuls are the blocks' and the output's
     block = 2 * 128 * 128 + 2 * 32 * 128 + 3 * 448 * 128
     assert f["params"] == 4 * block + 2 * 512 * 128 + 9 * 128
-    assert f["flops_per_step"] == 6 * (4 * block + 512 * 128) * 16 * 64
+    assert f["flops_per_step"] == 6 * (4 * block + 512 * 128) * 16 * 64 + 3 * attention_flops(16 * 64, 64)
     assert f"{40 * f['write_bytes_per_step'] / 1e9:.1f} GB over 40 steps" in stdout or \
         f"{40 * f['write_bytes_per_step'] / 1e6:.0f} MB over 40 steps" in stdout
+
+
+def attention_flops(tokens, row):
+    """A forward pass's attention in the built-in model: each token's query against the (row + 1) / 2 keys before
+    it on average, 2 FLOPs each for the scores and the weighted values, 8 heads of 16, 4 blocks. The plan counts
+    it once for the forward pass and twice for the backward (LoRA: once)."""
+    return 4 * tokens * (row + 1) / 2 * 8 * 16 * 4
 
 
 def test_plan_of_lora_before_the_conversion(tmp_path):
@@ -216,4 +223,5 @@ def test_plan_of_a_converted_model_and_lora(default_run, tmp_path):
     assert f["compute_dtype"] == "bfloat16" and f["base_copy_bytes"] == 0 and f["copies_share_cpu"]
     check_plan(f, stdout)
     assert f["write_bytes_per_step"] == 0 and f["read_bytes_per_step"] > 0
-    assert f["flops_per_step"] == 4 * f["matmul_params"] * f["tokens_per_step"]
+    assert f["flops_per_step"] == 4 * f["matmul_params"] * f["tokens_per_step"] + \
+        2 * attention_flops(f["tokens_per_step"], 64)
