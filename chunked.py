@@ -6,8 +6,8 @@ the whole rows (the fused kernel, which needs memory in proportion to the tokens
 of the block a chunk at a time, keeping only the block's input. The backward runs each chunk again with autograd
 (with the random state it had), the rest of the block first, then attention's backward, then the projections;
 each weight's gradient is summed over the chunks and handed to the optimizer once (box.take_grad), the
-adapters collect theirs from each chunk. The math is model.py's; only the order of the work differs.
-"""
+adapters collect theirs from each chunk. The math is model.py's; only the order of the work differs (and each
+chunk's weight gradient is rounded to the compute dtype before the sum, in fp32)."""
 from types import SimpleNamespace
 
 import torch
@@ -16,18 +16,24 @@ import model as m
 from utils import get_rng_state, set_rng_state
 
 CHUNK_BYTES = 64 << 20  # a chunk's (tokens x hidden) MLP activations in the compute dtype
+LONG = 4  # micro-batches of more than this many chunks' tokens run in chunks; shorter ones whole (no recomputing)
 
 
 def chunk_tokens(args, dtype):
-    """The tokens of a chunk: a micro-batch of more runs in chunks."""
+    """The tokens of a chunk."""
     return max(1, CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * args.hidden_dim))
 
 
+def long_micro_batch(tokens, args, dtype):
+    """Whether a micro-batch of tokens runs the model's dense blocks in chunks: a long one, where the fused
+    attention kernel serves every block (not Gemma 2's capped attention, written out whole; a mixture's sparse
+    blocks route the whole micro-batch)."""
+    return tokens > LONG * chunk_tokens(args, dtype) and not args.attn_softcap
+
+
 def runs_in_chunks(x, args, layer, dtype):
-    """Whether block layer runs x in chunks: a micro-batch of more tokens than a chunk, of a dense block (a
-    mixture's experts route the whole micro-batch) whose attention is the fused kernel (Gemma 2's capped
-    attention is written out whole)."""
-    return x[..., 0].numel() > chunk_tokens(args, dtype) and not args.sparse(layer) and not args.attn_softcap
+    """Whether block layer runs x in chunks."""
+    return long_micro_batch(x[..., 0].numel(), args, dtype) and not args.sparse(layer)
 
 
 def block_forward(box, x, args, rope, layer, training, p, cache=None, start=0):
@@ -112,6 +118,7 @@ class ChunkedBlock(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         (q, k, v, o), args, rng_now = ctx.attention, ctx.args, get_rng_state(x.device)
+        ctx.attention = None  # (attention's output goes once its backward is done)
         box, hand_over = collecting(ctx.box)
         dx, do = torch.empty_like(x), torch.empty_like(o)
         for i, span in enumerate(ctx.spans):  # the rest of the block, from attention's output
@@ -136,5 +143,4 @@ class ChunkedBlock(torch.autograd.Function):
             dx[:, span] += xc.grad
         hand_over()
         set_rng_state(rng_now, x.device)
-        ctx.attention = None
         return (dx, None, None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)

@@ -97,10 +97,11 @@ class TargetLogps(torch.autograd.Function):
             if norm_grad is not None:
                 norm_grad += (dxn * n.detach()).sum(0)
         set_rng_state(rng_now, h.device)
+        kept, ctx.kept = ctx.kept, None  # (the graph may outlive the backward: the logits' memory goes now)
         if norm_grad is not None:
             norm.take_grad("weight", lambda r0, r1, out: norm_grad[r0:r1])
         if output.trainable:
-            output.take_grad("weight", output_grad_rows(ctx.kept, xn, w, lse, targets, coef, args))
+            output.take_grad("weight", output_grad_rows(kept, xn, w, lse, targets, coef, args))
         return dh.view(ctx.shape), None, None, None, None, None
 
 

@@ -21,15 +21,15 @@ def graph_bytes_per_token(args, dtype, row_tokens=0, packed=True, tokens=0):
     compute dtype, and a tenth more for what allocations round up to (tests/test_model.py holds it against
     what autograd saves of a block of each family). Of rows of row_tokens: the mask of a sliding window or of
     packed examples (packed: where rows may hold several), and attention with capped logits (Gemma 2),
-    computed whole: three (heads x row_tokens) matrices a token. A micro-batch of more tokens (tokens; default
-    row_tokens) than a chunk of the MLP keeps only the MLP's input (model.ChunkedMLP)."""
+    computed whole: three (heads x row_tokens) matrices a token. A long micro-batch (of tokens; default
+    row_tokens: chunked.py) keeps attention's graph alone (not in a mixture: its sparse blocks run whole)."""
     attention = 2 * (args.n_heads + args.kv_heads) * args.head_dim
     norms = (5 + 4 * (args.norms == "sandwich")) * args.dim + 2 * (args.n_heads + args.kv_heads) * args.head_dim * \
         bool(args.qk_norm)  # the q and k norms' inputs and outputs, in fp32
     capped = 3 * args.n_heads * row_tokens if args.attn_softcap else 0
     mask = row_tokens if packed or args.sliding_window else 0  # a mask, in fp32
-    if (tokens or row_tokens) > chunked.chunk_tokens(args, dtype) and not args.attn_softcap:  # attention's kept
-        return ((mask + args.n_heads) * 4 + attention * torch.finfo(dtype).bits // 8) * 11 // 10  # graph alone
+    if chunked.long_micro_batch(tokens or row_tokens, args, dtype) and not args.n_experts:  # attention's graph
+        return ((mask + args.n_heads) * 4 + attention * torch.finfo(dtype).bits // 8) * 11 // 10
     return ((norms + mask) * 4 + (attention + 3 * args.hidden_dim + capped) * torch.finfo(dtype).bits // 8) * 11 // 10
 
 
@@ -38,7 +38,7 @@ def block_bytes(args, dtype, tokens, trainable, packed=False):
     the gradients at its input, at attention's output, queries, keys and values, a chunk's activations and their
     gradients, and the weights' gradients summed over the chunks (trainable)."""
     graph = tokens * graph_bytes_per_token(args, dtype, tokens, packed)
-    if tokens <= chunked.chunk_tokens(args, dtype) or args.attn_softcap:
+    if not chunked.long_micro_batch(tokens, args, dtype) or args.n_experts:
         return graph
     return graph + tokens * (4 * args.dim + (3 * args.n_heads + 2 * args.kv_heads) * args.head_dim *
                              dtype.itemsize) + 5 * chunked.CHUNK_BYTES + 4 * sum(
@@ -61,7 +61,7 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     step both are in memory), the gradient rows being applied
     (a whole module's gradient when gradients accumulate, wait for clipping or come from two uses of
     one table: whole_grads), each block's input, a chunk of the head's logits and their gradient
-    (head.py), the block being computed (a long micro-batch: a chunk of its MLP, model.ChunkedMLP). Where the
+    (head.py), the block being computed (of a long micro-batch: a chunk at a time, chunked.py). Where the
     blocks' inputs do not fit beside the rest, the first blocks' wait on disk through the step (spill.py).
     Then, in order of what they save: blocks' activations (a quarter of a block's arithmetic each),
     reading the next module into memory ahead of its use (else the OS reads it ahead), and the last
@@ -84,7 +84,7 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     # a block of the output's rows from the logits of every token; and each token's normed input and gradient
     chunk = min(tokens, chunk_tokens(args))
     head = max((3 + 2 * bool(args.final_softcap)) * chunk * args.vocab_size * 4, 2 * HEAD_CHUNK_BYTES * (tokens > chunk)) + \
-        tokens * (args.dim * (cdt + 4) + 16)
+        tokens * (args.dim * (cdt + 4 + 4 * args.tied) + 16)  # (tied: the inputs again in the table's fp32)
     per_token = graph_bytes_per_token(args, embeddings.compute_dtype, tokens, packed)  # (a row of every token: an
     # upper bound of attention written out)
     # the block being computed (its activations and their gradients) and the window a converting read maps

@@ -290,8 +290,8 @@ def plan(s, disk_needs, out=print):
                                           MATMUL_PROBE_S)
     compute_s *= s.data.grad_accum
     rate = flops / compute_s
-    # attention's quadratic share at the matmuls' rate: a forward pass, the backward's two (and a recomputed one)
-    attention = attention_flops(model.args, tokens_per_step, s.data.seq_len) * per_param / 2
+    # attention's quadratic share at the matmuls' rate: a forward pass and the backward's two (LoRA too)
+    attention = attention_flops(model.args, tokens_per_step, s.data.seq_len) * 3
     flops, compute_s = flops + attention, compute_s + attention / rate
     reads_forward, reads_backward, writes = step_traffic(model, s, base_copy)
     reads, working_set = reads_forward + reads_backward, reads_forward
