@@ -298,6 +298,7 @@ def forward_keeping_inputs(model, forward, xs, ropes):
                 x = spill(model.offload, model.run.dir, f"spilled-input.{model.group.rank}.{i}.{j}", x)
             saved[i].append((x, rng, y if keep else None))
             hs[j] = y.detach()
+            del y  # a graph not kept goes now, not beside the next block's
     model.router.recording = False
     return hs, saved, refs
 
@@ -355,7 +356,8 @@ def backward_through_blocks(model, saved, grads, ropes):
                 set_rng_state(rng, model.device)
                 model.router.recomputing = True
                 with torch.enable_grad():
-                    y = block_forward(box, x, model.args, ropes[j], i, model.training, model.dropout)
+                    y = block_forward(box, x, model.args, ropes[j], i, model.training, model.dropout,
+                                      recomputing=True)
                 model.router.recomputing = False
             y.backward(grads[j])
             grads[j] = x.grad

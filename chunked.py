@@ -36,23 +36,24 @@ def runs_in_chunks(x, args, layer, dtype):
     return long_micro_batch(x[..., 0].numel(), args, dtype) and not args.sparse(layer)
 
 
-def block_forward(box, x, args, rope, layer, training, p, cache=None, start=0):
+def block_forward(box, x, args, rope, layer, training, p, cache=None, start=0, recomputing=False):
     """model.block_forward in chunks: with autograd (ChunkedBlock) or without (inference: a long prompt's pass
-    filling the cache of keys and values from start)."""
+    filling the cache of keys and values from start). recomputing: for the backward pass, which runs the rest of
+    the block again anyway: attention alone, the output left uncomputed (zeros, with the block's graph)."""
     if not torch.is_grad_enabled():
         return forward_chunks(box, x, args, rope, layer, training, p, cache, start)[0]
     adapters = [t for adapter in box.lora.values() for t in adapter[:2]]  # inputs: a frozen first block's
-    return ChunkedBlock.apply(x, box, args, rope, layer, training, p, *adapters)  # adapters still learn
+    return ChunkedBlock.apply(x, box, args, rope, layer, training, p, recomputing, *adapters)  # adapters learn
 
 
-def forward_chunks(box, x, args, rope, layer, training, p, cache=None, start=0, rngs=None):
+def forward_chunks(box, x, args, rope, layer, training, p, cache=None, start=0, rngs=None, rest=True):
     """(the block's output, (queries, keys, values, attention's output)): the queries, keys and values a chunk at
-    a time, attention over the whole rows, the rest a chunk at a time. rngs: a dict that takes each chunk's
-    random state (dropout), and attention's graph is kept for the backward."""
+    a time, attention over the whole rows, the rest a chunk at a time (not rest: zeros). rngs: a dict that takes
+    the random state (dropout) before the first chunk of each, and attention's graph is kept for the backward."""
     qkv = None
-    for i, span in enumerate(spans(x, args, box.compute_dtype)):
-        if rngs is not None:
-            rngs["qkv", i] = get_rng_state(x.device)
+    if rngs is not None:  # (the chunks draw one after the other: the backward's, in the same order, too)
+        rngs["qkv"] = get_rng_state(x.device)
+    for span in spans(x, args, box.compute_dtype):
         parts = m.qkv(box, m.attention_input(box, x[:, span], args), args, rope_of(rope, span), layer, training)
         if qkv is None:
             qkv = [t.new_empty(x.shape[:2] + t.shape[2:]) for t in parts]
@@ -67,10 +68,10 @@ def forward_chunks(box, x, args, rope, layer, training, p, cache=None, start=0, 
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     with torch.set_grad_enabled(rngs is not None):
         o = m.attend_rows(q, k, v, args, layer, start, rope)
-    y = torch.empty_like(x)
-    for i, span in enumerate(spans(x, args, box.compute_dtype)):
-        if rngs is not None:
-            rngs["rest", i] = get_rng_state(x.device)
+    if rngs is not None:
+        rngs["rest"] = get_rng_state(x.device)
+    y = torch.empty_like(x) if rest else torch.zeros_like(x)
+    for span in spans(x, args, box.compute_dtype) if rest else ():
         a = m.linear(box, "attention.wo.weight", o[:, span].detach(), training)
         y[:, span] = m.after_attention(box, x[:, span], a, args, layer, training, p)
     return y, (q, k, v, o)
@@ -105,9 +106,9 @@ def collecting(box):
 
 class ChunkedBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, box, args, rope, layer, training, p, *adapters):
+    def forward(ctx, x, box, args, rope, layer, training, p, recomputing, *adapters):
         ctx.spans, ctx.rngs = spans(x, args, box.compute_dtype), {}
-        y, ctx.attention = forward_chunks(box, x, args, rope, layer, training, p, rngs=ctx.rngs)
+        y, ctx.attention = forward_chunks(box, x, args, rope, layer, training, p, rngs=ctx.rngs, rest=not recomputing)
         if not (training and (p > 0 or box.lora)):  # no dropout: the random state need not be restored
             ctx.rngs = dict.fromkeys(ctx.rngs)
         ctx.save_for_backward(x)
@@ -121,9 +122,9 @@ class ChunkedBlock(torch.autograd.Function):
         ctx.attention = None  # (attention's output goes once its backward is done)
         box, hand_over = collecting(ctx.box)
         dx, do = torch.empty_like(x), torch.empty_like(o)
-        for i, span in enumerate(ctx.spans):  # the rest of the block, from attention's output
-            if ctx.rngs["rest", i] is not None:
-                set_rng_state(ctx.rngs["rest", i], x.device)
+        if ctx.rngs["rest"] is not None:
+            set_rng_state(ctx.rngs["rest"], x.device)
+        for span in ctx.spans:  # the rest of the block, from attention's output
             xc, oc = (t[:, span].detach().requires_grad_() for t in (x, o))
             with torch.enable_grad():
                 a = m.linear(box, "attention.wo.weight", oc, ctx.training)
@@ -132,9 +133,9 @@ class ChunkedBlock(torch.autograd.Function):
         hand_over()
         o.backward(do)
         del do, o
-        for i, span in enumerate(ctx.spans):  # the queries, keys and values
-            if ctx.rngs["qkv", i] is not None:
-                set_rng_state(ctx.rngs["qkv", i], x.device)
+        if ctx.rngs["qkv"] is not None:
+            set_rng_state(ctx.rngs["qkv"], x.device)
+        for span in ctx.spans:  # the queries, keys and values
             xc = x[:, span].detach().requires_grad_()
             with torch.enable_grad():
                 qc, kc, vc = m.qkv(box, m.attention_input(box, xc, args), args, rope_of(ctx.rope, span), ctx.layer,
@@ -143,4 +144,4 @@ class ChunkedBlock(torch.autograd.Function):
             dx[:, span] += xc.grad
         hand_over()
         set_rng_state(rng_now, x.device)
-        return (dx, None, None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
+        return (dx,) + (None,) * (len(ctx.needs_input_grad) - 1)  # (the adapters took theirs in the chunks)

@@ -34,12 +34,13 @@ def graph_bytes_per_token(args, dtype, row_tokens=0, packed=True, tokens=0):
 
 
 def block_bytes(args, dtype, tokens, trainable, packed=False):
-    """A block's forward and backward over a micro-batch of tokens: its graph; in chunks (chunked.py), besides,
-    the gradients at its input, at attention's output, queries, keys and values, a chunk's activations and their
-    gradients, and the weights' gradients summed over the chunks (trainable)."""
+    """A block's forward and backward over a micro-batch of tokens: its graph and the gradients at its input; run
+    whole, the backward's gradients of the MLP's activations; in chunks (chunked.py), the gradients at
+    attention's output, queries, keys and values, a chunk's activations and their gradients, and the weights'
+    gradients summed over the chunks (trainable)."""
     graph = tokens * graph_bytes_per_token(args, dtype, tokens, packed)
-    if not chunked.long_micro_batch(tokens, args, dtype) or args.n_experts:
-        return graph
+    if not chunked.long_micro_batch(tokens, args, dtype) or args.n_experts:  # whole: the backward's gradients at
+        return graph + tokens * (4 * args.dim + 2 * args.hidden_dim * dtype.itemsize)  # the input and the MLP's
     return graph + tokens * (4 * args.dim + (3 * args.n_heads + 2 * args.kv_heads) * args.head_dim *
                              dtype.itemsize) + 5 * chunked.CHUNK_BYTES + 4 * sum(
         math.prod(s) for s in module_shapes(args, "layers.0").values()) * trainable
@@ -49,6 +50,7 @@ def block_bytes(args, dtype, tokens, trainable, packed=False):
 class MemoryPlan:
     graph_budget: int  # bytes of blocks' activations kept for the backward pass
     prefetch_in_memory: bool  # the next module is read into memory ahead of its use (else into the page cache)
+    prefetch: int  # bytes that reading ahead into memory adds to the peak
     peak: int  # the planned peak of the process, bytes
     resident: frozenset  # names of the modules that stay in memory
     kept_inputs: int  # blocks whose inputs stay in memory through a step (the last ones; the others' are spilled)
@@ -104,7 +106,9 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
     spilled = kept_inputs < args.n_layers
     inputs = ((max(kept_inputs + 2, 3) if spilled else kept_inputs + 1) + reference_in_pass) * one_input
     needed = fixed + inputs
-    prefetch = max(0, 2 * max(block, big) - block - big)  # a second block beside the one in use
+    # reading ahead: the next module (a block, or the output after the last one) beside the block in use and
+    # its work, in the forward and the backward passes (at the turn, the last block is already in fixed)
+    prefetch = max(0, max(block, big) + working - max(big + head, working))
     graphs = args.n_layers * all_tokens * per_token
     prefetch_in_memory = reads_from_disk and budget - needed >= prefetch
     graph_budget = max(0, min(budget - needed - prefetch * prefetch_in_memory, graphs if keep_activations else 0))
@@ -120,4 +124,4 @@ def plan_memory(args, embeddings, layers, norm, output, budget, tokens, micro_ba
         free -= box.resident_bytes()
     peak = needed + graph_budget + prefetch * prefetch_in_memory + sum(box.resident_bytes() for box in modules
                                                                        if box.name in resident)
-    return MemoryPlan(graph_budget, prefetch_in_memory, peak, frozenset(resident), kept_inputs)
+    return MemoryPlan(graph_budget, prefetch_in_memory, prefetch, peak, frozenset(resident), kept_inputs)

@@ -342,13 +342,13 @@ def mlp(box, x, args, training, prefix="feed_forward."):
     return linear(box, prefix + "w2.weight", gated(gate, up, args.activation), training)
 
 
-def block_forward(box, x, args, rope, layer, training=False, p=0.0, cache=None, start=0):
+def block_forward(box, x, args, rope, layer, training=False, p=0.0, cache=None, start=0, recomputing=False):
     """Block layer on the fp32 residual stream x; matmuls in the box's compute dtype; dropout p on the
     outputs of attention and the MLP while training. rope: rope.layer_ropes. The norms before the
     sublayers, before and after them (sandwich) or after them (post), as the family has them. A long
-    micro-batch of a dense block runs in chunks of tokens (chunked.py)."""
+    micro-batch of a dense block runs in chunks of tokens (chunked.py; recomputing: only its graph is used)."""
     if chunked.runs_in_chunks(x, args, layer, box.compute_dtype):
-        return chunked.block_forward(box, x, args, rope, layer, training, p, cache, start)
+        return chunked.block_forward(box, x, args, rope, layer, training, p, cache, start, recomputing)
     a = attention(box, attention_input(box, x, args), args, rope, layer, training, cache, start)
     return after_attention(box, x, a, args, layer, training, p)
 

@@ -1,6 +1,6 @@
-"""Long rows (head.py, model.ChunkedMLP, spilled block inputs): the head over chunks of tokens, the MLP over chunks
-of tokens and a step whose block inputs wait on disk give the numbers of the whole computed at once, against
-autograd on the same math written out here, with the chunks forced small."""
+"""Long rows (head.py, chunked.py, spill.py): the head over chunks of tokens, blocks over chunks of tokens and a step
+whose block inputs wait on disk give the numbers of the whole computed at once, against autograd on the same math
+written out here, with the chunks forced small."""
 from types import SimpleNamespace
 
 import pytest
@@ -95,16 +95,19 @@ def force_small_chunks(monkeypatch, tokens=5):
     monkeypatch.setattr(head, "HEAD_CHUNK_BYTES", 4 * 7 * 24)
 
 
-@pytest.mark.parametrize("optimizer,lr,micro_batches", [("sgd", 0.5, 1), ("adamw", 1e-3, 2)])
-def test_steps_in_chunks_of_tokens_equal_autograd(make, load, tmp_path, monkeypatch, optimizer, lr, micro_batches):
+@pytest.mark.parametrize("optimizer,lr,micro_batches,keep", [("sgd", 0.5, 1, True), ("adamw", 1e-3, 2, False)])
+def test_steps_in_chunks_of_tokens_equal_autograd(make, load, tmp_path, monkeypatch, optimizer, lr, micro_batches,
+                                                  keep):
     """Three full steps, the blocks and the head in chunks of 5 tokens (the blocks: 2 positions of 2 rows) of rows
-    of 12: the losses and updates of autograd on the whole rows; with 2 micro-batches the gradients add up whole.
-    (Without dropout: chunks draw their masks in another order than a whole block does.)"""
+    of 12: the losses and updates of autograd on the whole rows; with 2 micro-batches the gradients add up whole;
+    the blocks' graphs kept, or recomputed in the backward (attention alone). (Without dropout: chunks draw their
+    masks in another order than a whole block does.)"""
     from helpers import assert_updates_match, make_batches, ours, reference
     force_small_chunks(monkeypatch)
     src = make(seed=41)
     steps = make_batches(3, micro_batches=micro_batches)
-    got_losses, got, model = ours(load, src, tmp_path / "run", steps, optimizer, lr)
+    got_losses, got, model = ours(load, src, tmp_path / "run", steps, optimizer, lr, keep_activations=keep)
+    assert model.recomputed == (0 if keep else model.args.n_layers * micro_batches)
     want_losses, want, initial = reference(src, steps, optimizer, lr)
     assert got_losses == pytest.approx(want_losses, abs=1e-4)
     assert_updates_match(got, want, initial)
@@ -141,6 +144,28 @@ def test_a_step_whose_block_inputs_wait_on_disk_is_bit_identical(make, load, tmp
     assert kept_model.memory.kept_inputs == 3 and model.memory.kept_inputs == 1
     assert losses == kept_losses and all(torch.equal(spilled[k], kept[k]) for k in kept)
     assert model.offload.seconds["writing"] > 0 and not list((tmp_path / "spilled").glob("spilled-input*"))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_recomputed_blocks_in_chunks_draw_the_dropout_masks_of_the_forward_pass(make, load, tmp_path, monkeypatch,
+                                                                                mode):
+    """Blocks in chunks with dropout (on their sublayers' outputs; with LoRA on wq, wv and w2, on the adapters'
+    inputs too): recomputed in the backward (attention alone, then each chunk with the random state the forward
+    pass had) they give the bits of kept graphs, two steps of two micro-batches."""
+    import compare
+    from helpers import lora, make_batches
+    force_small_chunks(monkeypatch)
+    src = make(seed=44)
+    steps, runs = make_batches(2, micro_batches=2), []
+    for keep in (True, False):
+        model = load(src, dropout=0.1)
+        adapters = lora(4, 8.0, 0.1, ("wq", "wv", "w2")) if mode == "lora" else None
+        runs.append(compare.offloaded_run(model, tmp_path / f"run{keep}", steps, "adamw", 1e-3, lora=adapters,
+                                          keep_activations=keep))
+        assert model.recomputed == (0 if keep else 2 * model.args.n_layers)
+    kept, recomputed = runs
+    assert torch.equal(recomputed["losses"], kept["losses"])
+    assert all(torch.equal(recomputed["weights"][k], w) for k, w in kept["weights"].items())
 
 
 FAMILIES = {"llama": {}, "qwen2": {"qkv_bias": True},
@@ -187,6 +212,54 @@ def test_a_block_in_chunks_equals_the_whole(monkeypatch, family, packed):
         assert close(y, want_y) and close(dx, want_dx)
         assert set(trained) == set(want) and len(want) >= (len(adapted) if lora else len(shapes))
         assert all(close(trained[k], want[k]) for k in want), [k for k in want if not close(trained[k], want[k])]
+
+
+def test_a_block_in_chunks_replays_the_dropout_masks_of_its_forward_pass(monkeypatch):
+    """Dropout on the sublayers' outputs and on LoRA's inputs (every matrix): a block in chunks of 3 positions of
+    2 rows, its graph kept or recomputed (attention alone) before the backward, against autograd through the same
+    chunks written out here, drawing in the same order (the queries', keys' and values' chunks, then the rest's):
+    its output, the gradient at its input and the adapters'."""
+    import rope
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, ffn_dim=160)
+    shapes, ropes = m.module_shapes(args, "layers"), rope.layer_ropes(args, 0, 40, "cpu")
+    g = torch.Generator().manual_seed(1)
+    weights = {k: torch.randn(s, generator=g) * 0.2 + (1.0 if "norm" in k else 0.0) for k, s in shapes.items()}
+    x, dy = torch.randn(2, 40, args.dim, generator=g), torch.randn(2, 40, args.dim, generator=g)
+    adapters = {k: (torch.randn(2, s[1], generator=g), torch.randn(s[0], 2, generator=g) * 0.1)
+                for k, s in shapes.items() if k.endswith("weight") and "norm" not in k}
+    monkeypatch.setattr(chunked, "chunk_tokens", lambda args, dtype: 6)
+
+    def run(recomputing=None):
+        box = Box({k: w.clone() for k, w in weights.items()}, trainable=False,
+                  lora={k: (a.clone().requires_grad_(), b.clone().requires_grad_(), 0.5, 0.25)
+                        for k, (a, b) in adapters.items()})
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        with torch.enable_grad():
+            if recomputing is None:  # written out: autograd through the chunks
+                spans = chunked.spans(xi, args, torch.float32)
+                parts = [m.qkv(box, m.attention_input(box, xi[:, s], args), args, chunked.rope_of(ropes, s), 0, True)
+                         for s in spans]
+                q, k, v = (torch.cat(t, 1) for t in zip(*parts))
+                o = m.attend_rows(q, k, v, args, 0, 0, ropes)
+                y = torch.cat([m.after_attention(box, xi[:, s], m.linear(box, "attention.wo.weight", o[:, s], True),
+                                                 args, 0, True, 0.2) for s in spans], 1)
+            else:
+                y = m.block_forward(box, xi, args, ropes, 0, True, 0.2)
+                if recomputing:
+                    torch.manual_seed(5)
+                    y = m.block_forward(box, xi, args, ropes, 0, True, 0.2, recomputing=True)
+        torch.manual_seed(6)  # (the backward restores the states it needs)
+        y.backward(dy)
+        return y.detach(), xi.grad, {k: (a.grad, b.grad) for k, (a, b, _, _) in box.lora.items()}
+
+    want_y, want_dx, want = run()
+    assert chunked.runs_in_chunks(x, args, 0, torch.float32)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    for recomputing in (False, True):
+        y, dx, got = run(recomputing)
+        assert recomputing or close(y, want_y)
+        assert close(dx, want_dx) and all(close(got[k][i], want[k][i]) for k in want for i in (0, 1))
 
 
 def test_a_long_prompt_in_chunks_generates_as_the_whole(make, load, monkeypatch):
